@@ -1,0 +1,51 @@
+"""The shape of the house: the engine never imports the host, the package imports cleanly."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "execution",
+                "comfy_execution", "latent_preview", "node_helpers"}
+
+
+def _imported_top_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
+def test_engine_never_imports_comfyui():
+    offenders = {}
+    for py in sorted((ROOT / "training").rglob("*.py")):
+        bad = _imported_top_modules(py) & HOST_MODULES
+        if bad:
+            offenders[str(py.relative_to(ROOT))] = sorted(bad)
+    assert not offenders, f"training/ must stay host-free, but imports ComfyUI modules: {offenders}"
+
+
+def test_package_import_has_no_side_effects_and_no_host():
+    code = (
+        "import sys, logging, lora_workbench, lora_workbench.training.train, lora_workbench.training.cli\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(HOST_MODULES)!r})\n"
+        "assert not bad, bad\n"
+        "assert lora_workbench.WEB_DIRECTORY == './js'\n"
+        "assert callable(lora_workbench.comfy_entrypoint)\n"
+        "assert not logging.getLogger().handlers, 'importing must not configure logging'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "", f"importing the package printed: {r.stdout!r}"
+
+
+def test_root_init_only_declares_entrypoint():
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    top_level = [type(n).__name__ for n in tree.body if not isinstance(n, ast.Expr)]
+    assert sorted(top_level) == ["Assign", "AsyncFunctionDef"], top_level
+    assert "NODE_CLASS_MAPPINGS" not in (ROOT / "__init__.py").read_text()
