@@ -1,0 +1,126 @@
+"""The training configuration: one frozen dataclass, the single source of defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PRESETS = ("attn", "attn_ff", "all")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "bf16", "fp16")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+PREDICTIONS = (None, "epsilon", "v_prediction")
+
+
+class ConfigError(ValueError):
+    """A training option has a value the engine cannot use; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- the LoRA network -------------------------------------------------------------------
+    rank: int = 16
+    alpha: float = 16.0  # scale = alpha / rank, as in kohya and peft
+    preset: str = "attn"  # attn: q,k,v,out | attn_ff: + feed-forward | all: every Linear and Conv (LoCon)
+    conv_rank: int | None = None  # rank of conv layers with preset "all" (None: same as rank)
+    conv_alpha: float | None = None
+    dropout: float = 0.0
+    train_text_encoder: bool = False
+
+    # --- optimisation -------------------------------------------------------------------------
+    steps: int = 500  # optimizer steps
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    text_encoder_lr: float | None = None  # None: same as lr
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+    # --- diffusion ----------------------------------------------------------------------------
+    prediction_type: str | None = None  # None: what the base model says
+
+    # --- precision and memory -----------------------------------------------------------------
+    mixed_precision: str = "no"  # autocast dtype for the frozen model; LoRA weights stay fp32
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True  # ignored when the text encoder is trained
+
+    # --- reproducibility and output -------------------------------------------------------------
+    seed: int = 0
+    save_every: int = 0  # save a LoRA every N steps (0: only at the end)
+    save_dtype: str = "fp16"
+    output_name: str = "lora"
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into metadata
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, fix: str) -> ConfigError:
+            return ConfigError(f"{name}={value!r} is not allowed: {fix}")
+
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise bad("rank", self.rank, "use a whole number >= 1 (4-64 is typical)")
+        if self.conv_rank is not None and self.conv_rank < 1:
+            raise bad("conv_rank", self.conv_rank, "use a whole number >= 1, or None to follow rank")
+        if self.alpha <= 0:
+            raise bad("alpha", self.alpha, "use a positive number (alpha = rank gives scale 1)")
+        if self.preset not in PRESETS:
+            raise bad("preset", self.preset, f"choose one of {', '.join(PRESETS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", self.dropout, "use a probability in [0, 1)")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise bad("steps", self.steps, "train for at least 1 step")
+        if self.batch_size < 1:
+            raise bad("batch_size", self.batch_size, "use 1 or more")
+        if self.grad_accum < 1:
+            raise bad("grad_accum", self.grad_accum, "use 1 or more")
+        if not self.lr > 0:
+            raise bad("lr", self.lr, "use a positive learning rate such as 1e-4")
+        if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
+            raise bad("text_encoder_lr", self.text_encoder_lr, "use a learning rate >= 0, or None to follow lr")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise bad("lr_scheduler", self.lr_scheduler, f"choose one of {', '.join(SCHEDULERS)}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise bad("warmup_steps", self.warmup_steps, f"use 0..steps ({self.steps})")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", self.max_grad_norm, "use 0 (off) or a positive norm such as 1.0")
+        if self.prediction_type not in PREDICTIONS:
+            raise bad("prediction_type", self.prediction_type, "use None, 'epsilon' or 'v_prediction'")
+        if self.mixed_precision not in PRECISIONS:
+            raise bad("mixed_precision", self.mixed_precision, f"choose one of {', '.join(PRECISIONS)}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise bad("save_dtype", self.save_dtype, f"choose one of {', '.join(SAVE_DTYPES)}")
+        if self.save_every < 0:
+            raise bad("save_every", self.save_every, "use 0 (only the final save) or a step count")
+        if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
+            raise bad("output_name", self.output_name, "use a plain file name without path separators")
+
+    @property
+    def effective_conv_rank(self) -> int:
+        return self.conv_rank or self.rank
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        return self.conv_alpha if self.conv_alpha is not None else self.alpha * self.effective_conv_rank / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(names)}")
+        d = dict(d)
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(d["adam_betas"])
+        return cls(**d)

@@ -1,0 +1,194 @@
+"""LoRA layers on any backend's modules, through peft.
+
+The backend says which modules exist and what kohya calls them; this module picks the targets a
+preset names, injects peft LoRA layers (fp32 weights whatever the base dtype), reads them out as
+a ``LoraWeights`` in kohya naming, loads them back, and removes them again so a cached base
+model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .lora_io import LoraModule, LoraWeights
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "lw"
+
+UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_FF = ("ff.net.0.proj", "ff.net.2")
+# kohya's LoCon: every Linear/Conv inside the down/mid/up blocks (not conv_in/out or embeddings).
+UNET_BLOCK_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.", "input_blocks.", "middle_block.", "output_blocks.")
+TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    component: str  # "unet", "te", "te1", "te2"
+    path: str  # module path inside that component's root module
+    kohya_name: str
+    is_conv: bool
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d)
+
+
+def select_unet_targets(named_modules: Iterable[tuple[str, nn.Module]], preset: str) -> list[tuple[str, bool]]:
+    """(path, is_conv) of the UNet modules a preset trains. Works on diffusers and LDM names."""
+    out = []
+    for path, m in named_modules:
+        if not (_is_linear(m) or _is_conv(m)):
+            continue
+        in_attn_block = ".attn1." in f".{path}." or ".attn2." in f".{path}."
+        if preset in ("attn", "attn_ff") and in_attn_block and path.endswith(UNET_ATTN) and _is_linear(m):
+            out.append((path, False))
+        elif preset == "attn_ff" and path.endswith(UNET_FF) and _is_linear(m):
+            out.append((path, False))
+        elif preset == "all" and path.startswith(UNET_BLOCK_PREFIXES):
+            out.append((path, _is_conv(m)))
+    return out
+
+
+def select_text_encoder_targets(named_modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    """kohya's text-encoder targets: attention and MLP Linears of every CLIP layer."""
+    return [p for p, m in named_modules if _is_linear(m) and ".layers." in p and p.endswith(TE_TARGETS)]
+
+
+def inject(
+    roots: dict[str, nn.Module],
+    targets: list[LoraTarget],
+    rank: int,
+    alpha: float,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    dropout: float = 0.0,
+    use_dora: bool = False,
+    seed: int | None = None,
+) -> list[nn.Parameter]:
+    """Add LoRA layers on ``targets``; return the trainable parameters (fp32, up weights zero)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if seed is not None:
+        # LoRA A init draws from the global RNG: fix it so a seed repeats a run exactly.
+        torch.manual_seed(seed)
+    params: list[nn.Parameter] = []
+    for comp in sorted({t.component for t in targets}):
+        paths = [t.path for t in targets if t.component == comp]
+        conv_paths = [t.path for t in targets if t.component == comp and t.is_conv]
+        root = roots[comp]
+        for p in root.parameters():
+            p.requires_grad_(False)
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=paths,
+            lora_dropout=dropout,
+            init_lora_weights=True,  # kaiming-uniform down, zero up: training starts at the base model
+            use_dora=use_dora,
+            rank_pattern={f"^{p}$": conv_rank for p in conv_paths} if conv_rank else {},
+            alpha_pattern={f"^{p}$": conv_alpha for p in conv_paths} if conv_alpha else {},
+        )
+        inject_adapter_in_model(cfg, root, adapter_name=ADAPTER)
+        for name, p in root.named_parameters():
+            if f".{ADAPTER}." in name or name.endswith(f".{ADAPTER}"):
+                # LoRA weights train in fp32 even on a fp16/bf16 base: tiny updates survive.
+                p.data = p.data.float()
+                p.requires_grad_(True)
+                params.append(p)
+    n = sum(p.numel() for p in params)
+    log.debug("injected LoRA into %d modules, %d trainable parameters", len(targets), n)
+    return params
+
+
+def _lora_layers(root: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for path, m in root.named_modules():
+        if isinstance(m, LoraLayer) and ADAPTER in m.lora_A:
+            yield path, m
+
+
+def extract(roots: dict[str, nn.Module], targets: list[LoraTarget], metadata: dict | None = None,
+            arch: str = "unknown") -> LoraWeights:
+    """Read the trained LoRA out of the injected model into kohya naming (detached fp32 copies)."""
+    by_path = {(t.component, t.path): t for t in targets}
+    modules: dict[str, LoraModule] = {}
+    for comp, root in roots.items():
+        for path, layer in _lora_layers(root):
+            t = by_path.get((comp, path))
+            if t is None:
+                continue
+            down = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+            up = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+            alpha = float(layer.scaling[ADAPTER]) * down.shape[0]
+            dora = None
+            if getattr(layer, "use_dora", {}).get(ADAPTER, False):
+                mag = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().cpu().clone()
+                dora = mag.reshape(-1, *([1] * (layer.get_base_layer().weight.dim() - 1)))
+            modules[t.kohya_name] = LoraModule(down=down, up=up, alpha=alpha, dora_scale=dora)
+    return LoraWeights(modules=modules, metadata=dict(metadata or {}), arch=arch)
+
+
+def load_into(roots: dict[str, nn.Module], targets: list[LoraTarget], lora: LoraWeights) -> None:
+    """Copy a ``LoraWeights`` into injected layers (resume, tests). Every target must be present."""
+    by_path = {(t.component, t.path): t for t in targets}
+    missing = [t.kohya_name for t in targets if t.kohya_name not in lora.modules]
+    if missing:
+        raise ValueError(f"the LoRA lacks {len(missing)} trained modules, e.g. {missing[:3]}; "
+                         "it was made with other target layers (preset) than this run")
+    with torch.no_grad():
+        for comp, root in roots.items():
+            for path, layer in _lora_layers(root):
+                t = by_path.get((comp, path))
+                if t is None:
+                    continue
+                m = lora.modules[t.kohya_name]
+                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                if a.shape != m.down.shape or b.shape != m.up.shape:
+                    raise ValueError(f"{t.kohya_name}: LoRA shapes {tuple(m.down.shape)}/{tuple(m.up.shape)} do "
+                                     f"not fit the layer ({tuple(a.shape)}/{tuple(b.shape)}); ranks differ")
+                a.copy_(m.down)
+                b.copy_(m.up)
+                layer.scaling[ADAPTER] = m.alpha / m.down.shape[0]
+                if m.dora_scale is not None and getattr(layer, "use_dora", {}).get(ADAPTER, False):
+                    layer.lora_magnitude_vector[ADAPTER].weight.copy_(m.dora_scale.flatten())
+
+
+def train_lora_dropout(roots: dict[str, nn.Module]) -> None:
+    """Put LoRA dropout modules in training mode while the frozen base model stays in eval mode."""
+    for root in roots.values():
+        for _, layer in _lora_layers(root):
+            layer.lora_dropout[ADAPTER].train()
+
+
+def remove(roots: dict[str, nn.Module]) -> int:
+    """Put every wrapped module's original layer back; the base model is as before injection."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for root in roots.values():
+        wrapped = [(p, m) for p, m in root.named_modules() if isinstance(m, LoraLayer)]
+        for path, m in wrapped:
+            parent_path, _, child = path.rpartition(".")
+            parent = root.get_submodule(parent_path) if parent_path else root
+            setattr(parent, child, m.get_base_layer())
+            n += 1
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in root.__dict__:
+                delattr(root, attr)
+    return n
+
+
+def kohya_name_fn(prefix: str) -> Callable[[str], str]:
+    return lambda path: prefix + path.replace(".", "_")
