@@ -1,0 +1,131 @@
+"""Host tests: LoRA Workbench running inside a real ComfyUI, on the CPU.
+
+ComfyUI is found through ``COMFYUI_PATH`` or comfy-cli's default ``~/comfy/ComfyUI`` (the folder
+that holds ``main.py``). When it is absent, or the running venv lacks the packages its
+``requirements.txt`` lists, every test here is skipped with one line saying which and how to fix
+it. Test modules in this folder must therefore not import ComfyUI at module level: they get it
+through the fixtures below, which put it on ``sys.path``.
+
+Fixtures (all session-scoped, so ComfyUI boots once per run):
+  comfyui_path          Path of the ComfyUI checkout.
+  comfy_host            ComfyUI booted in-process on the CPU with our pack loaded from
+                        ``custom_nodes/lora-workbench`` (see ``comfy_harness.ComfyHost``).
+  run_prompt            ``run_prompt(api_prompt) -> PromptRun``: runs an API-format prompt with
+                        ComfyUI's PromptExecutor, no HTTP server.
+  tiny_sd15_checkpoint  Path of a tiny checkpoint ComfyUI detects as SD1.5, in the host's
+                        ``models/checkpoints`` (its ``.name`` is the ``ckpt_name`` to use).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import InvalidRequirement, Requirement
+
+from comfy_harness import REPO_ROOT, boot_in_process
+
+HOST_DIR = Path(__file__).resolve().parent
+DEFAULT_COMFYUI_PATH = Path("~/comfy/ComfyUI").expanduser()
+
+
+def find_comfyui() -> tuple[Path | None, str | None]:
+    """(ComfyUI path, None) when usable here, else (None or the path, reason to skip)."""
+    configured = os.environ.get("COMFYUI_PATH")
+    if configured:
+        path = Path(configured).expanduser()
+        if not (path / "main.py").is_file():
+            return None, f"COMFYUI_PATH={path} has no main.py - host tests skipped"
+    else:
+        path = DEFAULT_COMFYUI_PATH
+        if not (path / "main.py").is_file():
+            return None, "ComfyUI not found (set COMFYUI_PATH or install to ~/comfy/ComfyUI) - host tests skipped"
+    problems = unmet_requirements(path / "requirements.txt")
+    if problems:
+        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        return path, (
+            f"ComfyUI at {path} lacks its requirements in this venv ({shown}; "
+            f"pip install -r {path / 'requirements.txt'}) - host tests skipped"
+        )
+    return path, None
+
+
+def unmet_requirements(requirements_file: Path) -> list[str]:
+    """Lines of ComfyUI's requirements.txt that the running venv does not satisfy.
+
+    Checked through installed distribution metadata, without importing anything, so the check
+    costs milliseconds; a venv that has every package but still fails to import ComfyUI is a
+    real failure and is left to fail loudly.
+    """
+    if not requirements_file.is_file():
+        return [f"{requirements_file} is missing"]
+    problems = []
+    for line in requirements_file.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue  # not a plain requirement (a URL or option line); pip knows it, we don't need to
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        try:
+            version = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"missing {requirement.name}")
+            continue
+        if requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
+            problems.append(f"{requirement.name} {version} (wants {requirement.specifier})")
+    return problems
+
+
+COMFYUI_PATH, SKIP_REASON = find_comfyui()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "host: needs a ComfyUI install (COMFYUI_PATH or ~/comfy/ComfyUI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # This hook sees the whole session's items; mark only ours.
+    for item in items:
+        if HOST_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.host)
+
+
+def pytest_runtest_setup(item):
+    # Skipping from here (not with a skip marker per test) makes pytest fold every host test's
+    # skip into one summary line at this location.
+    if SKIP_REASON:
+        pytest.skip(SKIP_REASON)
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    assert COMFYUI_PATH is not None and SKIP_REASON is None
+    return COMFYUI_PATH
+
+
+@pytest.fixture(scope="session")
+def comfy_host(comfyui_path, tmp_path_factory):
+    base_directory = tmp_path_factory.mktemp("comfy_base")
+    host = boot_in_process(comfyui_path, base_directory, REPO_ROOT)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+@pytest.fixture(scope="session")
+def run_prompt(comfy_host):
+    return comfy_host.run_prompt
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_checkpoint(comfy_host) -> Path:
+    from tiny_sd15 import write_checkpoint
+
+    return write_checkpoint(comfy_host.base_directory / "models" / "checkpoints" / "tiny_sd15.safetensors")
