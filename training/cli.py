@@ -16,6 +16,17 @@ from pathlib import Path
 log = logging.getLogger("lora_workbench")
 
 
+def _base_type(hint):
+    """int for ``int | None``, tuple for ``tuple[float, float]``..."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple, (args[0] if args else str)
+    if args and origin is not None and origin is not tuple:
+        return _base_type(args[0])
+    return hint, None
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -23,15 +34,14 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str])
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        hint = str(hints[f.name])
-        if hint.startswith("bool") or isinstance(default, bool):
+        typ, item = _base_type(hints[f.name])
+        if typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default: {default})")
-        elif "tuple" in hint:
-            parser.add_argument(flag, dest=f.name, nargs="+", type=float if "float" in hint else str,
-                                default=None, help=f"(default: {default})")
-        else:
-            typ = int if hint.startswith("int") else float if hint.startswith("float") else str
+        elif typ is tuple:
+            parser.add_argument(flag, dest=f.name, nargs="+", type=item, default=None,
+                                help=f"(default: {' '.join(map(str, default or ()))})")
+        elif typ in (int, float, str):
             parser.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default: {default})")
 
 
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="train a tiny model on generated images (about a minute on a CPU)")
     de.add_argument("--out", default="lora_workbench_demo", help="folder for everything the demo writes")
-    de.add_argument("--steps", type=int, default=60)
+    de.add_argument("--steps", type=int, default=100)
     return p
 
 

@@ -37,7 +37,7 @@ def make_demo_images(folder: Path, n: int = 8, size: int = 64, seed: int = 0) ->
     return folder
 
 
-def run_demo(out: Path, steps: int = 60) -> Path:
+def run_demo(out: Path, steps: int = 100) -> Path:
     from .backend import DiffusersBackend
     from .config import TrainConfig
     from .dataset import DatasetConfig
@@ -52,7 +52,7 @@ def run_demo(out: Path, steps: int = 60) -> Path:
     images = make_demo_images(out / "images")
     dcfg = DatasetConfig(path=str(images), trigger="sks", resolution=64, bucket_step=16, min_bucket_side=32,
                          max_bucket_side=128)
-    tcfg = TrainConfig(rank=8, alpha=8, preset="attn_ff", steps=steps, lr=1e-3, batch_size=2, seed=0,
+    tcfg = TrainConfig(rank=8, alpha=8, preset="all", steps=steps, lr=2e-3, batch_size=2, seed=0,
                        save_every=max(1, steps // 3), output_name="demo_sks_ball", save_dtype="fp16")
     result, path = train_folder(dcfg, tcfg, lambda: DiffusersBackend.from_pretrained(model_dir), out / "loras",
                                 overwrite=True)
