@@ -60,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a LoRA on a folder of images")
     tr.add_argument("images", help="folder of images with optional .txt captions (kohya N_name sub-folders ok)")
-    tr.add_argument("--model", required=True, help="base model: a diffusers folder (SD1.x/SD2.x)")
+    tr.add_argument("--model", required=True,
+                    help="base model: an SD1.x/SD2.x single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+    tr.add_argument("--tokenizer", default=None,
+                    help="folder with the CLIP vocab.json + merges.txt, for a single-file --model "
+                         "(default: ComfyUI's comfy/sd1_tokenizer or the Hugging Face cache)")
+    tr.add_argument("--model-config", default=None,
+                    help="advanced: diffusers config folder (unet/ vae/ text_encoder/ scheduler/) for a "
+                         "single-file --model (default: the shipped SD1.5/SD2 configs)")
     tr.add_argument("--out", default="output", help="folder for the LoRA files (default: ./output)")
     tr.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
     tr.add_argument("--weight-dtype", default=None, choices=["fp32", "fp16", "bf16"],
@@ -89,15 +96,15 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .backend import DiffusersBackend
     from .config import TrainConfig
     from .dataset import DatasetConfig
     from .run import train_folder
+    from .single_file import load_model
 
     tcfg = TrainConfig.from_dict(_pick(ns, TrainConfig, {"extra"}))
     dcfg = DatasetConfig(path=ns.images, **_pick(ns, DatasetConfig, {"path"}))
     dev, wdt = _device_and_dtype(ns.device, ns.weight_dtype)
-    result, path = train_folder(dcfg, tcfg, lambda: DiffusersBackend.from_pretrained(ns.model, dev, wdt),
+    result, path = train_folder(dcfg, tcfg, lambda: load_model(ns.model, dev, wdt, ns.tokenizer, ns.model_config),
                                 Path(ns.out), overwrite=ns.overwrite)
     print(f"saved {path}")
     return 0
