@@ -153,8 +153,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_save(tmp_path):
     cfg = TrainConfig(steps=10, save_every=2, output_name="n", lr=1e-3)
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*n-step000004.safetensors.*learning rate"):
         Trainer(be, scan_folder(dcfg), dcfg, cfg, output_dir=tmp_path / "out").run()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["n-step000002.safetensors",
-                                                                    "n-step000004.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["n-step000002.safetensors",
+                                                                               "n-step000004.safetensors"]
 
 
 def test_gradient_checkpointing_and_accumulation_match_plain_run(tmp_path):

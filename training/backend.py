@@ -82,7 +82,9 @@ class DiffusersBackend(Backend):
         for m in (unet, text_encoder, vae):
             m.requires_grad_(False)
             m.eval()
-            m.to(self.device, dtype=weight_dtype)
+            m.to(self.device)
+            if any(p.dtype != weight_dtype for p in m.parameters()):
+                m.to(dtype=weight_dtype)
         # The VAE runs in fp32 where it can: fp16 SD VAEs overflow to NaN on large images.
         if weight_dtype == torch.float16 and self.device.type != "cpu":
             vae.to(dtype=torch.float32)

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--weight-dtype", default=None, choices=["fp32", "fp16", "bf16"],
                     help="dtype of the frozen base weights (default: fp16 on CUDA, fp32 on CPU)")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    tr.add_argument("--class-dir", default=None,
+                    help="DreamBooth prior preservation: folder of class images (missing ones up to "
+                         "--num-class-images are generated with the base model and kept)")
+    tr.add_argument("--class-prompt", default="", help="caption of the class images, e.g. 'a photo of a dog'")
+    tr.add_argument("--resume", default=None, help="continue a stopped run from its '<name>-state' folder")
+    tr.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra optimizer option, e.g. d_coef=1.0 for prodigy (repeatable)")
     _add_dataclass_options(tr, TrainConfig, skip={"extra"})
     _add_dataclass_options(tr, DatasetConfig, skip={"path"})
 
@@ -101,13 +108,42 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .run import train_folder
     from .single_file import load_model
 
-    tcfg = TrainConfig.from_dict(_pick(ns, TrainConfig, {"extra"}))
+    from .distributed import current
+
+    tcfg = TrainConfig.from_dict({**_pick(ns, TrainConfig, {"extra", "optimizer_args"}),
+                                  "optimizer_args": _parse_kv(ns.optimizer_arg)})
     dcfg = DatasetConfig(path=ns.images, **_pick(ns, DatasetConfig, {"path"}))
     dev, wdt = _device_and_dtype(ns.device, ns.weight_dtype)
+    # Under `accelerate launch`, each process trains on its own device and its share of every batch.
+    dist = current(cpu=dev.type == "cpu")
+    if dist.device is not None:
+        dev = dist.device
     result, path = train_folder(dcfg, tcfg, lambda: load_model(ns.model, dev, wdt, ns.tokenizer, ns.model_config),
-                                Path(ns.out), overwrite=ns.overwrite)
-    print(f"saved {path}")
+                                Path(ns.out), overwrite=ns.overwrite,
+                                class_dir=Path(ns.class_dir) if ns.class_dir else None,
+                                class_prompt=ns.class_prompt, resume_from=Path(ns.resume) if ns.resume else None,
+                                dist=dist)
+    if dist.is_main:
+        k = max(1, len(result.losses) // 10)
+        print(f"trained {result.steps_done} steps; loss {sum(result.losses[:k]) / k:.4f} -> "
+              f"{sum(result.losses[-k:]) / k:.4f} (mean of first/last {k})")
+        print(f"saved {path}")
     return 0
+
+
+def _parse_kv(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--optimizer-arg {item!r} is not KEY=VALUE; e.g. --optimizer-arg d_coef=1.0")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:

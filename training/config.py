@@ -11,6 +11,9 @@ PRESETS = ("attn", "attn_ff", "all")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "bf16", "fp16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+LOSSES = ("mse", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "snr", "exponential")
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "sgd")
 PREDICTIONS = (None, "epsilon", "v_prediction")
 
 
@@ -28,6 +31,8 @@ class TrainConfig:
     conv_alpha: float | None = None
     dropout: float = 0.0
     train_text_encoder: bool = False
+    text_encoder_train_steps: int = 0  # freeze the text-encoder LoRA after N steps (0: train it throughout)
+    use_dora: bool = False  # DoRA (weight-decomposed LoRA, peft use_dora)
 
     # --- optimisation -------------------------------------------------------------------------
     steps: int = 500  # optimizer steps
@@ -41,9 +46,22 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt) | sgd
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # e.g. {"d_coef": 1.0} for prodigy
 
     # --- diffusion ----------------------------------------------------------------------------
     prediction_type: str | None = None  # None: what the base model says
+    loss_type: str = "mse"  # mse | l1 | huber | smooth_l1
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"  # constant | snr | exponential (kohya's schedules for the Huber threshold)
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (5 is the paper's value)
+    noise_offset: float = 0.0  # per-channel offset noise: lets the model learn very dark/bright images
+    pyramid_noise_iterations: int = 0  # multi-resolution noise, off by default
+    pyramid_noise_discount: float = 0.4
+
+    # --- DreamBooth prior preservation -------------------------------------------------------------
+    prior_loss_weight: float = 1.0  # weight of the class-image loss when class images are given
+    num_class_images: int = 0  # how many class images the run needs (0: use what is given)
 
     # --- precision and memory -----------------------------------------------------------------
     mixed_precision: str = "no"  # autocast dtype for the frozen model; LoRA weights stay fp32
@@ -54,6 +72,8 @@ class TrainConfig:
     # --- reproducibility and output -------------------------------------------------------------
     seed: int = 0
     save_every: int = 0  # save a LoRA every N steps (0: only at the end)
+    keep_last: int = 0  # keep only the K most recent step saves (0: keep all); the final LoRA is always kept
+    save_state_every: int = 0  # save a resumable state every N steps (0: with each save_every, and on stop)
     save_dtype: str = "fp16"
     output_name: str = "lora"
 
@@ -95,6 +115,29 @@ class TrainConfig:
             raise bad("mixed_precision", self.mixed_precision, f"choose one of {', '.join(PRECISIONS)}")
         if self.save_dtype not in SAVE_DTYPES:
             raise bad("save_dtype", self.save_dtype, f"choose one of {', '.join(SAVE_DTYPES)}")
+        if self.loss_type not in LOSSES:
+            raise bad("loss_type", self.loss_type, f"choose one of {', '.join(LOSSES)}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise bad("huber_schedule", self.huber_schedule, f"choose one of {', '.join(HUBER_SCHEDULES)}")
+        if not self.huber_c > 0:
+            raise bad("huber_c", self.huber_c, "use a positive threshold such as 0.1")
+        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
+            raise bad("min_snr_gamma", self.min_snr_gamma, "use None (off) or a positive gamma such as 5")
+        if self.noise_offset < 0:
+            raise bad("noise_offset", self.noise_offset, "use 0 (off) or a small value such as 0.05")
+        if self.pyramid_noise_iterations < 0 or not 0 < self.pyramid_noise_discount < 1:
+            raise bad("pyramid_noise", (self.pyramid_noise_iterations, self.pyramid_noise_discount),
+                      "use iterations >= 0 and a discount in (0, 1), e.g. 6 and 0.4")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise bad("optimizer", self.optimizer, f"choose one of {', '.join(OPTIMIZER_NAMES)}")
+        if self.prior_loss_weight < 0:
+            raise bad("prior_loss_weight", self.prior_loss_weight, "use a weight >= 0 (1.0 is DreamBooth's)")
+        if self.num_class_images < 0:
+            raise bad("num_class_images", self.num_class_images, "use 0 or a count of class images")
+        if self.text_encoder_train_steps < 0:
+            raise bad("text_encoder_train_steps", self.text_encoder_train_steps, "use 0 (all steps) or a step count")
+        if self.keep_last < 0 or self.save_state_every < 0:
+            raise bad("keep_last/save_state_every", (self.keep_last, self.save_state_every), "use 0 or more")
         if self.save_every < 0:
             raise bad("save_every", self.save_every, "use 0 (only the final save) or a step count")
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import TYPE_CHECKING
 
 from .dataset import dataset_fingerprint, dataset_summary, tag_frequency
 from .lora_io import kohya_metadata
+from .optim import optimizer_label
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -20,7 +22,7 @@ def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:
     epochs = math.ceil(steps_done * cfg.batch_size * cfg.grad_accum / samples_per_epoch) if steps_done else 0
     conv = cfg.preset == "all"
     te_lr = (cfg.lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr) if cfg.train_text_encoder else None
-    return kohya_metadata(
+    md = kohya_metadata(
         arch=be.arch,
         network_dim=cfg.rank,
         network_alpha=cfg.alpha,
@@ -39,7 +41,7 @@ def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:
         max_train_steps=cfg.steps,
         num_epochs=epochs,
         lr_scheduler=cfg.lr_scheduler,
-        optimizer="torch.optim.AdamW",
+        optimizer=optimizer_label(cfg.optimizer, cfg.optimizer_args or None),
         mixed_precision=cfg.mixed_precision,
         seed=cfg.seed,
         training_started_at=getattr(trainer, "started_at", None),
@@ -56,3 +58,16 @@ def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:
             **trainer.extra_metadata,
         },
     )
+    # kohya keys kohya_metadata has no argument for: the loss, noise and regularisation facts.
+    md["ss_loss_type"] = {"mse": "l2"}.get(cfg.loss_type, cfg.loss_type)
+    md["ss_noise_offset"] = str(cfg.noise_offset)
+    md["ss_multires_noise_iterations"] = str(cfg.pyramid_noise_iterations)
+    md["ss_min_snr_gamma"] = str(cfg.min_snr_gamma)
+    md["ss_num_reg_images"] = str(len(trainer.class_records))
+    if trainer.class_records:
+        md["ss_prior_loss_weight"] = str(cfg.prior_loss_weight)
+        md["ss_reg_dataset_dirs"] = json.dumps(dataset_summary(trainer.class_records)["concepts"])
+        md["lw_class_prompt"] = trainer.class_prompt
+    if cfg.use_dora:
+        md["ss_network_args"] = json.dumps({**json.loads(md.get("ss_network_args", "{}")), "use_dora": True})
+    return md

@@ -1,13 +1,17 @@
 """The training loop, top to bottom.
 
-    records + DatasetConfig + TrainConfig + Backend  ->  Trainer.run()  ->  TrainResult(LoraWeights, losses)
+    records (+ class records) + DatasetConfig + TrainConfig + Backend
+        -> Trainer.run() -> TrainResult(LoraWeights, losses)
 
 The loop never knows which host it runs in: it calls the backend for latents, conditioning and
-predictions, and reports through ``TrainCallbacks``.
+predictions, reports through ``TrainCallbacks``, and averages gradients through ``Dist``.
+Every random draw is a pure function of (seed, position) or comes from one saved generator, so a
+resumed run continues exactly the curve an uninterrupted one would have drawn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -18,12 +22,17 @@ from typing import Any
 
 import torch
 
+from . import losses as L
 from . import network
 from .backend import Backend
 from .config import TrainConfig
-from .dataset import BucketBatchSampler, DatasetConfig, ImageDataset, ImageRecord, build_caption, load_pixels
+from .dataset import (BucketBatchSampler, DatasetConfig, DatasetError, ImageDataset, ImageRecord, build_caption,
+                      dataset_fingerprint, load_pixels)
+from .distributed import Dist
 from .lora_io import LoraWeights, save_lora
+from .optim import make_optimizer
 from .schedules import add_noise, make_lr_scheduler, target_for
+from .state import TrainingState, check_compatible, load_state, save_state, state_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +53,37 @@ class TrainCallbacks:
 
     def on_save(self, path: Path, step: int) -> None: ...
 
+    def on_state_saved(self, path: Path, step: int) -> None: ...
+
 
 @dataclass
 class TrainResult:
     lora: LoraWeights
-    losses: list[float]  # one mean loss per optimizer step
+    losses: list[float]  # one mean loss per optimizer step (instance + weighted prior)
     steps_done: int
     stopped_early: bool = False
     saved: list[Path] = field(default_factory=list)
+    state_dir: Path | None = None
     seconds: float = 0.0
+    instance_losses: list[float] = field(default_factory=list)
+    prior_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class MicroBatch:
+    idx: list[int]  # record indices (instance)
+    flips: list[bool]
+    captions: list[str]
+    bucket: tuple[int, int]
+    class_idx: list[int] = field(default_factory=list)
 
 
 class Trainer:
     def __init__(self, backend: Backend, records: list[ImageRecord], dataset_cfg: DatasetConfig,
                  cfg: TrainConfig, output_dir: str | Path | None = None,
                  callbacks: TrainCallbacks | None = None, metadata: dict[str, str] | None = None,
-                 overwrite: bool = False):
-        if not records:
-            raise ValueError("the dataset has no images; check the folder and its extensions")
+                 overwrite: bool = False, class_records: list[ImageRecord] | None = None,
+                 class_prompt: str = "", resume_from: str | Path | None = None, dist: Dist | None = None):
         self.dataset = ImageDataset(records, dataset_cfg)  # assigns buckets where missing
         self.records = self.dataset.records
         self.backend, self.dcfg, self.cfg = backend, dataset_cfg, cfg
@@ -69,46 +91,81 @@ class Trainer:
         self.cb = callbacks or TrainCallbacks()
         self.extra_metadata = dict(metadata or {})
         self.overwrite = overwrite
+        self.dist = dist or Dist()
+        self.class_records = list(class_records or [])
+        self.class_prompt = class_prompt
+        self.resume_from = Path(resume_from) if resume_from else None
+        if cfg.num_class_images and len(self.class_records) < cfg.num_class_images:
+            missing = cfg.num_class_images - len(self.class_records)
+            raise DatasetError(
+                f"prior preservation needs {cfg.num_class_images} class images but {len(self.class_records)} "
+                f"were given: {missing} missing. Generate them with the base model (CLI: --class-prompt "
+                f"'...' --num-class-images {cfg.num_class_images} --class-dir DIR) or lower num_class_images."
+            )
+        if self.class_records and not class_prompt and not all(r.caption for r in self.class_records):
+            raise DatasetError("class images need a class prompt (e.g. 'a photo of a dog'): pass class_prompt "
+                               "or give every class image a caption file")
         self.targets: list[network.LoraTarget] = []
-        self._latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self._latents: dict[tuple, torch.Tensor] = {}
         self._embeds: dict[str, Any] = {}
+        self.started_at: float | None = None
 
     # ---- data ----------------------------------------------------------------------------------
-    def _micro_batches(self, sampler: BucketBatchSampler):
-        """Endless (record indices, flips, captions) in the sampler's deterministic order.
+    def _micro_batches(self):
+        """Endless global micro-batches in a deterministic order.
 
-        Flip and caption randomness depend only on (seed, epoch, dataset index), never on what ran
-        before, so a resumed run draws exactly what an uninterrupted one would.
+        Flip and caption draws depend only on (seed, epoch, dataset index) and the class images on
+        (seed, cycle), never on what ran before, so skipping k batches lands where a run that did
+        them would be.
         """
+        world = self.dist.world
+        sampler = BucketBatchSampler(self.records, self.cfg.batch_size * world, seed=self.cfg.seed, shuffle=True)
+        n_class, class_pos = len(self.class_records), 0
         epoch = 0
         while True:
             sampler.set_epoch(epoch)
             for batch in sampler:
-                idx, flips, captions = [], [], []
+                mb = MicroBatch([], [], [], self.records[self.dataset.record_index(batch[0])].bucket)
                 for index in batch:
                     rng = random.Random(f"{self.cfg.seed}:{epoch}:{index}")
                     i = self.dataset.record_index(index)
-                    idx.append(i)
-                    flips.append(bool(self.dcfg.flip and rng.random() < 0.5))
-                    captions.append(build_caption(self.records[i].caption, self.dcfg, rng))
-                yield idx, flips, captions
+                    mb.idx.append(i)
+                    mb.flips.append(bool(self.dcfg.flip and rng.random() < 0.5))
+                    mb.captions.append(build_caption(self.records[i].caption, self.dcfg, rng))
+                for _ in batch if n_class else ():
+                    cycle, k = divmod(class_pos, n_class)
+                    order = list(range(n_class))
+                    random.Random(f"{self.cfg.seed}:class:{cycle}").shuffle(order)
+                    mb.class_idx.append(order[k])
+                    class_pos += 1
+                yield mb
             epoch += 1
 
-    def _latents_for(self, idx: list[int], flips: list[bool]) -> torch.Tensor:
-        dev = self.backend.device
-        if self.cfg.cache_latents:
-            missing = [(i, f) for i, f in zip(idx, flips) if (i, f) not in self._latents]
-            if missing:
-                px = torch.stack([load_pixels(self.records[i], self.dcfg, flip=f)[0] for i, f in missing])
-                lat = self.backend.encode_images(px)
-                for k, l in zip(missing, lat):
-                    self._latents[k] = l
-            return torch.stack([self._latents[(i, f)] for i, f in zip(idx, flips)]).to(dev)
-        px = torch.stack([load_pixels(self.records[i], self.dcfg, flip=f)[0] for i, f in zip(idx, flips)])
-        return self.backend.encode_images(px).to(dev)
+    def _rank_slice(self, n: int) -> list[int]:
+        """This rank's positions in a global batch of n (wrapping when n is not a multiple of world)."""
+        b = self.cfg.batch_size
+        if self.dist.world == 1:
+            return list(range(n))
+        return [(self.dist.rank * b + j) % n for j in range(b)]
 
-    def _cond_for(self, captions: list[str]) -> Any:
-        if self.cfg.train_text_encoder or not self.cfg.cache_text_embeddings:
+    def _latent(self, key: tuple, record: ImageRecord, flip: bool) -> torch.Tensor:
+        if self.cfg.cache_latents and key in self._latents:
+            return self._latents[key]
+        lat = self.backend.encode_images(load_pixels(record, self.dcfg, flip=flip)[0][None])[0]
+        if self.cfg.cache_latents:
+            self._latents[key] = lat
+        return lat
+
+    def _batch_latents(self, mb: MicroBatch, pos: list[int]) -> torch.Tensor:
+        lat = [self._latent(("i", mb.idx[p], mb.flips[p]), self.records[mb.idx[p]], mb.flips[p]) for p in pos]
+        for p in pos if mb.class_idx else ():
+            # Class images are fitted into the instance batch's bucket so both go through one forward.
+            rec = dataclasses.replace(self.class_records[mb.class_idx[p]], bucket=mb.bucket)
+            lat.append(self._latent(("c", mb.class_idx[p], mb.bucket), rec, False))
+        return torch.stack(lat).to(self.backend.device)
+
+    def _cond_for(self, captions: list[str], use_cache: bool) -> Any:
+        if not use_cache:
             return self.backend.encode_prompts(captions)
         missing = sorted({c for c in captions if c not in self._embeds})
         if missing:
@@ -118,40 +175,62 @@ class Trainer:
                 self._embeds[c] = enc[j : j + 1].detach()
         return self.backend.cat_cond([self._embeds[c] for c in captions])
 
+    def _noise(self, gen: torch.Generator, shape: tuple, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps for a whole global batch, drawn on the CPU in a fixed order."""
+        cfg = self.cfg
+        noise = torch.randn(shape, generator=gen)
+        if cfg.noise_offset:
+            noise = L.apply_noise_offset(noise, cfg.noise_offset, gen)
+        if cfg.pyramid_noise_iterations:
+            noise = L.pyramid_noise_like(noise, gen, cfg.pyramid_noise_iterations, cfg.pyramid_noise_discount)
+        t = torch.randint(0, self._n_train_t, (shape[0],), generator=gen)
+        return noise.to(dev), t.to(dev)
+
     # ---- the run -------------------------------------------------------------------------------
     def run(self, keep_injected: bool = False) -> TrainResult:
         cfg, be = self.cfg, self.backend
-        t_start = self.started_at = time.time()
+        self.started_at = time.time()
         roots = be.roots()
         self.targets = be.lora_targets(cfg.preset, cfg.train_text_encoder)
         if not self.targets:
             raise TrainingError(f"preset {cfg.preset!r} found no layers to train in this model")
+        state = None
+        if self.resume_from is not None:
+            state = load_state(self.resume_from)
+            check_compatible(state, cfg, dataset_fingerprint(self.records),
+                             dataset_fingerprint(self.class_records) if self.class_records else None,
+                             self.resume_from)
         params = network.inject(roots, self.targets, cfg.rank, cfg.alpha,
                                 conv_rank=cfg.effective_conv_rank, conv_alpha=cfg.effective_conv_alpha,
-                                dropout=cfg.dropout, seed=cfg.seed)
+                                dropout=cfg.dropout, use_dora=cfg.use_dora, seed=cfg.seed)
         try:
-            return self._loop(roots, params, t_start)
+            if state is not None:
+                network.load_into(roots, self.targets, state.lora)
+            return self._loop(roots, params, state)
         finally:
             if not keep_injected:
                 network.remove(roots)
 
-    def _loop(self, roots, params, t_start) -> TrainResult:
-        cfg, be = self.cfg, self.backend
+    def _loop(self, roots, params, state: TrainingState | None) -> TrainResult:
+        cfg, be, dist = self.cfg, self.backend, self.dist
         dev = be.device
         if cfg.dropout > 0:
             network.train_lora_dropout(roots)  # only LoRA dropout is active; the frozen base stays in eval
         if cfg.gradient_checkpointing:
             be.enable_gradient_checkpointing()
 
-        te_names = {id(p) for c, r in roots.items() if c != "unet" for p in r.parameters() if p.requires_grad}
-        unet_params = [p for p in params if id(p) not in te_names]
-        te_params = [p for p in params if id(p) in te_names]
+        te_ids = {id(p) for c, r in roots.items() if c != "unet" for p in r.parameters() if p.requires_grad}
+        unet_params = [p for p in params if id(p) not in te_ids]
+        te_params = [p for p in params if id(p) in te_ids]
         te_lr = cfg.lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
         groups = [{"params": unet_params, "lr": cfg.lr}]
-        if te_params and te_lr > 0:
+        if te_params:
             groups.append({"params": te_params, "lr": te_lr})
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                      weight_decay=cfg.weight_decay)
+            if te_lr == 0:
+                for p in te_params:
+                    p.requires_grad_(False)
+        optimizer = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   betas=cfg.adam_betas, eps=cfg.adam_eps, **cfg.optimizer_args)
         scheduler = make_lr_scheduler(optimizer, cfg)
         use_amp = cfg.mixed_precision != "no"
         amp_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
@@ -159,68 +238,141 @@ class Trainer:
 
         alphas = be.alphas_cumprod()
         prediction = cfg.prediction_type or be.prediction_type
-        n_train_t = alphas.shape[0]
+        self._n_train_t = alphas.shape[0]
         # One generator for noise and timesteps, on the CPU: the same seed gives the same run on any device.
         gen = torch.Generator().manual_seed(cfg.seed)
-        sampler = BucketBatchSampler(self.records, cfg.batch_size, seed=cfg.seed, shuffle=True)
-        batches = self._micro_batches(sampler)
+        batches = self._micro_batches()
+
+        step, losses, inst_losses, prior_losses = 0, [], [], []
+        if state is not None:
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            scaler.load_state_dict(state.scaler)
+            gen.set_state(state.generator)
+            step, losses = state.step, list(state.losses)
+            for _ in range(step * cfg.grad_accum):
+                next(batches)  # the data order is a pure function of position: skip what was done
+            log.info("resumed from %s at step %d/%d", self.resume_from, step, cfg.steps)
+
+        gen_at_step = gen.get_state()  # the generator as of the last finished step, for a state saved on a crash
+        te_frozen = False
+
+        def freeze_text_encoder():
+            for p in te_params:
+                p.requires_grad_(False)
+                p.grad = None
 
         n_trainable = sum(p.numel() for p in params)
         self.cb.on_start(cfg.steps, n_trainable)
-        log.info("training %d steps: %d LoRA modules, %d trainable parameters, %d images, device %s",
-                 cfg.steps, len(self.targets), n_trainable, len(self.records), dev)
-        losses: list[float] = []
+        log.info("training %d steps: %d LoRA modules, %d trainable parameters, %d images%s, device %s%s",
+                 cfg.steps, len(self.targets), n_trainable, len(self.records),
+                 f" + {len(self.class_records)} class images" if self.class_records else "", dev,
+                 f", {dist.world} processes" if dist.world > 1 else "")
         saved: list[Path] = []
-        step, stopped = 0, False
-        while step < cfg.steps:
-            if self.cb.should_stop():
-                stopped = True
-                break
-            step_loss = torch.zeros((), device=dev)
-            for _ in range(cfg.grad_accum):
-                idx, flips, captions = next(batches)
-                with torch.no_grad():
-                    x0 = self._latents_for(idx, flips)
-                noise = torch.randn(x0.shape, generator=gen).to(dev)
-                t = torch.randint(0, n_train_t, (x0.shape[0],), generator=gen).to(dev)
-                x_t = add_noise(x0, noise, alphas, t)
-                target = target_for(prediction, x0, noise, alphas, t)
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                    cond = self._cond_for(captions)
-                    pred = be.predict(x_t, t, cond)
-                # The loss in fp32 whatever the autocast dtype; divided so accumulated grads average.
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-                scaler.scale(loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-            loss_value = float(step_loss)  # the one host sync per step
-            if not math.isfinite(loss_value):
+        state_dir = None
+        stopped = False
+        has_prior = bool(self.class_records)
+        try:
+            while step < cfg.steps:
+                if self.cb.should_stop():
+                    stopped = True
+                    break
+                if te_params and cfg.text_encoder_train_steps and step >= cfg.text_encoder_train_steps \
+                        and not te_frozen:
+                    freeze_text_encoder()
+                    te_frozen = True
+                    log.info("text-encoder LoRA frozen after %d steps", step)
+                te_trains = bool(te_params) and not te_frozen and te_lr > 0
+                step_loss = torch.zeros((), device=dev)
+                step_inst = torch.zeros((), device=dev)
+                step_prior = torch.zeros((), device=dev)
+                for _ in range(cfg.grad_accum):
+                    mb = next(batches)
+                    pos = self._rank_slice(len(mb.idx))
+                    with torch.no_grad():
+                        x0 = self._batch_latents(mb, pos)
+                    n_inst = len(pos)
+                    # Noise for the whole global batch (instance then class), then this rank's slice.
+                    g_n = len(mb.idx) * (2 if has_prior else 1)
+                    noise, t = self._noise(gen, (g_n, *x0.shape[1:]), dev)
+                    sl = pos + ([len(mb.idx) + p for p in pos] if has_prior else [])
+                    noise, t = noise[sl], t[sl]
+                    x_t = add_noise(x0, noise, alphas, t)
+                    target = target_for(prediction, x0, noise, alphas, t)
+                    captions = [mb.captions[p] for p in pos]
+                    if has_prior:
+                        captions += [self.class_records[mb.class_idx[p]].caption or self.class_prompt for p in pos]
+                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                        cache = cfg.cache_text_embeddings and not te_trains
+                        cond = self._cond_for(captions, use_cache=cache)
+                        pred = be.predict(x_t, t, cond)
+                    # The loss in fp32 whatever the autocast dtype.
+                    huber_c = None
+                    if cfg.loss_type in ("huber", "smooth_l1"):
+                        huber_c = L.huber_c_for(t, self._n_train_t, cfg.huber_c, cfg.huber_schedule, alphas)
+                    per = L.per_sample_loss(pred, target, cfg.loss_type, huber_c)
+                    if cfg.min_snr_gamma:
+                        per = per * L.min_snr_weights(alphas, t, cfg.min_snr_gamma, prediction)
+                    if has_prior:
+                        is_prior = torch.arange(per.shape[0], device=per.device) >= n_inst
+                        loss, inst, prior = L.prior_preservation_loss(per, is_prior, cfg.prior_loss_weight)
+                        step_inst += inst.detach() / cfg.grad_accum
+                        step_prior += prior.detach() / cfg.grad_accum
+                    else:
+                        loss = per.mean()
+                    # Divided so the accumulated gradients average over micro-batches.
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                    step_loss += loss.detach() / cfg.grad_accum
+                grads = [p.grad for p in params if p.grad is not None]
+                dist.mean_(grads + [step_loss, step_inst, step_prior])
+                loss_value = float(step_loss)  # the one host sync per step
+                if not math.isfinite(loss_value):
+                    optimizer.zero_grad(set_to_none=True)
+                    last = f"the last good save is {saved[-1]}" if saved else "no LoRA was saved yet"
+                    raise TrainingError(
+                        f"the loss became {loss_value} at step {step + 1}; {last}. Lower the learning rate "
+                        f"(now {cfg.lr:g}), use bf16 instead of fp16, or enable gradient clipping (max_grad_norm)."
+                    )
+                if cfg.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                last = f"the last good save is {saved[-1]}" if saved else "no LoRA was saved yet"
-                raise TrainingError(
-                    f"the loss became {loss_value} at step {step + 1}; {last}. Lower the learning rate "
-                    f"(now {cfg.lr:g}), use bf16 instead of fp16, or enable gradient clipping (max_grad_norm)."
-                )
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss_value)
-            log.debug("step %d/%d loss %.5f lr %.3g", step, cfg.steps, loss_value, lr)
-            self.cb.on_step(step, cfg.steps, loss_value, lr)
-            if cfg.save_every and self.output_dir and step % cfg.save_every == 0 and step < cfg.steps:
-                path = self.save(self.output_dir / f"{cfg.output_name}-step{step:06d}.safetensors", step)
-                saved.append(path)
+                step += 1
+                gen_at_step = gen.get_state()
+                losses.append(loss_value)
+                if has_prior:
+                    inst_losses.append(float(step_inst))
+                    prior_losses.append(float(step_prior))
+                log.debug("step %d/%d loss %.5f lr %.3g", step, cfg.steps, loss_value, lr)
+                if self.output_dir and step < cfg.steps:
+                    if cfg.save_every and step % cfg.save_every == 0:
+                        saved.append(self._save_step(step))
+                    every = cfg.save_state_every or cfg.save_every
+                    if every and step % every == 0:
+                        state_dir = self._save_state(step, losses, optimizer, scheduler, scaler, gen_at_step)
+                self.cb.on_step(step, cfg.steps, loss_value, lr)
+        except BaseException as e:
+            # Cancelled (KeyboardInterrupt, the host's interrupt) or crashed between steps: the weights
+            # and optimizer are those of the last finished step, so keep them resumable.
+            if not isinstance(e, TrainingError) and step > 0 and self.output_dir is not None:
+                try:
+                    self._save_state(step, losses, optimizer, scheduler, scaler, gen_at_step)
+                except Exception:  # noqa: BLE001 - never mask the original error
+                    log.exception("could not save a resumable state after the run failed")
+            raise
+        if stopped and self.output_dir is not None and step > 0:
+            state_dir = self._save_state(step, losses, optimizer, scheduler, scaler, gen_at_step)
         lora = self.extract(step)
-        secs = time.time() - t_start
+        secs = time.time() - self.started_at
         log.info("trained %d/%d steps in %.1f s; loss %s", step, cfg.steps, secs,
                  f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "n/a")
         return TrainResult(lora=lora, losses=losses, steps_done=step, stopped_early=stopped, saved=saved,
-                           seconds=secs)
+                           state_dir=state_dir, seconds=secs, instance_losses=inst_losses,
+                           prior_losses=prior_losses)
 
     # ---- output --------------------------------------------------------------------------------
     def metadata(self, steps_done: int) -> dict[str, str]:
@@ -232,7 +384,36 @@ class Trainer:
         return network.extract(self.backend.roots(), self.targets, metadata=self.metadata(steps_done),
                                arch=self.backend.arch)
 
-    def save(self, path: Path, steps_done: int) -> Path:
-        path = save_lora(path, self.extract(steps_done), dtype=self.cfg.save_dtype, overwrite=self.overwrite)
-        self.cb.on_save(path, steps_done)
+    def _save_step(self, step: int) -> Path:
+        path = self.output_dir / f"{self.cfg.output_name}-step{step:06d}.safetensors"
+        if self.dist.is_main:
+            save_lora(path, self.extract(step), dtype=self.cfg.save_dtype, overwrite=self.overwrite)
+            self.cb.on_save(path, step)
+            self._prune_step_saves(step)
+        self.dist.barrier()
         return path
+
+    def _prune_step_saves(self, step: int) -> None:
+        if not self.cfg.keep_last:
+            return
+        every = self.cfg.save_every
+        done = [s for s in range(every, step + 1, every)]
+        for s in done[: -self.cfg.keep_last]:
+            old = self.output_dir / f"{self.cfg.output_name}-step{s:06d}.safetensors"
+            if old.exists():
+                old.unlink()
+                log.debug("removed %s (keep_last=%d)", old, self.cfg.keep_last)
+
+    def _save_state(self, step, losses, optimizer, scheduler, scaler, gen_state: torch.Tensor) -> Path:
+        folder = state_dir_for(self.output_dir, self.cfg.output_name)
+        if self.dist.is_main:
+            st = TrainingState(
+                step=step, config=self.cfg.to_dict(), dataset_fingerprint=dataset_fingerprint(self.records),
+                class_fingerprint=dataset_fingerprint(self.class_records) if self.class_records else None,
+                losses=list(losses), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), generator=gen_state,
+                lora=network.extract(self.backend.roots(), self.targets, arch=self.backend.arch))
+            save_state(folder, st)
+            self.cb.on_state_saved(folder, step)
+        self.dist.barrier()
+        return folder

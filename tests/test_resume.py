@@ -1,0 +1,119 @@
+"""Stop, crash and resume: a resumed run continues the same curve; wrong resumes get clear errors."""
+
+import pytest
+import torch
+
+from lora_workbench.training.config import TrainConfig
+from lora_workbench.training.dataset import scan_folder
+from lora_workbench.training.state import ResumeError, load_state
+from lora_workbench.training.train import TrainCallbacks, Trainer
+
+from helpers import make_images, tiny_backend, tiny_dataset_cfg
+
+BASE = dict(rank=4, alpha=4, preset="attn_ff", steps=20, lr=2e-3, batch_size=2, seed=11,
+            train_text_encoder=True, lr_scheduler="cosine", warmup_steps=3, output_name="r")
+
+
+class StopAt(TrainCallbacks):
+    def __init__(self, step):
+        self.step, self.seen = step, 0
+
+    def on_step(self, step, total, loss, lr):
+        self.seen = step
+
+    def should_stop(self):
+        return self.seen >= self.step
+
+
+class CrashAt(TrainCallbacks):
+    """Raises from inside the loop, like a host interrupt or an out-of-memory error would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, total, loss, lr):
+        if step == self.step:
+            raise KeyboardInterrupt("user pressed Cancel")
+
+
+def assert_same_lora(a, b, atol=1e-6):
+    assert a.modules.keys() == b.modules.keys()
+    for k in a.modules:
+        torch.testing.assert_close(a.modules[k].up, b.modules[k].up, atol=atol, rtol=1e-5, msg=k)
+        torch.testing.assert_close(a.modules[k].down, b.modules[k].down, atol=atol, rtol=1e-5, msg=k)
+
+
+@pytest.fixture
+def data(tmp_path):
+    dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=4), shuffle_tags=True, flip=True)
+    return dcfg, scan_folder(dcfg)
+
+
+def test_stop_at_10_and_resume_equals_uninterrupted_20(tmp_path, data):
+    dcfg, records = data
+    cfg = TrainConfig(**BASE)
+    full = Trainer(tiny_backend(), records, dcfg, cfg).run()
+
+    out = tmp_path / "run"
+    first = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, callbacks=StopAt(10)).run()
+    assert first.stopped_early and first.steps_done == 10
+    assert load_state(out / "r-state").step == 10
+    second = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, resume_from=out / "r-state").run()
+    assert second.steps_done == 20
+    assert second.losses[:10] == first.losses
+    torch.testing.assert_close(torch.tensor(second.losses), torch.tensor(full.losses), atol=1e-6, rtol=1e-5)
+    assert_same_lora(second.lora, full.lora)
+
+
+def test_cancel_mid_run_leaves_a_resumable_state(tmp_path, data):
+    dcfg, records = data
+    cfg = TrainConfig(**BASE)
+    full = Trainer(tiny_backend(), records, dcfg, cfg).run()
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, callbacks=CrashAt(7)).run()
+    assert load_state(out / "r-state").step == 7
+    resumed = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, resume_from=out / "r-state").run()
+    assert_same_lora(resumed.lora, full.lora)
+
+
+def test_hard_crash_loses_at_most_the_steps_since_the_last_save(tmp_path, data):
+    dcfg, records = data
+    out = tmp_path / "run"
+    seen = {}
+
+    class Probe(TrainCallbacks):
+        def on_step(self, step, total, loss, lr):
+            # What a process killed right now would leave on disk.
+            if (out / "r-state").exists():
+                seen[step] = load_state(out / "r-state").step
+
+    cfg = TrainConfig(**{**BASE, "save_state_every": 5})
+    Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, callbacks=Probe()).run()
+    # Killed after step s, the run would restart from the last multiple of 5: at most 4 steps lost.
+    assert {s: seen[s] for s in range(5, 20)} == {s: s // 5 * 5 for s in range(5, 20)}
+
+
+def test_resume_with_other_images_or_settings_is_refused_with_reasons(tmp_path, data):
+    dcfg, records = data
+    out = tmp_path / "run"
+    Trainer(tiny_backend(), records, dcfg, TrainConfig(**BASE), output_dir=out, callbacks=StopAt(3)).run()
+    state = out / "r-state"
+    with pytest.raises(ResumeError, match=r"rank: saved 4, now 8"):
+        Trainer(tiny_backend(), records, dcfg, TrainConfig(**{**BASE, "rank": 8}), resume_from=state).run()
+    (tmp_path / "img" / "img_00.txt").write_text("a different caption")
+    changed = scan_folder(dcfg)
+    with pytest.raises(ResumeError, match="training images or captions changed"):
+        Trainer(tiny_backend(), changed, dcfg, TrainConfig(**BASE), resume_from=state).run()
+    with pytest.raises(ResumeError, match="not a training state"):
+        Trainer(tiny_backend(), records, dcfg, TrainConfig(**BASE), resume_from=tmp_path / "img").run()
+
+
+def test_keep_last_keeps_the_k_most_recent_step_saves(tmp_path, data):
+    dcfg, records = data
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**BASE, "steps": 10, "save_every": 2, "keep_last": 2})
+    res = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out).run()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["r-step000006.safetensors",
+                                                                "r-step000008.safetensors"]
+    assert len(res.saved) == 4  # every save was made; the older ones were pruned

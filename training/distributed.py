@@ -1,0 +1,66 @@
+"""Many processes through HF Accelerate (``accelerate launch``), one process without it.
+
+The loop asks only four things: how many ranks, which one am I, average these gradients, wait for
+everyone. Each rank takes its slice of every global batch, so N processes with batch b train
+exactly like one process with batch N*b.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Dist:
+    """Single process: every collective is the identity."""
+
+    world = 1
+    rank = 0
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors across ranks, in place."""
+
+    def barrier(self) -> None: ...
+
+
+class AccelerateDist(Dist):
+    """Ranks set up by ``accelerate launch`` (NCCL on GPUs, gloo on CPUs)."""
+
+    def __init__(self, cpu: bool = False):
+        from accelerate import PartialState
+
+        self.state = PartialState(cpu=cpu)
+        self.world = self.state.num_processes
+        self.rank = self.state.process_index
+        self.device = self.state.device
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        if self.world == 1 or not tensors:
+            return
+        import torch.distributed as td
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        # One all-reduce per step over a flat buffer, not one per LoRA tensor.
+        flat = _flatten_dense_tensors(tensors)
+        td.all_reduce(flat, op=td.ReduceOp.SUM)
+        flat /= self.world
+        for t, r in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+            t.copy_(r)
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+
+def launched_distributed() -> bool:
+    """True inside ``accelerate launch`` / ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current(cpu: bool = False) -> Dist:
+    return AccelerateDist(cpu=cpu) if launched_distributed() else Dist()

@@ -1,0 +1,128 @@
+"""Resumable training state: everything a stopped run needs to continue the same curve.
+
+A state is a folder ``<name>-state/`` holding ``lora.safetensors`` (the LoRA in fp32, kohya naming)
+and ``trainer.pt`` (optimizer, scheduler, grad-scaler and noise-generator states, the step, the
+losses so far, the config and the dataset fingerprint). It is written to a temp folder and renamed
+into place, so a crash mid-save leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .lora_io import LoraWeights, load_lora, save_lora
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# Options that define the network or the data order: a resumed run must use the same values.
+MUST_MATCH = ("rank", "alpha", "preset", "conv_rank", "conv_alpha", "train_text_encoder", "use_dora",
+              "batch_size", "grad_accum", "seed", "optimizer", "prior_loss_weight")
+# Options the schedule depends on: changing them would not continue the same curve.
+SCHEDULE = ("steps", "lr", "text_encoder_lr", "lr_scheduler", "warmup_steps")
+
+
+class ResumeError(ValueError):
+    """The saved state cannot continue this run; the message lists what differs and how to fix it."""
+
+
+@dataclass
+class TrainingState:
+    step: int
+    config: dict[str, Any]
+    dataset_fingerprint: str
+    class_fingerprint: str | None
+    losses: list[float]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    generator: torch.Tensor
+    lora: LoraWeights
+
+
+def state_dir_for(output_dir: Path, name: str) -> Path:
+    return Path(output_dir) / f"{name}-state"
+
+
+def save_state(folder: Path, state: TrainingState) -> Path:
+    """Write the state atomically: temp folder, then rename over the old one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_lora(tmp / "lora.safetensors", state.lora, dtype="fp32")
+        torch.save({
+            "version": STATE_VERSION, "step": state.step, "config": state.config,
+            "dataset_fingerprint": state.dataset_fingerprint, "class_fingerprint": state.class_fingerprint,
+            "losses": state.losses, "optimizer": state.optimizer, "scheduler": state.scheduler,
+            "scaler": state.scaler, "generator": state.generator,
+        }, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": state.step, "steps": state.config.get("steps"), "output_name": state.config.get("output_name"),
+             "dataset_fingerprint": state.dataset_fingerprint}, indent=1))
+        old = None
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved resumable state at step %d to %s", state.step, folder)
+    return folder
+
+
+def load_state(folder: str | os.PathLike) -> TrainingState:
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    if not (folder / "trainer.pt").is_file() or not (folder / "lora.safetensors").is_file():
+        old = folder.with_name(folder.name + ".old")
+        if (old / "trainer.pt").is_file():
+            folder = old  # a crash between the two renames of save_state
+        else:
+            raise ResumeError(f"{folder} is not a training state (needs trainer.pt and lora.safetensors); pass the "
+                              "'<name>-state' folder that a run wrote beside its LoRA files")
+    d = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    if d.get("version") != STATE_VERSION:
+        raise ResumeError(f"{folder} was written by another version of the trainer (state version "
+                          f"{d.get('version')}, this one reads {STATE_VERSION}); start a new run")
+    return TrainingState(step=d["step"], config=d["config"], dataset_fingerprint=d["dataset_fingerprint"],
+                         class_fingerprint=d["class_fingerprint"], losses=list(d["losses"]),
+                         optimizer=d["optimizer"], scheduler=d["scheduler"], scaler=d["scaler"],
+                         generator=d["generator"], lora=load_lora(folder / "lora.safetensors"))
+
+
+def check_compatible(state: TrainingState, cfg: TrainConfig, dataset_fp: str, class_fp: str | None,
+                     where: Path) -> None:
+    """Raise ResumeError listing every difference that would break the continued curve."""
+    problems = []
+    saved = state.config
+    for k in MUST_MATCH + SCHEDULE:
+        if k in saved and saved[k] != getattr(cfg, k) and not (k == "steps" and cfg.steps > saved[k]
+                                                                and cfg.lr_scheduler == "constant"):
+            problems.append(f"{k}: saved {saved[k]!r}, now {getattr(cfg, k)!r}")
+    if state.dataset_fingerprint != dataset_fp:
+        problems.append("the training images or captions changed since the state was saved")
+    if (state.class_fingerprint or None) != (class_fp or None):
+        problems.append("the class (prior-preservation) images changed since the state was saved")
+    if state.step >= cfg.steps:
+        problems.append(f"the state is already at step {state.step} of {cfg.steps}; raise steps to train further "
+                        "(with a constant learning rate) or start a new run")
+    if problems:
+        raise ResumeError(f"cannot resume from {where}:\n- " + "\n- ".join(problems) +
+                          "\nUse the same settings and images as the saved run, or start a new run without resume.")
