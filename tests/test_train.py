@@ -202,3 +202,20 @@ def test_v_prediction_target_formula():
 def test_bad_training_options_name_the_value(bad, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**bad)
+
+
+def test_previews_are_rendered_by_the_model_being_trained(tmp_path):
+    dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
+    shots = []
+
+    class Cb(TrainCallbacks):
+        def on_preview(self, step, images, prompt):
+            shots.append((step, images, prompt))
+
+    cfg = TrainConfig(steps=4, lr=5e-2, preview_every=2, preview_steps=3, preset="all")
+    Trainer(tiny_backend(), scan_folder(dcfg), dcfg, cfg, callbacks=Cb()).run()
+    assert [s for s, _, _ in shots] == [2, 4]
+    img2, img4 = shots[0][1], shots[1][1]
+    assert img2.shape == (1, 32, 32, 3) and 0 <= img2.min() and img2.max() <= 1
+    assert not torch.equal(img2, img4), "the preview did not change as the LoRA trained"
+    assert shots[0][2].startswith("sks")

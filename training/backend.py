@@ -31,6 +31,8 @@ class Backend(ABC):
     prediction_type: str = "epsilon"
     device: torch.device = torch.device("cpu")
     model_name: str = ""  # shown in the LoRA's metadata (ss_sd_model_name)
+    latent_factor: int = 8  # pixels per latent pixel
+    latent_channels: int = 4
 
     @abstractmethod
     def roots(self) -> dict[str, nn.Module]:
@@ -56,6 +58,10 @@ class Backend(ABC):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The denoiser's output for noisy latents at integer timesteps ``t``."""
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images [B, H, W, 3] in 0..1 (for previews)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode previews")
+
     def enable_gradient_checkpointing(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
@@ -77,6 +83,9 @@ class DiffusersBackend(Backend):
         self.model_name = model_name
         self.prediction_type = scheduler.config.prediction_type
         self._alphas = scheduler.alphas_cumprod.detach().clone().float()
+        blocks = getattr(vae.config, "block_out_channels", None)
+        self.latent_factor = 2 ** (len(blocks) - 1) if blocks and hasattr(vae, "quant_conv") else 8
+        self.latent_channels = unet.config.in_channels
         cross = unet.config.cross_attention_dim
         self.arch = "sd2" if cross == 1024 else "sd1"
         for m in (unet, text_encoder, vae):
@@ -144,6 +153,14 @@ class DiffusersBackend(Backend):
             lat = out.latents
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((lat - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters()).dtype
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.device, dtype=vae_dtype) / self.vae.config.scaling_factor + shift
+        img = self.vae.decode(z).sample.float()
+        return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,

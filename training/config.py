@@ -77,6 +77,12 @@ class TrainConfig:
     save_dtype: str = "fp16"
     output_name: str = "lora"
 
+    # --- previews during training ----------------------------------------------------------------
+    preview_every: int = 0  # render a preview image every N steps (0: never)
+    preview_prompt: str = ""  # default: the first training caption
+    preview_steps: int = 20
+    preview_seed: int = 0
+
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into metadata
 
     def __post_init__(self) -> None:
@@ -138,6 +144,9 @@ class TrainConfig:
             raise bad("text_encoder_train_steps", self.text_encoder_train_steps, "use 0 (all steps) or a step count")
         if self.keep_last < 0 or self.save_state_every < 0:
             raise bad("keep_last/save_state_every", (self.keep_last, self.save_state_every), "use 0 or more")
+        if self.preview_every < 0 or self.preview_steps < 1:
+            raise bad("preview_every/preview_steps", (self.preview_every, self.preview_steps),
+                      "use preview_every >= 0 (0: off) and preview_steps >= 1")
         if self.save_every < 0:
             raise bad("save_every", self.save_every, "use 0 (only the final save) or a step count")
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):

@@ -55,6 +55,9 @@ class TrainCallbacks:
 
     def on_state_saved(self, path: Path, step: int) -> None: ...
 
+    def on_preview(self, step: int, images: torch.Tensor, prompt: str) -> None:
+        """images: [B, H, W, 3] in 0..1, rendered by the model as trained so far."""
+
 
 @dataclass
 class TrainResult:
@@ -355,6 +358,8 @@ class Trainer:
                     if every and step % every == 0:
                         state_dir = self._save_state(step, losses, optimizer, scheduler, scaler, gen_at_step)
                 self.cb.on_step(step, cfg.steps, loss_value, lr)
+                if cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.steps) and dist.is_main:
+                    self._preview(step)
         except BaseException as e:
             # Cancelled (KeyboardInterrupt, the host's interrupt) or crashed between steps: the weights
             # and optimizer are those of the last finished step, so keep them resumable.
@@ -373,6 +378,19 @@ class Trainer:
         return TrainResult(lora=lora, losses=losses, steps_done=step, stopped_early=stopped, saved=saved,
                            state_dir=state_dir, seconds=secs, instance_losses=inst_losses,
                            prior_losses=prior_losses)
+
+    def _preview(self, step: int) -> None:
+        from .preview import sample_preview
+
+        prompt = self.cfg.preview_prompt or build_caption(self.records[0].caption, self.dcfg, random.Random(0))
+        bw, bh = self.records[0].bucket
+        try:
+            img = sample_preview(self.backend, prompt, seed=self.cfg.preview_seed, steps=self.cfg.preview_steps,
+                                 width=bw, height=bh, latent_factor=self.backend.latent_factor,
+                                 latent_channels=self.backend.latent_channels)
+        except NotImplementedError:
+            return
+        self.cb.on_preview(step, img, prompt)
 
     # ---- output --------------------------------------------------------------------------------
     def metadata(self, steps_done: int) -> dict[str, str]:
