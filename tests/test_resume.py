@@ -73,6 +73,7 @@ def test_cancel_mid_run_leaves_a_resumable_state(tmp_path, data):
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, callbacks=CrashAt(7)).run()
     assert load_state(out / "r-state").step == 7
+    assert (out / "r-step000007.safetensors").exists(), "the LoRA so far was not saved on cancel"
     resumed = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, resume_from=out / "r-state").run()
     assert_same_lora(resumed.lora, full.lora)
 

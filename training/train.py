@@ -86,11 +86,14 @@ class Trainer:
                  cfg: TrainConfig, output_dir: str | Path | None = None,
                  callbacks: TrainCallbacks | None = None, metadata: dict[str, str] | None = None,
                  overwrite: bool = False, class_records: list[ImageRecord] | None = None,
-                 class_prompt: str = "", resume_from: str | Path | None = None, dist: Dist | None = None):
+                 class_prompt: str = "", resume_from: str | Path | None = None, dist: Dist | None = None,
+                 state_dir: str | Path | None = None):
         self.dataset = ImageDataset(records, dataset_cfg)  # assigns buckets where missing
         self.records = self.dataset.records
         self.backend, self.dcfg, self.cfg = backend, dataset_cfg, cfg
         self.output_dir = Path(output_dir) if output_dir else None
+        # Resumable states go here (default: beside the LoRA files).
+        self.state_root = Path(state_dir) if state_dir else self.output_dir
         self.cb = callbacks or TrainCallbacks()
         self.extra_metadata = dict(metadata or {})
         self.overwrite = overwrite
@@ -366,6 +369,10 @@ class Trainer:
             if not isinstance(e, TrainingError) and step > 0 and self.output_dir is not None:
                 try:
                     self._save_state(step, losses, optimizer, scheduler, scaler, gen_at_step)
+                    # The LoRA so far, usable at once (a step save already made is not repeated).
+                    so_far = self.output_dir / f"{cfg.output_name}-step{step:06d}.safetensors"
+                    if not so_far.exists():
+                        self._save_step(step)
                 except Exception:  # noqa: BLE001 - never mask the original error
                     log.exception("could not save a resumable state after the run failed")
             raise
@@ -412,7 +419,7 @@ class Trainer:
         return path
 
     def _prune_step_saves(self, step: int) -> None:
-        if not self.cfg.keep_last:
+        if not self.cfg.keep_last or not self.cfg.save_every:
             return
         every = self.cfg.save_every
         done = [s for s in range(every, step + 1, every)]
@@ -423,7 +430,7 @@ class Trainer:
                 log.debug("removed %s (keep_last=%d)", old, self.cfg.keep_last)
 
     def _save_state(self, step, losses, optimizer, scheduler, scaler, gen_state: torch.Tensor) -> Path:
-        folder = state_dir_for(self.output_dir, self.cfg.output_name)
+        folder = state_dir_for(self.state_root, self.cfg.output_name)
         if self.dist.is_main:
             st = TrainingState(
                 step=step, config=self.cfg.to_dict(), dataset_fingerprint=dataset_fingerprint(self.records),

@@ -1,0 +1,53 @@
+"""A loss curve as a picture (raw and smoothed), drawn with Pillow: no plotting library needed."""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image, ImageDraw
+
+
+def ema(values: list[float], alpha: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha ** i))
+    return out
+
+
+def loss_plot(losses: list[float], width: int = 768, height: int = 384, smoothing: float = 0.9,
+              title: str = "training loss") -> Image.Image:
+    """Raw loss (light) and its EMA (dark) against the step, with min/max labels."""
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, 16, 30, 36
+    d.text((left, 8), title, fill=(0, 0, 0))
+    finite = [v for v in losses if math.isfinite(v)]
+    d.rectangle([left, top, width - right, height - bottom], outline=(160, 160, 160))
+    if not finite:
+        d.text((left + 10, top + 10), "no steps yet", fill=(120, 120, 120))
+        return img
+    lo, hi = min(finite), max(finite)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = len(losses)
+
+    def xy(i, v):
+        x = left + (width - left - right) * (i / max(1, n - 1))
+        y = top + (height - top - bottom) * (1 - (v - lo) / (hi - lo))
+        return x, y
+
+    raw = [xy(i, v) for i, v in enumerate(losses) if math.isfinite(v)]
+    if len(raw) > 1:
+        d.line(raw, fill=(170, 200, 240), width=1)
+    smooth = [xy(i, v) for i, v in enumerate(ema(finite, smoothing))]
+    if len(smooth) > 1:
+        d.line(smooth, fill=(20, 70, 160), width=2)
+    d.text((4, top - 4), f"{hi:.4g}", fill=(0, 0, 0))
+    d.text((4, height - bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
+    d.text((left, height - bottom + 6), "step 1", fill=(0, 0, 0))
+    d.text((width - right - 70, height - bottom + 6), f"step {n}", fill=(0, 0, 0))
+    last = ema(finite, smoothing)[-1]
+    d.text((width - right - 200, 8), f"last {finite[-1]:.4f}  smoothed {last:.4f}", fill=(20, 70, 160))
+    return img
