@@ -58,6 +58,10 @@ class Backend(ABC):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The denoiser's output for noisy latents at integer timesteps ``t``."""
 
+    def compute_devices(self) -> dict[str, torch.device]:
+        """Where each root computes: LoRA weights are put there."""
+        return {name: self.device for name in self.roots()}
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images [B, H, W, 3] in 0..1 (for previews)."""
         raise NotImplementedError(f"{type(self).__name__} cannot decode previews")

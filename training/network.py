@@ -75,6 +75,7 @@ def inject(
     dropout: float = 0.0,
     use_dora: bool = False,
     seed: int | None = None,
+    devices: dict[str, torch.device] | None = None,
 ) -> list[nn.Parameter]:
     """Add LoRA layers on ``targets``; return the trainable parameters (fp32, up weights zero)."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -103,7 +104,8 @@ def inject(
         for name, p in root.named_parameters():
             if f".{ADAPTER}." in name or name.endswith(f".{ADAPTER}"):
                 # LoRA weights train in fp32 even on a fp16/bf16 base: tiny updates survive.
-                p.data = p.data.float()
+                # On the compute device: under lowvram the base weight may sit on the CPU.
+                p.data = p.data.to(device=(devices or {}).get(comp, p.device), dtype=torch.float32)
                 p.requires_grad_(True)
                 params.append(p)
     n = sum(p.numel() for p in params)

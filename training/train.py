@@ -162,6 +162,16 @@ class Trainer:
             self._latents[key] = lat
         return lat
 
+    @torch.no_grad()
+    def _precache_latents(self) -> None:
+        flips = (False, True) if self.dcfg.flip else (False,)
+        for i, r in enumerate(self.records):
+            for f in flips:
+                self._latent(("i", i, f), r, f)
+        for bucket in sorted({r.bucket for r in self.records}):
+            for c, r in enumerate(self.class_records):
+                self._latent(("c", c, bucket), dataclasses.replace(r, bucket=bucket), False)
+
     def _batch_latents(self, mb: MicroBatch, pos: list[int]) -> torch.Tensor:
         lat = [self._latent(("i", mb.idx[p], mb.flips[p]), self.records[mb.idx[p]], mb.flips[p]) for p in pos]
         for p in pos if mb.class_idx else ():
@@ -206,9 +216,14 @@ class Trainer:
             check_compatible(state, cfg, dataset_fingerprint(self.records),
                              dataset_fingerprint(self.class_records) if self.class_records else None,
                              self.resume_from)
+        if cfg.cache_latents:
+            # Encode every image before LoRA layers wrap the model: the VAE runs once, and a host that
+            # offloads models (ComfyUI lowvram) does not shuffle the wrapped UNet around mid-training.
+            self._precache_latents()
         params = network.inject(roots, self.targets, cfg.rank, cfg.alpha,
                                 conv_rank=cfg.effective_conv_rank, conv_alpha=cfg.effective_conv_alpha,
-                                dropout=cfg.dropout, use_dora=cfg.use_dora, seed=cfg.seed)
+                                dropout=cfg.dropout, use_dora=cfg.use_dora, seed=cfg.seed,
+                                devices=be.compute_devices())
         try:
             if state is not None:
                 network.load_into(roots, self.targets, state.lora)
@@ -240,7 +255,11 @@ class Trainer:
         scheduler = make_lr_scheduler(optimizer, cfg)
         use_amp = cfg.mixed_precision != "no"
         amp_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
-        scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16" and dev.type == "cuda")
+        # fp16 activations (autocast fp16, or a base stored in fp16 as ComfyUI loads SD on GPUs) can
+        # underflow small gradients: scale the loss there.
+        base_dtype = getattr(be, "dtype", None) or getattr(be, "weight_dtype", None)
+        fp16 = cfg.mixed_precision == "fp16" or base_dtype == torch.float16
+        scaler = torch.amp.GradScaler(dev.type, enabled=fp16 and dev.type == "cuda")
 
         alphas = be.alphas_cumprod()
         prediction = cfg.prediction_type or be.prediction_type

@@ -1,0 +1,349 @@
+"""The engine's ``Backend`` over ComfyUI's own MODEL (ModelPatcher), CLIP and VAE objects.
+
+Training runs on the modules ComfyUI already loaded - no second copy of the model. Everything
+goes through ComfyUI's model management, so its device, dtype and lowvram/offload choices hold:
+
+* ``training_context()`` loads MODEL + CLIP + VAE with ``load_models_gpu`` (what a sampler does),
+  leaves inference mode, and on exit puts every patched module back, also when the run raises.
+* The denoiser is the raw UNet at integer DDPM timesteps. ComfyUI samples in the form
+  ``x = x0 + sigma * eps`` with ``sigma_t = sqrt((1 - a_t) / a_t)`` and feeds the UNet
+  ``x / sqrt(sigma^2 + 1)`` at timestep ``t`` (``model_sampling.calculate_input`` / ``timestep``).
+  Since ``1 / sqrt(sigma^2 + 1) = sqrt(a_t)``, that input is exactly the engine's
+  ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``: the UNet sees the same tensor, so ``predict`` calls
+  it directly on ``x_t`` (the host test checks this against ``BaseModel.apply_model``).
+* ``alphas_cumprod`` comes back from ComfyUI's sigmas: ``a_t = 1 / (1 + sigma_t^2)``.
+* LoRA targets use ComfyUI's LDM module paths; their kohya names are the SD1 diffusers names,
+  through the ``UNetLayout`` read from the model's ``unet_config``.
+
+Only SD1.x (ComfyUI's ``SD15``) is accepted for now; other families get an ``UnsupportedModelError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Iterator
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.supported_models
+
+from ..training import network, unet_keys
+from ..training.backend import Backend
+from ..training.network import LoraTarget
+
+log = logging.getLogger(__name__)
+
+# ComfyUI model config class -> our arch name. Exact classes: SD15_instructpix2pix (a subclass of
+# SD15) needs an image concat input the engine does not feed.
+SUPPORTED_CONFIGS = {comfy.supported_models.SD15: "sd1"}
+PREDICTIONS = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
+
+
+class UnsupportedModelError(ValueError):
+    """The MODEL/CLIP given is not one this backend can train; the message names it and what to use."""
+
+
+# ---- reading the model ---------------------------------------------------------------------------
+def check_supported(model, model_name: str = "") -> str:
+    """The arch ("sd1") of a ComfyUI MODEL, or an error naming the model and what is supported."""
+    config = model.model.model_config
+    arch = SUPPORTED_CONFIGS.get(type(config))
+    if arch is None:
+        family = type(config).__name__
+        shown = f"{model_name!r} ({family})" if model_name else f"this {family} model"
+        raise UnsupportedModelError(
+            f"{shown} cannot be trained yet: LoRA Workbench trains SD1.x models (ComfyUI's SD15) for now; "
+            "SDXL and the other model families come later. Load an SD1.5-based checkpoint."
+        )
+    return arch
+
+
+def prediction_type(model_sampling) -> str:
+    """"epsilon" or "v_prediction" for a discrete 1000-step DDPM ``model_sampling``, else an error.
+
+    ``model_sampling`` is ComfyUI's ``ModelSampling(sampling, prediction)`` class; the first base of
+    each kind in its MRO says which it is (so a ModelSamplingDiscrete node patch is honoured).
+    """
+    mro = type(model_sampling).__mro__[1:]
+    sampling = next((c for c in mro if issubclass(c, comfy.model_sampling.ModelSamplingDiscrete)), None)
+    prediction = next((c for c in mro if issubclass(c, comfy.model_sampling.EPS)), None)
+    if sampling is not comfy.model_sampling.ModelSamplingDiscrete or prediction not in PREDICTIONS:
+        raise UnsupportedModelError(
+            f"the model samples with {getattr(sampling, '__name__', type(model_sampling).__name__)} / "
+            f"{getattr(prediction, '__name__', 'unknown')}; training needs discrete DDPM sampling with eps or "
+            "v-prediction. Remove the ModelSampling* node (or pick 'eps' / 'v_prediction' in it) before training."
+        )
+    return PREDICTIONS[prediction]
+
+
+def layout_from_unet_config(unet_config: dict) -> unet_keys.UNetLayout:
+    """A ``UNetLayout`` from ComfyUI's ``unet_config`` (per-block depth lists, middle-block code).
+
+    ComfyUI lists transformer depths per ResBlock (``transformer_depth``: way down,
+    ``transformer_depth_output``: way up) and codes the middle block as ``transformer_depth_middle``
+    (-2: none, -1: ResBlocks only, >= 0: with attention). The layout holds one depth per level, the
+    same down and up, and a middle block only with attention; anything else is refused here.
+    """
+    mult = tuple(unet_config["channel_mult"])
+    levels = len(mult)
+    nres = unet_config["num_res_blocks"]
+    nres = [nres] * levels if isinstance(nres, int) else list(nres)
+    down = list(unet_config.get("transformer_depth") or [0] * sum(nres))
+    up = list(unet_config.get("transformer_depth_output") or [0] * sum(n + 1 for n in nres))
+    problems = []
+    if len(set(nres)) != 1:
+        problems.append(f"num_res_blocks={nres} differs between levels")
+    depth = []
+    for lvl in range(levels):
+        d = down[sum(nres[:lvl]): sum(nres[: lvl + 1])]
+        u = up[sum(n + 1 for n in nres[:lvl]): sum(n + 1 for n in nres[: lvl + 1])]
+        if len(set(d) | set(u)) != 1:
+            problems.append(f"level {lvl} has transformer depths {d} down and {u} up")
+        depth.append(d[0] if d else 0)
+    mid = unet_config.get("transformer_depth_middle", 1)
+    if mid is None:
+        mid = depth[-1]
+    if mid in (-1, 0):
+        problems.append(f"transformer_depth_middle={mid} (a middle block without attention)")
+    for key in ("use_temporal_resblock", "use_temporal_attention"):
+        if unet_config.get(key):
+            problems.append(f"{key}=True")
+    if problems:
+        raise UnsupportedModelError(
+            "this UNet's shape cannot be named for a LoRA file: " + "; ".join(problems)
+            + ". Only SD-style UNets with the same blocks on the way down and up are supported."
+        )
+    return unet_keys.UNetLayout(
+        channel_mult=mult,
+        num_res_blocks=nres[0],
+        transformer_depth=tuple(depth),
+        attention_levels=tuple(i for i, d in enumerate(depth) if d > 0),
+        transformer_depth_middle=max(mid, 1),
+        has_middle_block=mid >= 1,
+        has_label_emb=unet_config.get("adm_in_channels") is not None,
+    )
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A tensor autograd may use: inference-mode tensors are cloned out of it."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
+
+def _clone_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].clone(), *args[1:])
+
+
+def _leave_inference_mode(root: nn.Module) -> int:
+    """Swap parameters and buffers created under ``torch.inference_mode`` for equal normal tensors.
+
+    ComfyUI builds and loads models inside inference mode; autograd cannot save such tensors for
+    backward, even frozen. Values, dtype and device stay the same, one tensor at a time.
+    """
+    n = 0
+    for module in root.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_inference():
+                setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                n += 1
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_inference():
+                module._buffers[name] = b.clone()
+                n += 1
+    return n
+
+
+def _checkpointed(forward, clone_input: bool):
+    def run(x, *args, **kwargs):
+        return forward(x.clone() if clone_input else x, *args, **kwargs)
+
+    def checkpointed_forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed_forward
+
+
+# ---- the backend ---------------------------------------------------------------------------------
+class ComfyBackend(Backend):
+    """SD1.x training on ComfyUI's loaded MODEL / CLIP / VAE. Use inside ``training_context()``."""
+
+    def __init__(self, model, clip, vae, model_name: str = ""):
+        if clip is None or vae is None:
+            raise ValueError("training needs the checkpoint's CLIP and VAE as well as its MODEL; connect all three")
+        self.model, self.clip, self.vae = model, clip, vae
+        self.model_name = model_name
+        self.arch = check_supported(model, model_name)
+        encoder = clip.cond_stage_model
+        if getattr(encoder, "clip", None) != "clip_l" or len(list(encoder.children())) != 1:
+            raise UnsupportedModelError(
+                f"the CLIP given is a {type(encoder).__name__}, not the SD1.x CLIP-L text encoder of this "
+                "model; connect the CLIP output of the same checkpoint loader"
+            )
+        base = model.model
+        self.prediction_type = prediction_type(model.get_model_object("model_sampling"))
+        self.device = mm.get_torch_device()
+        self.unet_device = model.load_device  # where ComfyUI runs this MODEL (get_torch_device() unless overridden)
+        self.te_device = clip.patcher.load_device
+        # The dtype ComfyUI computes in: the manual-cast dtype when weights are stored in another one.
+        self.dtype = base.manual_cast_dtype or base.get_dtype()
+        self.layout = layout_from_unet_config(base.model_config.unet_config)
+        self._to_diffusers = unet_keys.unet_ldm_to_diffusers(self.layout)
+        unnamed = [p for p, m in base.diffusion_model.named_modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d)) and p not in self._to_diffusers]
+        if unnamed:
+            raise UnsupportedModelError(
+                f"{len(unnamed)} UNet layers have no SD1 name for the layout read from the model config "
+                f"({self.layout}), e.g. {unnamed[:3]}; this UNet is not SD1-shaped"
+            )
+        self._checkpointed: list[nn.Module] = []
+        self._active = False  # inside training_context()
+
+    # ---- Backend -----------------------------------------------------------------------------
+    def roots(self) -> dict[str, nn.Module]:
+        return {"unet": self.model.model.diffusion_model, "te": self.clip.cond_stage_model.clip_l.transformer}
+
+    def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
+        roots = self.roots()
+        # Presets select on diffusers names, exactly as for a diffusers UNet, then map back to LDM paths.
+        named = [(self._to_diffusers[p], m) for p, m in roots["unet"].named_modules() if p in self._to_diffusers]
+        to_ldm = {d: p for p, d in self._to_diffusers.items()}
+        out = [LoraTarget("unet", to_ldm[d], unet_keys.kohya_unet_name(d, self.arch), conv)
+               for d, conv in network.select_unet_targets(named, preset)]
+        if text_encoder:
+            out += [LoraTarget("te", p, unet_keys.kohya_te_name(p, "te"), False)
+                    for p in network.select_text_encoder_targets(roots["te"].named_modules())]
+        return out
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        sigmas = self.model.get_model_object("model_sampling").sigmas.detach().double()
+        return (1.0 / (1.0 + sigmas**2)).float().to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The engine's [-1, 1] BCHW as ComfyUI's IMAGE (BHWC in [0, 1]), then what VAEEncode + a
+        # sampler do: vae.encode, then the model's latent scaling.
+        images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
+        latents = self.vae.encode(images)
+        return self.model.model.process_latent_in(latents).float().to(self.device)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        self._require_context()
+        self._place_adapters("te")
+        return self.cat_cond([self._encode_prompt(p) for p in prompts]).to(self.device)
+
+    def _encode_prompt(self, text: str) -> torch.Tensor:
+        # What CLIP.encode_from_tokens does, minus its load_model(): the CLIP is loaded once for the
+        # whole run, and reloading would re-walk modules LoRA layers now wrap. Captions are taken
+        # literally, as kohya does: "(word:1.2)" weighting is off (disable_weights).
+        tokens = self.clip.tokenize(text, disable_weights=True)
+        encoder = self.clip.cond_stage_model
+        encoder.reset_clip_options()
+        if self.clip.layer_idx is not None:  # CLIPSetLastLayer ("clip skip")
+            encoder.set_clip_options({"layer": self.clip.layer_idx})
+        return encoder.encode_token_weights(tokens)[0]
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        self._require_context()
+        self._place_adapters("unet")
+        unet = self.model.model.diffusion_model
+        dev = self.unet_device
+        x = _plain(x_t).to(dev, self.dtype)
+        context = _plain(cond).to(dev, self.dtype)
+        # A fresh transformer_options: the UNet writes into it, and the default {} is shared.
+        return unet(x, timesteps=_plain(t).to(dev).float(), context=context, transformer_options={})
+
+    def cat_cond(self, conds: list[torch.Tensor]) -> torch.Tensor:
+        # Prompts over 75 tokens encode to 154, 231 ... tokens; like ComfyUI's CONDCrossAttn, a batch
+        # repeats each to the least common multiple (attention over a repeated context is unchanged).
+        n = math.lcm(*(c.shape[1] for c in conds))
+        return torch.cat([c if c.shape[1] == n else c.repeat(1, n // c.shape[1], 1) for c in conds])
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each UNet ResBlock/transformer and each CLIP layer in backward.
+
+        ComfyUI's own LDM checkpoint flag cannot differentiate frozen weights, so, as ComfyUI's
+        TrainLoraNode does, these module instances get a checkpointing ``forward``; the
+        ``training_context`` removes it again on exit.
+        """
+        from comfy.ldm.modules.attention import SpatialTransformer
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        roots = self.roots()
+        unet_units = [m for m in roots["unet"].modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+        # A CLIPLayer overwrites its input in place; recomputing it needs the input as it came in.
+        te_units = list(roots["te"].text_model.encoder.layers)
+        for units, clone_input in ((unet_units, False), (te_units, True)):
+            for m in units:
+                if "forward" not in m.__dict__:
+                    m.forward = _checkpointed(m.forward, clone_input)
+                    self._checkpointed.append(m)
+
+    # ---- host glue ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def training_context(self, memory_required: int = 0) -> Iterator["ComfyBackend"]:
+        """Load the models the ComfyUI way, leave inference mode, restore everything on exit.
+
+        ``memory_required``: bytes to keep free for training activations; ComfyUI loads the
+        weights partially (lowvram) when they do not fit beside it.
+        On exit (normal or not): LoRA layers removed, gradient checkpointing off, ``requires_grad``
+        and train/eval modes as they were. Weights keep their values (tensors made under inference
+        mode are replaced by equal normal ones, see ``_leave_inference_mode``).
+        """
+        with torch.inference_mode(False), torch.enable_grad():
+            mm.load_models_gpu([self.model, self.clip.patcher, self.vae.patcher], memory_required=memory_required)
+            roots = self.roots()
+            swapped = sum(_leave_inference_mode(r) for r in roots.values())
+            log.debug("moved %d inference-mode tensors out of inference mode", swapped)
+            grad_flags = [(p, p.requires_grad) for r in roots.values() for p in r.parameters()]
+            modes = [(m, m.training) for r in roots.values() for m in r.modules()]
+            hooks = []
+            try:
+                for r in roots.values():
+                    r.requires_grad_(False)  # frozen base: only LoRA parameters get gradients
+                # ComfyUI's CLIPLayer adds its residuals in place (x += attn(norm(x))), into the very
+                # tensor its LayerNorms saved for backward; the norms get a copy so the text encoder
+                # can be differentiated.
+                hooks += [norm.register_forward_pre_hook(_clone_input)
+                          for layer in roots["te"].text_model.encoder.layers
+                          for norm in (layer.layer_norm1, layer.layer_norm2)]
+                self._active = True
+                yield self
+            finally:
+                self._active = False
+                removed = network.remove(roots)
+                for hook in hooks:
+                    hook.remove()
+                for m in self._checkpointed:
+                    del m.forward
+                self._checkpointed.clear()
+                for p, flag in grad_flags:
+                    p.requires_grad_(flag)
+                for m, mode in modes:
+                    m.training = mode
+                log.debug("training context closed; %d LoRA wrappers were still in place", removed)
+
+    def _require_context(self) -> None:
+        if not self._active:
+            raise RuntimeError(
+                "ComfyBackend used outside its training_context(): ComfyUI's models are not loaded for "
+                "training there (inference mode, devices). Wrap the Trainer run in "
+                "`with backend.training_context():`"
+            )
+
+    def _place_adapters(self, component: str) -> None:
+        """Put LoRA weights on the compute device.
+
+        peft creates them on the device of the wrapped weight, which under ComfyUI's lowvram mode
+        may be the offload device (the weight is cast to the GPU per call). Moving ``.data`` keeps
+        the Parameter objects the optimizer holds; it runs before the first optimizer step.
+        """
+        dev = self.unet_device if component == "unet" else self.te_device
+        marker = f".{network.ADAPTER}."
+        for name, p in self.roots()[component].named_parameters():
+            if marker in name and p.device != dev:
+                p.data = p.data.to(dev)

@@ -1,0 +1,227 @@
+"""Train LoRA and Resume Training: ComfyUI's MODEL/CLIP/VAE + a dataset -> the engine -> a LoRA."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..training.config import PRESETS, SCHEDULERS, TrainConfig
+from ..training.lora_io import lora_state_dict, save_lora
+from ..training.fsutil import unique_path
+from ..training.state import load_state
+from ..training.train import TrainCallbacks, Trainer
+from .dataset_nodes import class_records
+from .lora_nodes import lora_target_path, loras_dir
+from .types import ClassImages, Dataset, Lora, LossHistory, LossPayload
+
+log = logging.getLogger(__name__)
+
+RUNS_SUBFOLDER = "lora_workbench"  # under models/loras: step saves appear in every LoRA loader list
+
+
+def states_dir() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / "lora_workbench_states"
+
+
+class ComfyCallbacks(TrainCallbacks):
+    """Progress bar (with the current loss and previews) and live messages for the frontend.
+
+    ``ProgressBar.update`` is also how Cancel reaches the run: ComfyUI's hook raises the interrupt
+    there, the engine saves a resumable state and the LoRA so far, and the error goes up.
+    """
+
+    def __init__(self, node_id: str | None, total: int):
+        import comfy.utils
+
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.preview = None
+
+    def _send(self, event: str, data: dict) -> None:
+        try:
+            from server import PromptServer
+
+            server = PromptServer.instance
+            server.send_sync(event, {"node": self.node_id, **data}, server.client_id)
+        except Exception:  # noqa: BLE001 - headless runs without a server still train
+            log.debug("no PromptServer to send %s to", event)
+
+    def on_step(self, step, total, loss, lr):
+        self._send("lw.train.step", {"step": step, "total": total, "loss": loss, "lr": lr})
+        self.bar.update_absolute(step, total, self.preview)
+        self.preview = None
+
+    def on_preview(self, step, images, prompt):
+        from PIL import Image
+
+        arr = (images[0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+        self.preview = ("JPEG", Image.fromarray(arr), 512)
+        self._send("lw.train.preview", {"step": step, "prompt": prompt})
+
+    def on_save(self, path, step):
+        self._send("lw.train.saved", {"step": step, "path": str(path)})
+
+
+def _apply(model, clip, lora):
+    """MODEL and CLIP with the LoRA applied through ComfyUI's own patching (the base stays untouched)."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, clip, lora_state_dict(lora, torch.float32), 1.0, 1.0)
+
+
+def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node_id, resume_from=None):
+    from .comfy_backend import ComfyBackend
+
+    out_dir = Path(loras_dir()) / RUNS_SUBFOLDER
+    final = Path(unique_path(lora_target_path(f"{RUNS_SUBFOLDER}/{cfg.output_name}")))
+    if resume_from is None and any(out_dir.glob(f"{cfg.output_name}-step*.safetensors")):
+        # A new run must not replace an earlier run's step saves: give it its own name.
+        cfg = dataclasses.replace(cfg, output_name=final.stem)
+    backend = ComfyBackend(model, clip, vae)
+    cls_recs = class_records(class_images, dataset.config)
+    trainer = Trainer(backend, dataset.records, dataset.config, cfg, output_dir=out_dir,
+                      callbacks=ComfyCallbacks(node_id, cfg.steps), class_records=cls_recs,
+                      class_prompt=class_images.prompt if class_images else "", resume_from=resume_from,
+                      state_dir=states_dir(), overwrite=resume_from is not None)
+    with backend.training_context():
+        result = trainer.run()
+    path = save_lora(final, result.lora, dtype=cfg.save_dtype)
+    m, c = _apply(model, clip, result.lora)
+    loss = LossPayload(result.losses, result.instance_losses, result.prior_losses)
+    return io.NodeOutput(m, c, result.lora, loss, str(path))
+
+
+OUTPUTS = [
+    io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
+    io.Clip.Output(display_name="clip", tooltip="The CLIP with the trained LoRA applied."),
+    Lora.Output(display_name="lora", tooltip="The LoRA itself, for Save LoRA or merging."),
+    LossHistory.Output(display_name="loss", tooltip="Loss per step, for Loss Graph."),
+    io.String.Output(display_name="path", tooltip="The LoRA file written under models/loras/lora_workbench."),
+]
+
+
+class TrainLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_TrainLoRA",
+            display_name="Train LoRA (LoRA Workbench)",
+            category="LoRA Workbench/training",
+            description="Trains a LoRA on your images with the checkpoint already loaded (no second copy). "
+                        "Connect Class Images for DreamBooth prior preservation. Shows the loss and preview "
+                        "images while it runs; Cancel keeps a resumable state and the LoRA so far.",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL of an SD1.x checkpoint loader."),
+                io.Clip.Input("clip", tooltip="CLIP of the same checkpoint."),
+                io.Vae.Input("vae", tooltip="VAE of the same checkpoint (encodes the training images)."),
+                Dataset.Input("dataset", tooltip="From Load Image Dataset."),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank: capacity and file size."),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.01,
+                               tooltip="LoRA alpha: scale = alpha / rank (alpha = rank gives 1)."),
+                io.Combo.Input("target", options=list(PRESETS), default="attn",
+                               tooltip="attn: attention only; attn_ff: + feed-forward; all: every Linear "
+                                       "and Conv layer (LoCon)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                               tooltip="1e-4 is a good start for rank 16."),
+                io.Combo.Input("lr_schedule", options=list(SCHEDULERS), default="constant",
+                               tooltip="How the learning rate changes over the run."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, tooltip="Linear warm-up steps."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Same seed, same run."),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also train the text encoder (stronger trigger words, more drift)."),
+                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the class-image loss when Class Images are connected."),
+                io.Combo.Input("precision", options=["no", "bf16", "fp16"], default="no",
+                               tooltip="Autocast for the frozen model (bf16 on modern GPUs); LoRA stays fp32."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Less memory for slower steps."),
+                io.Int.Input("save_every", default=0, min=0, max=100000,
+                             tooltip="Also save a LoRA every N steps into models/loras/lora_workbench (0: off)."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000,
+                             tooltip="Render a preview image every N steps (0: off)."),
+                io.String.Input("preview_prompt", default="", tooltip="Prompt of the previews (default: the "
+                                "first caption)."),
+                io.String.Input("output_name", default="my_lora", tooltip="File name of the LoRA."),
+                ClassImages.Input("class_images", optional=True, tooltip="Prior-preservation images."),
+            ],
+            outputs=OUTPUTS,
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps, rank, **kw):
+        if steps < 1:
+            return f"steps={steps}: train for at least 1 step"
+        if rank < 1:
+            return f"rank={rank}: use 1 or more (4-64 is typical)"
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps, rank, alpha, target, learning_rate, lr_schedule,
+                warmup_steps, batch_size, seed, train_text_encoder, prior_loss_weight, precision,
+                gradient_checkpointing, save_every, preview_every, preview_prompt, output_name,
+                class_images=None) -> io.NodeOutput:
+        cfg = TrainConfig(rank=rank, alpha=alpha, preset=target, steps=steps, lr=learning_rate,
+                          lr_scheduler=lr_schedule, warmup_steps=min(warmup_steps, steps), batch_size=batch_size,
+                          seed=seed, train_text_encoder=train_text_encoder, prior_loss_weight=prior_loss_weight,
+                          mixed_precision=precision, gradient_checkpointing=gradient_checkpointing,
+                          save_every=save_every, preview_every=preview_every, preview_prompt=preview_prompt,
+                          output_name=output_name.strip() or "my_lora")
+        return run_training(model, clip, vae, dataset, class_images, cfg, cls.hidden.unique_id)
+
+
+class ResumeTraining(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths  # noqa: F401 - ensures ComfyUI paths exist
+
+        return io.Schema(
+            node_id="LW_ResumeTraining",
+            display_name="Resume Training (LoRA Workbench)",
+            category="LoRA Workbench/training",
+            description="Continues a stopped or cancelled Train LoRA run from its saved state, with the same "
+                        "images and settings, along the same loss curve.",
+            inputs=[
+                io.Model.Input("model", tooltip="The same checkpoint as the original run."),
+                io.Clip.Input("clip", tooltip="CLIP of the same checkpoint."),
+                io.Vae.Input("vae", tooltip="VAE of the same checkpoint."),
+                Dataset.Input("dataset", tooltip="The same images as the original run."),
+                io.Combo.Input("state", options=_state_names(), tooltip="A saved state (output/"
+                               "lora_workbench_states)."),
+                io.Int.Input("steps", default=0, min=0, max=100000, tooltip="Total steps (0: as saved; more "
+                             "only with a constant learning rate)."),
+                ClassImages.Input("class_images", optional=True, tooltip="The same class images, if any."),
+            ],
+            outputs=OUTPUTS,
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, state, steps, class_images=None) -> io.NodeOutput:
+        folder = states_dir() / state
+        saved = load_state(folder)
+        cfg = TrainConfig.from_dict({**saved.config, **({"steps": steps} if steps else {})})
+        return run_training(model, clip, vae, dataset, class_images, cfg, cls.hidden.unique_id,
+                            resume_from=folder)
+
+
+def _state_names() -> list[str]:
+    try:
+        root = states_dir()
+        names = sorted(p.name for p in root.iterdir() if (p / "trainer.pt").is_file()) if root.is_dir() else []
+    except Exception:  # noqa: BLE001 - a schema must always build
+        names = []
+    return names or ["(no saved states yet)"]
+
+
+NODES = [TrainLora, ResumeTraining]
