@@ -1,0 +1,187 @@
+"""Per-block LoRA strengths, with the semantics of A1111's LoRA Block Weight extension (LBW,
+hako-mikan/sd-webui-lora-block-weight), so ``lbw=`` weights give the same result here as there.
+
+Blocks are the LDM UNet's ``input_blocks.N`` (``IN00``..), ``middle_block`` (``MID``, LBW's ``M00``)
+and ``output_blocks.N`` (``OUT00``..), plus ``BASE`` for every text-encoder module. SD1/SD2 have
+IN00-IN11 and OUT00-OUT11 (26 blocks with BASE and MID), SDXL IN00-IN08 and OUT00-OUT08 (20).
+
+A weight list names either all of them (LBW's LyCORIS forms, 26 / 20 values) or only the blocks a
+plain LoRA touches (its attention blocks, 17 / 12 values):
+
+* SD1/SD2, 17: BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03 .. OUT11
+* SDXL, 12:    BASE, IN04, IN05, IN07, IN08, MID, OUT00 .. OUT05
+
+As in LBW, blocks a short list does not name get weight 0 (they only hold conv / LoCon modules), and
+modules outside every block (``time_embed``, ``label_emb``, ``out``; block ``OTHER``) keep weight 1.
+
+Presets are LBW's (17 values, for SD1). For SDXL they are mapped by block name as LBW does, with one
+deliberate difference: LBW's presets do not name OUT00-OUT02, so LBW zeroes them and ``lbw=ALL``
+silently drops SDXL's three deepest output blocks; here those take the preset's OUT03 value, so ALL
+is all ones and OUTD/MIDD/OUTALL include them (see :data:`SDXL_PRESETS`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import unet_keys as uk
+from .lora_io import LoraModule, LoraWeights
+
+OTHER = "OTHER"  # modules outside LBW's blocks: always weight 1
+
+SD1_BLOCKS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12)))
+SDXL_BLOCKS = ("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))
+SD1_LORA_BLOCKS = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
+                   *(f"OUT{i:02d}" for i in range(3, 12)))
+SDXL_LORA_BLOCKS = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(6)))
+
+# LBW's DEF_WEIGHT_PRESET, in SD1_LORA_BLOCKS order.
+SD1_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0,) * 17,
+    "ALL": (1,) * 17,
+    "INS": (1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "IND": (1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "INALL": (1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "MIDD": (1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTD": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
+    "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+    "ALL0.5": (0.5,) * 17,
+}
+_SDXL_STAND_IN = {"OUT00": "OUT03", "OUT01": "OUT03", "OUT02": "OUT03"}
+
+
+def _sdxl_preset(sd1: tuple[float, ...]) -> tuple[float, ...]:
+    by_name = dict(zip(SD1_LORA_BLOCKS, sd1))
+    return tuple(float(by_name[_SDXL_STAND_IN.get(b, b)]) for b in SDXL_LORA_BLOCKS)
+
+
+# In SDXL_LORA_BLOCKS order.
+SDXL_PRESETS: dict[str, tuple[float, ...]] = {k: _sdxl_preset(v) for k, v in SD1_PRESETS.items()}
+
+_FAMILY = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
+_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS}
+_SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS}
+_PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS}
+_LDM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.|middle_block\.")
+
+
+class BlockWeightError(ValueError):
+    """A block-weight spec or module that does not fit the architecture (names the value and the fix)."""
+
+
+def _family(arch: str) -> str:
+    try:
+        return _FAMILY[arch]
+    except KeyError:
+        raise BlockWeightError(
+            f"block weights need the base architecture, got {arch!r}; use one of {sorted(_FAMILY)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """One weight per block of ``arch``'s family ("sd1" covers SD2); ``spec`` is what the user wrote."""
+
+    arch: str
+    values: dict[str, float]
+    spec: str
+
+    def weight_of(self, block: str) -> float:
+        return 1.0 if block == OTHER else self.values[block]
+
+
+def block_of(kohya_name: str, arch: str) -> str:
+    """The LBW block of one LoRA module: ``BASE`` (text encoders), ``IN00``.., ``MID``, ``OUT00``.., or
+    :data:`OTHER` for UNet modules outside the blocks (time/label embedding, final conv)."""
+    fam = _family(arch)
+    component = LoraWeights.component_of(kohya_name)
+    if component in uk.TE_COMPONENTS:
+        return "BASE"
+    if component != "unet":
+        raise BlockWeightError(
+            f"{kohya_name!r} is not a kohya LoRA module name (lora_unet_* / lora_te*_*); block weights "
+            "apply to kohya-named modules"
+        )
+    try:
+        _, diffusers_path = uk.parse_kohya_name(kohya_name, arch)
+    except uk.ModuleNameError as e:
+        raise BlockWeightError(f"cannot place {kohya_name!r} in a {arch} UNet block: {e}") from e
+    ldm = uk.to_ldm_path(diffusers_path, arch)
+    m = _LDM_BLOCK.match(ldm or "")
+    if m is None:
+        return OTHER
+    if m.group(1) is None:
+        return "MID"
+    block = f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
+    if block not in _FULL[fam]:  # cannot happen with the presets' layouts; guards custom ones
+        raise BlockWeightError(f"{kohya_name!r} lies in {block}, which {arch} does not have")
+    return block
+
+
+def _usage(fam: str) -> str:
+    short, full = _SHORT[fam], _FULL[fam]
+    return (f"{fam} takes {len(short)} values ({', '.join(short)}) or {len(full)} values ({', '.join(full)}), "
+            f"or a preset: {', '.join(_PRESETS[fam])}")
+
+
+def parse_block_weights(spec: str | Sequence[float], arch: str) -> BlockWeights:
+    """A preset name (``"OUTD"``, case-insensitive) or a comma list of numbers, for ``arch``.
+
+    Short lists (17 for SD1/SD2, 12 for SDXL) give 0 to the blocks they do not name, as LBW does.
+    A wrong count raises :class:`BlockWeightError` naming the expected counts and blocks.
+    """
+    fam = _family(arch)
+    if isinstance(spec, str):
+        text = spec.strip()
+        preset = {k.upper(): v for k, v in _PRESETS[fam].items()}.get(text.upper())
+        if preset is not None:
+            values = list(preset)
+        else:
+            items = [p.strip() for p in text.split(",")]
+            values = []
+            for item in items:
+                try:
+                    values.append(float(item))
+                except ValueError:
+                    raise BlockWeightError(
+                        f"block weights {spec!r}: {item!r} is neither a number nor a preset; {_usage(fam)}"
+                    ) from None
+    else:
+        text = ",".join(f"{float(v):g}" for v in spec)
+        values = [float(v) for v in spec]
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise BlockWeightError(f"block weights {spec!r} contain {bad[0]}; use finite numbers")
+    names = {len(_SHORT[fam]): _SHORT[fam], len(_FULL[fam]): _FULL[fam]}.get(len(values))
+    if names is None:
+        raise BlockWeightError(f"block weights {spec!r} have {len(values)} values; {_usage(fam)}")
+    full = dict.fromkeys(_FULL[fam], 0.0)
+    full.update(zip(names, values))
+    return BlockWeights(fam, full, text)
+
+
+def apply_block_weights(lora: LoraWeights, weights: BlockWeights | str | Sequence[float]) -> LoraWeights:
+    """A new LoRA whose modules' ``up`` are scaled by their block's weight (LBW scales ``up`` too).
+
+    ``weights`` may be a spec, parsed for ``lora.arch``. The source LoRA is left untouched.
+    """
+    if not isinstance(weights, BlockWeights):
+        weights = parse_block_weights(weights, lora.arch)
+    if lora.arch != "unknown" and _family(lora.arch) != weights.arch:
+        raise BlockWeightError(
+            f"block weights are for {weights.arch} but the LoRA is {lora.arch}; parse them for {lora.arch}"
+        )
+    arch = lora.arch if lora.arch != "unknown" else weights.arch
+    modules = {}
+    for name, m in lora.modules.items():
+        w = weights.weight_of(block_of(name, arch))
+        up = (m.up.float() * w).to(m.up.dtype)
+        modules[name] = LoraModule(m.down, up, m.alpha, m.dora_scale)
+    metadata = dict(lora.metadata)
+    metadata["lw_block_weights"] = json.dumps({"spec": weights.spec, "arch": weights.arch})
+    return LoraWeights(modules, metadata, lora.arch)
