@@ -1,0 +1,264 @@
+"""Merging: LoRAs into a checkpoint (ComfyUI's own weight patching), LoRAs into one LoRA, resizing a LoRA.
+
+The math of Merge LoRAs and Resize LoRA is ``training.merge``; the checkpoint is written the way
+ComfyUI's CheckpointSave writes one (``comfy_extras.nodes_model_merging.save_checkpoint`` ->
+``comfy.sd.save_checkpoint``), plus a dtype choice, an atomic write and our metadata.
+
+Merged checkpoints go to ``models/checkpoints`` (not ``output/checkpoints`` as CheckpointSave does), so
+they appear in Load Checkpoint at once, as Save LoRA's files appear in the LoRA loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..training.fsutil import atomic_write, unique_path
+from ..training.lora_io import SAVE_DTYPES, LoraWeights, load_lora
+from ..training.merge import concat_merge, resize_lora, svd_merge
+from .stack_nodes import (APPLIED_KEY, NONE, LoraStack, apply_loras, load_lora_file, lora_names, lora_path,
+                          model_family, stack_uses)
+from .types import Lora
+
+log = logging.getLogger(__name__)
+
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                  "sdxl": "stable-diffusion-xl-v1-base"}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def checkpoint_target_path(name: str) -> str:
+    """models/checkpoints/<name>.safetensors; sub-folders allowed, escaping the folder is not."""
+    import folder_paths
+
+    root = os.path.realpath(folder_paths.get_folder_paths("checkpoints")[0])
+    name = name.strip().replace("\\", "/")
+    if not name or name.endswith("/"):
+        raise ValueError(f"file name {name!r} is empty; type a name such as 'my_merge' or 'merges/my_merge'")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"file name {name!r} leaves the checkpoints folder {root}; use a plain name or a sub-folder")
+    return path
+
+
+def _cast(sd: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors in ``dtype`` (fp8 / integer tensors and markers as they are), contiguous, on the CPU."""
+    out = {}
+    for k, t in sd.items():
+        if t.dtype in _FLOAT_DTYPES and t.dtype != dtype:
+            t = t.to(dtype)
+        out[k] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def checkpoint_state_dict(model, clip, vae) -> dict:
+    """The MODEL/CLIP/VAE with their patches (LoRAs) merged in, keyed as a checkpoint file.
+
+    The steps of ``comfy.sd.save_checkpoint``, in its order: CLIP loaded (patched) before its state dict
+    is taken, then everything loaded with ``force_patch_weights`` so the patches are in the weights.
+    """
+    import comfy.model_management as mm
+    import comfy.model_sampling
+
+    load = [model]
+    clip_sd = None
+    if clip is not None:
+        load.append(clip.load_model())
+        clip_sd = clip.get_sd()
+    vae_sd = vae.get_sd() if vae is not None else None
+    mm.load_models_gpu(load, force_patch_weights=True)
+    sd = model.model.state_dict_for_saving(clip_sd, vae_sd, None)
+    # What CheckpointSave adds beside the weights, so the file samples the same way when reloaded.
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingContinuousEDM) and isinstance(
+            sampling, comfy.model_sampling.V_PREDICTION):
+        sd["edm_vpred.sigma_max"] = torch.tensor(sampling.sigma_max).float()
+        sd["edm_vpred.sigma_min"] = torch.tensor(sampling.sigma_min).float()
+    if getattr(sampling, "zsnr", False):
+        sd["ztsnr"] = torch.tensor([])
+    return sd
+
+
+class MergeLorasToCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_MergeLorasToCheckpoint",
+            display_name="Merge LoRAs into Checkpoint (LoRA Workbench)",
+            category="LoRA Workbench/merge",
+            description="Saves the MODEL, CLIP and VAE as one checkpoint with the LoRAs baked into the weights: "
+                        "connect the outputs of Apply LoRA Stack (or any LoRA loader), or the base model plus a "
+                        "LoRA stack. Written to models/checkpoints so Load Checkpoint lists it at once; the file "
+                        "names the merged LoRAs and strengths in its metadata and never replaces an existing one.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model, with LoRAs applied or not."),
+                io.Clip.Input("clip", tooltip="The text encoder, with LoRAs applied or not."),
+                io.Vae.Input("vae", tooltip="The VAE to store in the checkpoint."),
+                LoraStack.Input("lora_stack", optional=True,
+                                tooltip="Optional LoRAs to apply before saving (after any already applied)."),
+                io.String.Input("filename", default="lora_workbench/merged",
+                                tooltip="Name under models/checkpoints; sub-folders allowed. A counter is added "
+                                        "when the file exists."),
+                io.Combo.Input("dtype", options=list(SAVE_DTYPES), default="fp16",
+                               tooltip="fp16 is what most checkpoints use; bf16 keeps range; fp32 is exact and "
+                                       "twice the size."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the checkpoint was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, filename, dtype, lora_stack=None) -> io.NodeOutput:
+        import comfy.utils
+        import folder_paths
+
+        target = unique_path(checkpoint_target_path(filename))  # checked before any work
+        if lora_stack:
+            model, clip, _ = apply_loras(model, clip, stack_uses(lora_stack))
+        merged = list(model.get_attachment(APPLIED_KEY) or ())
+        family, config_name = model_family(model)
+        log.info("merging %d LoRAs into a checkpoint at %s (%s)", len(merged), target, dtype)
+        sd = _cast(checkpoint_state_dict(model, clip, vae), SAVE_DTYPES[dtype])
+        metadata = {
+            "lw_merged_loras": json.dumps(merged),
+            "lw_base_model": config_name,
+            "modelspec.title": target.stem,
+            "modelspec.predict_key": "v" if "v_pred" in sd else "epsilon",
+        }
+        if family in MODELSPEC_ARCH:
+            metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCH[family],
+                             "modelspec.implementation": "sgm"})
+        atomic_write(target, lambda tmp: comfy.utils.save_torch_file(sd, tmp, metadata=metadata))
+        rel = os.path.relpath(target, folder_paths.get_folder_paths("checkpoints")[0])
+        log.info("saved checkpoint %s", target)
+        names = ", ".join(f"{m['name']} ({m['model_strength']:g}/{m['clip_strength']:g})" for m in merged)
+        text = f"saved {rel} ({dtype}) with {names or 'no recorded LoRAs'}"
+        return io.NodeOutput(str(target), ui=ui.PreviewText(text))
+
+
+# ---- LoRA -> LoRA ----------------------------------------------------------------------------------
+def _stack_sources(stack) -> tuple[list[tuple[LoraWeights, float]], list[str]]:
+    """(LoraWeights, weight) per stack entry. A LoRA whose model and clip strengths differ is passed as
+    two sources, its UNet modules at the model strength and its text-encoder modules at the clip one."""
+    sources, names = [], []
+    for use in stack_uses(stack):
+        f = load_lora_file(lora_path(use.name))
+        lw = load_lora(f.state_dict, f.metadata)
+        if use.model_strength == use.clip_strength:
+            sources.append((lw, use.model_strength))
+            names.append(use.name)
+            continue
+        for part, weight in (("unet", use.model_strength), ("te", use.clip_strength)):
+            mods = {n: m for n, m in lw.modules.items() if (lw.component_of(n) == "unet") == (part == "unet")}
+            if mods:
+                sources.append((LoraWeights(mods, dict(lw.metadata), lw.arch), weight))
+                names.append(f"{use.name} ({part})")
+    return sources, names
+
+
+def _progress(total_hint: int = 1):
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total_hint)
+    return lambda done, total: bar.update_absolute(done, total)
+
+
+def _ranks(lora: LoraWeights) -> str:
+    ranks = [m.rank for m in lora.modules.values()]
+    return f"{len(ranks)} modules, ranks {min(ranks)}-{max(ranks)}"
+
+
+class MergeLoras(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        inputs = [LoraStack.Input("lora_stack", optional=True,
+                                  tooltip="LoRA files to merge, each at its strength (e.g. from LoRA Stack).")]
+        for i in range(1, 5):
+            inputs += [
+                Lora.Input(f"lora_{i}", optional=True, tooltip=f"A LoRA from the graph (Train LoRA, Resize LoRA ...)."),
+                io.Float.Input(f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip=f"Weight of lora_{i} in the sum."),
+            ]
+        inputs += [
+            io.Combo.Input("mode", options=["concat", "svd"], default="concat",
+                           tooltip="concat: exact, the ranks add up. svd: the best approximation of the summed "
+                                   "change at the given rank (smaller file)."),
+            io.Int.Input("rank", default=32, min=1, max=1024,
+                         tooltip="svd only: rank of the merged LoRA (concat keeps the sum of the ranks)."),
+        ]
+        return io.Schema(
+            node_id="LW_MergeLoras",
+            display_name="Merge LoRAs (LoRA Workbench)",
+            category="LoRA Workbench/merge",
+            description="Merges several LoRAs into one whose change is the weighted sum of theirs - exactly (concat) "
+                        "or compressed to a rank by SVD, with the kept energy in the report. Save it with Save LoRA.",
+            inputs=inputs,
+            outputs=[Lora.Output(display_name="lora"),
+                     io.String.Output(display_name="report", tooltip="Ranks and, for svd, the kept energy.")],
+        )
+
+    @classmethod
+    def execute(cls, mode, rank, lora_stack=None, **kw) -> io.NodeOutput:
+        sources, names = _stack_sources(lora_stack)
+        for i in range(1, 5):
+            if kw.get(f"lora_{i}") is not None:
+                sources.append((kw[f"lora_{i}"], float(kw.get(f"weight_{i}", 1.0))))
+                names.append(f"lora_{i}")
+        if not sources:
+            raise ValueError("nothing to merge: connect a LoRA stack or at least one lora_N input")
+        if mode == "concat":
+            merged = concat_merge(sources, names=names)
+            report = f"concat of {len(sources)} sources (exact): {_ranks(merged)}"
+        else:
+            merged, rep = svd_merge(sources, rank, names=names, progress=_progress())
+            report = rep.summary()
+        return io.NodeOutput(merged, report, ui=ui.PreviewText(report))
+
+
+class ResizeLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_ResizeLora",
+            display_name="Resize LoRA (LoRA Workbench)",
+            category="LoRA Workbench/merge",
+            description="Lowers a LoRA's rank (a smaller file) keeping as much of its change as possible, like "
+                        "kohya's resize_lora: a fixed rank, or per layer the rank that keeps a share of the energy "
+                        "or the singular values within a ratio. The report gives the energy kept.",
+            inputs=[
+                Lora.Input("lora", optional=True, tooltip="A LoRA from the graph; or pick a file below."),
+                io.Combo.Input("lora_name", options=[NONE, *lora_names()], default=NONE, optional=True,
+                               tooltip="A LoRA file from models/loras (used when no lora is connected)."),
+                io.Combo.Input("method", options=["fixed", "energy", "ratio"], default="fixed",
+                               tooltip="fixed: every layer to rank. energy: per layer the smallest rank keeping "
+                                       "'value' of its energy (e.g. 0.95). ratio: singular values >= largest/value."),
+                io.Int.Input("rank", default=16, min=1, max=1024,
+                             tooltip="The new rank (fixed) or the largest rank allowed (energy, ratio)."),
+                io.Float.Input("value", default=0.95, min=0.0, max=1000.0, step=0.01,
+                               tooltip="energy: share to keep, in (0, 1]. ratio: >= 1, e.g. 10. Ignored by fixed."),
+            ],
+            outputs=[Lora.Output(display_name="lora"),
+                     io.String.Output(display_name="report", tooltip="Ranks and the energy kept.")],
+        )
+
+    @classmethod
+    def execute(cls, method, rank, value, lora=None, lora_name=NONE) -> io.NodeOutput:
+        if lora is not None and lora_name not in (None, "", NONE):
+            raise ValueError(f"both a connected lora and the file {lora_name!r} were given; use one of them")
+        if lora is None:
+            if lora_name in (None, "", NONE):
+                raise ValueError("no LoRA to resize: connect a lora or pick a lora_name")
+            f = load_lora_file(lora_path(lora_name))
+            lora = load_lora(f.state_dict, f.metadata)
+        resized, rep = resize_lora(lora, rank, method, None if method == "fixed" else value, progress=_progress())
+        report = rep.summary()
+        return io.NodeOutput(resized, report, ui=ui.PreviewText(report))
+
+
+NODES = [MergeLorasToCheckpoint, MergeLoras, ResizeLora]

@@ -1,0 +1,501 @@
+"""Using LoRAs: LoRA Stack, Apply LoRA Stack, Prompt LoRAs and the LoRA Grid.
+
+Every LoRA is applied by ComfyUI itself (``comfy.sd.load_lora_for_models``, what its LoraLoader does),
+so a stack gives exactly the image a chain of LoraLoader nodes gives. What this adds around it:
+
+* ``LORA_STACK`` is the de-facto type other packs (Efficiency, Comfyroll ...) pass around: a list of
+  ``(lora name, model strength, clip strength)`` tuples, names relative to ``models/loras``.
+* A LoRA made for another model family fails with an error naming the file and both families,
+  before anything is patched (ComfyUI alone only logs "lora key not loaded" and samples the base).
+* Optional per-block weights (A1111 LBW presets or lists, ``training.block_weights``).
+* Trigger words from each file's metadata: ``modelspec.trigger_phrase``, else its most frequent
+  ``ss_tag_frequency`` tags.
+* The LoRAs applied are recorded on the MODEL (a ModelPatcher attachment), so Merge LoRAs into
+  Checkpoint can write their names and strengths into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..training.block_weights import BlockWeightError, BlockWeights, apply_block_weights, parse_block_weights
+from ..training.lora_io import detect_arch, load_lora, lora_state_dict
+from ..training.prompt_syntax import parse_lora_tags, resolve_lora_name
+
+log = logging.getLogger(__name__)
+
+LoraStack = io.Custom("LORA_STACK")
+ROWS = 6  # rows of the LoRA Stack node (dynamic rows would need a frontend extension)
+NONE = "None"
+APPLIED_KEY = "lw_applied_loras"  # ModelPatcher attachment: tuple of AppliedLora dicts
+CACHE_SIZE = 8  # LoRA files kept in memory (a 6-row SDXL stack is ~1 GB)
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
+STRENGTH = dict(min=-100.0, max=100.0, step=0.01)  # LoraLoader's range
+
+
+class LoraArchMismatch(ValueError):
+    """A LoRA made for another model family than the MODEL it is applied to."""
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA to apply: a name under models/loras (or an absolute path) and its strengths."""
+
+    name: str
+    model_strength: float = 1.0
+    clip_strength: float = 1.0
+    block_weights: str | None = None  # LBW spec for this LoRA only (a prompt tag's lbw=)
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    path: str
+    state_dict: dict
+    metadata: dict
+    arch: str  # lora_io.detect_arch: "sd1", "sd2", "sdxl" or "unknown"
+
+
+# ---- files -----------------------------------------------------------------------------------------
+_FILES: OrderedDict[tuple, LoraFile] = OrderedDict()
+
+
+def lora_names() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str:
+    """Full path of a LoRA: an exact name from the loras list, an absolute path, or a close-enough
+    name (``training.prompt_syntax.resolve_lora_name``: without folder / extension, any case).
+    Unknown names raise ``LoraNotFound`` listing close matches."""
+    import folder_paths
+
+    name = name.strip()
+    if os.path.isabs(name) and os.path.isfile(name):
+        return name
+    path = folder_paths.get_full_path("loras", name)
+    if path is not None:
+        return path
+    where = ", ".join(folder_paths.get_folder_paths("loras"))
+    return folder_paths.get_full_path_or_raise("loras", resolve_lora_name(name, lora_names(), where))
+
+
+def load_lora_file(path: str) -> LoraFile:
+    """The file as ComfyUI's LoraLoader reads it (+ metadata and arch), cached by path + size + mtime."""
+    import comfy.utils
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    hit = _FILES.get(key)
+    if hit is not None:
+        _FILES.move_to_end(key)
+        return hit
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    loaded = LoraFile(path, sd, dict(metadata or {}), detect_arch(sd))
+    _FILES[key] = loaded
+    while len(_FILES) > CACHE_SIZE:
+        _FILES.popitem(last=False)
+    return loaded
+
+
+def trigger_words(metadata: dict, top_tags: int = 3) -> list[str]:
+    """``modelspec.trigger_phrase``, else the ``top_tags`` most frequent training-caption tags."""
+    phrase = (metadata.get("modelspec.trigger_phrase") or "").strip()
+    if phrase:
+        return [phrase]
+    try:
+        freq = json.loads(metadata.get("ss_tag_frequency") or "{}")
+    except json.JSONDecodeError:
+        log.debug("ss_tag_frequency is not JSON; no trigger words")
+        return []
+    total: Counter = Counter()
+    for tags in freq.values() if isinstance(freq, dict) else ():
+        if isinstance(tags, dict):
+            for tag, count in tags.items():
+                if str(tag).strip():
+                    total[str(tag).strip()] += int(count)
+    return [tag for tag, _ in total.most_common(top_tags)]
+
+
+# ---- the model -------------------------------------------------------------------------------------
+def model_family(model) -> tuple[str | None, str]:
+    """("sd1" / "sd2" / "sdxl" or None, ComfyUI's model config class name) of a MODEL."""
+    import comfy.supported_models as sm
+
+    config = model.model.model_config
+    for cls, arch in ((sm.SD15, "sd1"), (sm.SD20, "sd2"), (sm.SDXL, "sdxl")):
+        if isinstance(config, cls):
+            return arch, type(config).__name__
+    return None, type(config).__name__
+
+
+def check_lora_fits(name: str, lora: LoraFile, model, clip) -> None:
+    """Raise ``LoraArchMismatch`` when the LoRA cannot patch this model (instead of ComfyUI's
+    "lora key not loaded" warnings and an unchanged image)."""
+    family, config_name = model_family(model)
+    if family is not None and lora.arch in ("sd1", "sd2", "sdxl"):
+        if lora.arch != family:
+            raise LoraArchMismatch(
+                f"LoRA {name!r} was made for {FAMILY_LABELS[lora.arch]} (read from its keys and layer widths) but "
+                f"the model is {FAMILY_LABELS[family]} (ComfyUI's {config_name}); none of its weights would load. "
+                f"Use a LoRA trained on an {FAMILY_LABELS[family]} model, or load an "
+                f"{FAMILY_LABELS[lora.arch]} checkpoint for this LoRA."
+            )
+        return
+    # A family or a LoRA we cannot name: ask ComfyUI's own key map whether anything would load.
+    import comfy.lora
+    import comfy.lora_convert
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora.state_dict), key_map, log_missing=False)
+    if not loaded:
+        raise LoraArchMismatch(
+            f"LoRA {name!r} ({FAMILY_LABELS.get(lora.arch, lora.arch)}) has no weight that fits this model "
+            f"(ComfyUI's {config_name}): none of its {len(lora.state_dict)} keys matches a layer. Use a LoRA "
+            "made for this model family."
+        )
+
+
+def parse_spec(spec: str | None, model) -> BlockWeights | None:
+    """A block-weight spec parsed for the MODEL's family (None for an empty spec)."""
+    spec = (spec or "").strip()
+    if not spec:
+        return None
+    family, config_name = model_family(model)
+    if family is None:
+        raise BlockWeightError(
+            f"block weights {spec!r} need an SD1.x, SD2.x or SDXL model; this one is ComfyUI's {config_name}. "
+            "Leave block_weights empty for it."
+        )
+    return parse_block_weights(spec, family)
+
+
+def _weighted_state_dict(name: str, lora: LoraFile, weights: BlockWeights) -> dict:
+    try:
+        return lora_state_dict(apply_block_weights(load_lora(lora.state_dict, lora.metadata), weights))
+    except BlockWeightError as e:
+        raise BlockWeightError(f"LoRA {name!r}: {e}") from e
+
+
+def apply_loras(model, clip, uses: list[LoraUse], block_weights: str = "") -> tuple[object, object, list[str]]:
+    """Apply ``uses`` in order, as a chain of ComfyUI LoraLoaders would; returns (model, clip, trigger
+    words). Names and block-weight specs are all checked before the first file is read."""
+    import comfy.sd
+
+    default = parse_spec(block_weights, model)
+    plan = []
+    for use in uses:
+        if use.model_strength == 0 and use.clip_strength == 0:  # LoraLoader skips these too
+            continue
+        own = parse_spec(use.block_weights, model) if use.block_weights else None
+        plan.append((use, lora_path(use.name), own or default))
+    if not plan:
+        return model, clip, []
+    applied = list(model.get_attachment(APPLIED_KEY) or ())
+    triggers: list[str] = []
+    for use, path, weights in plan:
+        lora = load_lora_file(path)
+        check_lora_fits(use.name, lora, model, clip)
+        # A shallow copy: ComfyUI's key conversion may rename keys in the dict it is given (the cache's).
+        sd = dict(lora.state_dict) if weights is None else _weighted_state_dict(use.name, lora, weights)
+        model, clip = comfy.sd.load_lora_for_models(model, clip, sd, use.model_strength, use.clip_strength)
+        triggers += [t for t in trigger_words(lora.metadata) if t not in triggers]
+        applied.append({**asdict(use), "block_weights": weights.spec if weights else None,
+                        "file": os.path.basename(path), "hash": lora.metadata.get("sshs_model_hash")})
+    model.set_attachments(APPLIED_KEY, tuple(applied))  # model is a fresh clone here
+    log.debug("applied %d LoRAs", len(plan))
+    return model, clip, triggers
+
+
+def stack_uses(stack) -> list[LoraUse]:
+    """LORA_STACK entries (tuples of name, model strength, clip strength[, ...]) as LoraUse."""
+    uses = []
+    for i, entry in enumerate(stack or ()):
+        if not isinstance(entry, (tuple, list)) or len(entry) < 3:
+            raise ValueError(
+                f"LORA_STACK entry {i + 1} is {entry!r}; expected (lora name, model strength, clip strength)"
+            )
+        name, ms, cs = entry[0], entry[1], entry[2]
+        if name in (None, "", NONE):
+            continue
+        uses.append(LoraUse(str(name), float(ms), float(cs)))
+    return uses
+
+
+def _summary(uses: list[LoraUse], triggers: list[str]) -> str:
+    lines = [f"{u.name}: model {u.model_strength:g}, clip {u.clip_strength:g}" for u in uses
+             if u.model_strength or u.clip_strength]
+    lines.append(f"trigger words: {', '.join(triggers) or '(none in the files)'}")
+    return "\n".join(lines)
+
+
+# ---- nodes -----------------------------------------------------------------------------------------
+class LoraStackNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        choices = [NONE, *lora_names()]
+        inputs = [LoraStack.Input("lora_stack", optional=True,
+                                  tooltip="Another LoRA stack to extend; its LoRAs come before these rows.")]
+        for i in range(1, ROWS + 1):
+            inputs += [
+                io.Combo.Input(f"lora_{i}", options=choices, default=NONE,
+                               tooltip=f"Row {i}: a LoRA file from models/loras ('None' leaves the row empty)."),
+                io.Boolean.Input(f"enabled_{i}", default=True, label_on="on", label_off="off",
+                                 tooltip=f"Row {i}: off leaves the LoRA out without losing its settings."),
+                io.Float.Input(f"model_strength_{i}", default=1.0, **STRENGTH,
+                               tooltip=f"Row {i}: how strongly the LoRA changes the diffusion model "
+                                       "(may be negative)."),
+                io.Float.Input(f"clip_strength_{i}", default=1.0, **STRENGTH,
+                               tooltip=f"Row {i}: how strongly the LoRA changes the text encoder (may be negative)."),
+            ]
+        return io.Schema(
+            node_id="LW_LoraStack",
+            display_name="LoRA Stack (LoRA Workbench)",
+            category="LoRA Workbench/use",
+            description="Lists up to six LoRAs with their strengths as a LORA_STACK, the list Apply LoRA Stack, "
+                        "Merge LoRAs and other node packs (Efficiency, Comfyroll) read. Nothing is loaded here. "
+                        "Chain stacks for more rows.",
+            inputs=inputs,
+            outputs=[LoraStack.Output(display_name="lora_stack",
+                                      tooltip="(lora name, model strength, clip strength) for each row that is on.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_stack=None, **rows) -> io.NodeOutput:
+        stack = [(u.name, u.model_strength, u.clip_strength) for u in stack_uses(lora_stack)]
+        for i in range(1, ROWS + 1):
+            name = rows.get(f"lora_{i}", NONE)
+            if name and name != NONE and rows.get(f"enabled_{i}", True):
+                stack.append((name, float(rows.get(f"model_strength_{i}", 1.0)),
+                              float(rows.get(f"clip_strength_{i}", 1.0))))
+        return io.NodeOutput(stack)
+
+
+class ApplyLoraStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_ApplyLoraStack",
+            display_name="Apply LoRA Stack (LoRA Workbench)",
+            category="LoRA Workbench/use",
+            description="Applies every LoRA of a stack to the MODEL and CLIP, in order, exactly as a chain of "
+                        "LoraLoader nodes would. A LoRA made for another model family (e.g. SDXL on SD1.5) stops "
+                        "with an error naming it. Also outputs the LoRAs' trigger words.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the LoRAs to."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder to apply the LoRAs to (optional)."),
+                LoraStack.Input("lora_stack", tooltip="The LoRAs and strengths, e.g. from LoRA Stack."),
+                io.String.Input("block_weights", default="", optional=True,
+                                tooltip="Optional per-block strengths for every LoRA of the stack, as in A1111's "
+                                        "LoRA Block Weight: a preset (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, "
+                                        "NONE) or a comma list of 17 (SD1) / 12 (SDXL) values. Empty: off."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.Clip.Output(display_name="clip"),
+                io.String.Output(display_name="trigger_words",
+                                 tooltip="The applied LoRAs' trigger words, joined with ', ': each file's trigger "
+                                         "phrase, else its 3 most frequent training-caption tags."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_stack, clip=None, block_weights="") -> io.NodeOutput:
+        uses = stack_uses(lora_stack)
+        model, clip, triggers = apply_loras(model, clip, uses, block_weights)
+        return io.NodeOutput(model, clip, ", ".join(triggers), ui=ui.PreviewText(_summary(uses, triggers)))
+
+
+class PromptLoras(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_PromptLoras",
+            display_name="Prompt LoRAs (LoRA Workbench)",
+            category="LoRA Workbench/use",
+            description="Reads A1111-style LoRA tags from a prompt - <lora:name:weight>, <lora:name:te:unet>, "
+                        "<lora:name:1:lbw=OUTD> - applies those LoRAs to the MODEL and CLIP and outputs the prompt "
+                        "without the tags. A name that matches no file stops with the closest file names.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the LoRAs to."),
+                io.Clip.Input("clip", tooltip="The text encoder to apply the LoRAs to."),
+                io.String.Input("prompt", multiline=True, default="a photo of <lora:my_lora:0.8> a dog",
+                                tooltip="Prompt with <lora:NAME:WEIGHT> tags; NAME is a file under models/loras, "
+                                        "with or without folder and extension."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.Clip.Output(display_name="clip"),
+                io.String.Output(display_name="prompt", tooltip="The prompt without the LoRA tags."),
+                io.String.Output(display_name="trigger_words",
+                                 tooltip="The LoRAs' trigger words (from their metadata), joined with ', '."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt) -> io.NodeOutput:
+        text, tags = parse_lora_tags(prompt)
+        ignored = sorted({k for t in tags for k in t.extra})
+        if ignored:
+            log.warning("LoRA tag arguments %s are not supported here and are ignored", ", ".join(ignored))
+        uses = [LoraUse(t.name, t.unet_weight, t.te_weight, t.block_weights) for t in tags]
+        model, clip, triggers = apply_loras(model, clip, uses)
+        return io.NodeOutput(model, clip, text, ", ".join(triggers), ui=ui.PreviewText(_summary(uses, triggers)))
+
+
+# ---- the grid --------------------------------------------------------------------------------------
+def parse_strengths(text: str) -> list[float]:
+    values = []
+    for item in text.replace(";", ",").split(","):
+        if item.strip():
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ValueError(
+                    f"strength {item.strip()!r} in {text!r} is not a number; write e.g. 0.5, 0.75, 1"
+                ) from None
+    if not values:
+        raise ValueError(f"no strengths in {text!r}; write a comma list such as 0.5, 0.75, 1")
+    return values
+
+
+def grid_rows(text: str) -> list[str]:
+    """One LoRA per line; empty lines and '#' comments skipped; 'None' is the model without a LoRA."""
+    rows = [line.strip() for line in text.splitlines()]
+    rows = [r for r in rows if r and not r.startswith("#")]
+    if not rows:
+        raise ValueError("no LoRAs listed; write one LoRA file per line (e.g. my_lora-000004.safetensors), "
+                         "or 'None' for the model without a LoRA")
+    return rows
+
+
+def label_grid(images: torch.Tensor, row_labels: list[str], col_labels: list[str]) -> torch.Tensor:
+    """One IMAGE [1, H, W, 3]: the cells (row-major) below column labels and right of row labels.
+    Cell pixels are copied exactly; only the label bands are drawn with PIL."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n, h, w, _ = images.shape
+    rows, cols = len(row_labels), len(col_labels)
+    font = ImageFont.load_default(size=max(12, min(h, w) // 16))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = 8
+
+    def box(text):
+        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    row_labels = [r if len(r) <= 48 else r[:45] + "..." for r in row_labels]
+    left = max(box(r)[0] for r in row_labels) + 2 * pad
+    top = max(box(c)[1] for c in col_labels) + 2 * pad
+    canvas = Image.new("RGB", (left + cols * w, top + rows * h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(col_labels):
+        tw, _ = box(label)
+        draw.text((left + c * w + (w - tw) // 2, pad), label, fill="black", font=font)
+    for r, label in enumerate(row_labels):
+        _, th = box(label)
+        draw.text((pad, top + r * h + (h - th) // 2), label, fill="black", font=font)
+    grid = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).to(images.dtype)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[top + r * h: top + (r + 1) * h, left + c * w: left + (c + 1) * w] = images[i].cpu()
+    return grid[None]
+
+
+def render(model, clip, vae, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height):
+    """What CLIPTextEncode x2 + EmptyLatentImage + KSampler + VAEDecode give: one IMAGE [1, H, W, 3]."""
+    import comfy.model_management as mm
+    import nodes
+
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(positive))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    latent = {"samples": torch.zeros([1, 4, height // 8, width // 8], device=mm.intermediate_device())}
+    (sampled,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, pos, neg, latent)
+    return nodes.VAEDecode().decode(vae, sampled)[0]
+
+
+class LoraGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="LW_LoraGrid",
+            display_name="LoRA Grid (LoRA Workbench)",
+            category="LoRA Workbench/use",
+            description="Compares LoRAs (e.g. the epochs a training run saved) at several strengths: renders the "
+                        "same prompt and seed for every LoRA x strength and lays the images out in one labelled "
+                        "grid, a row per LoRA and a column per strength.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base diffusion model (without the LoRAs)."),
+                io.Clip.Input("clip", tooltip="The base text encoder."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes the images."),
+                io.String.Input("loras", multiline=True, default="None",
+                                tooltip="One LoRA file per line (names under models/loras). 'None' adds a row "
+                                        "without a LoRA; lines starting with # are skipped."),
+                io.String.Input("strengths", default="0.5, 0.75, 1.0",
+                                tooltip="Comma list of strengths, one column each (applied to model and CLIP)."),
+                io.String.Input("positive", multiline=True, default="a photo of sks",
+                                tooltip="The prompt every cell renders."),
+                io.String.Input("negative", multiline=True, default="", tooltip="The negative prompt."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The same noise seed for every cell."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps per cell."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="The sampler, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="The noise schedule, as in KSampler."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="grid", tooltip="All cells in one image with LoRA and strength labels."),
+                io.Image.Output(display_name="images", tooltip="The cells as a batch, row by row."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, loras, strengths, positive, negative, seed, steps, cfg, sampler_name,
+                scheduler, width, height) -> io.NodeOutput:
+        import comfy.utils
+
+        rows, cols = grid_rows(loras), parse_strengths(strengths)
+        rows = [NONE if r.lower() == "none" else r for r in rows]
+        for r in rows:  # every name resolves before the first image is rendered
+            if r != NONE:
+                lora_path(r)
+        log.info("LoRA grid: %d LoRAs x %d strengths", len(rows), len(cols))
+        bar = comfy.utils.ProgressBar(len(rows) * len(cols))
+        args = (positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height)
+        cells = []
+        for r in rows:
+            base = render(model, clip, vae, *args) if r == NONE else None
+            for s in cols:
+                if base is None:
+                    m, c, _ = apply_loras(model, clip, [LoraUse(r, s, s)])
+                    cells.append(render(m, c, vae, *args))
+                else:
+                    cells.append(base)
+                bar.update(1)
+        images = torch.cat(cells)
+        labels = [os.path.splitext(r.replace("\\", "/").rsplit("/", 1)[-1])[0] if r != NONE else NONE for r in rows]
+        grid = label_grid(images, labels, [f"{s:g}" for s in cols])
+        log.info("LoRA grid done: %d images", len(cells))
+        return io.NodeOutput(grid, images, ui=ui.PreviewImage(grid, cls=cls))
+
+
+NODES = [LoraStackNode, ApplyLoraStack, PromptLoras, LoraGrid]
