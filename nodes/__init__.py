@@ -10,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 class LoraWorkbenchExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # Node modules are imported here, lazily, so a failure names the module that broke.
-        from . import dataset_nodes, lora_nodes, merge_nodes, stack_nodes, train_nodes
+        from . import dataset_nodes, grid_nodes, lora_nodes, merge_nodes, stack_nodes, train_nodes
 
-        return [*dataset_nodes.NODES, *lora_nodes.NODES, *train_nodes.NODES, *stack_nodes.NODES, *merge_nodes.NODES]
+        return [*dataset_nodes.NODES, *lora_nodes.NODES, *train_nodes.NODES, *stack_nodes.NODES, *grid_nodes.NODES,
+                *merge_nodes.NODES]

@@ -181,7 +181,7 @@ class MergeLoras(io.ComfyNode):
                                   tooltip="LoRA files to merge, each at its strength (e.g. from LoRA Stack).")]
         for i in range(1, 5):
             inputs += [
-                Lora.Input(f"lora_{i}", optional=True, tooltip=f"A LoRA from the graph (Train LoRA, Resize LoRA ...)."),
+                Lora.Input(f"lora_{i}", optional=True, tooltip="A LoRA from the graph (Train LoRA, Resize LoRA ...)."),
                 io.Float.Input(f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip=f"Weight of lora_{i} in the sum."),
             ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +182,6 @@ class TrainLora(io.ComfyNode):
 class ResumeTraining(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        import folder_paths  # noqa: F401 - ensures ComfyUI paths exist
-
         return io.Schema(
             node_id="LW_ResumeTraining",
             display_name="Resume Training (LoRA Workbench)",

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lora_workbench.training.lora_io import load_lora
 from lora_workbench.training.tiny import save_tiny_pipeline

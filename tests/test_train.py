@@ -1,6 +1,5 @@
 """The training loop on a tiny SD1-shaped model: it learns, repeats, and leaves the base alone."""
 
-import copy
 import math
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from lora_workbench.training import network
 from lora_workbench.training.backend import DiffusersBackend
 from lora_workbench.training.config import ConfigError, TrainConfig
-from lora_workbench.training.dataset import DatasetConfig, scan_folder
+from lora_workbench.training.dataset import scan_folder
 from lora_workbench.training.schedules import add_noise, target_for
 from lora_workbench.training.train import TrainCallbacks, Trainer, TrainingError
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 
@@ -51,3 +53,36 @@ def loss_plot(losses: list[float], width: int = 768, height: int = 384, smoothin
     last = ema(finite, smoothing)[-1]
     d.text((width - right - 200, 8), f"last {finite[-1]:.4f}  smoothed {last:.4f}", fill=(20, 70, 160))
     return img
+
+
+def label_grid(images: torch.Tensor, row_labels: list[str], col_labels: list[str]) -> torch.Tensor:
+    """One IMAGE [1, H, W, 3]: the cells (row-major) below column labels and right of row labels.
+    Cell pixels are copied exactly; only the label bands are drawn with PIL."""
+    from PIL import ImageFont
+
+    n, h, w, _ = images.shape
+    rows, cols = len(row_labels), len(col_labels)
+    font = ImageFont.load_default(size=max(12, min(h, w) // 16))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = 8
+
+    def box(text):
+        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    row_labels = [r if len(r) <= 48 else r[:45] + "..." for r in row_labels]
+    left = max(box(r)[0] for r in row_labels) + 2 * pad
+    top = max(box(c)[1] for c in col_labels) + 2 * pad
+    canvas = Image.new("RGB", (left + cols * w, top + rows * h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(col_labels):
+        tw, _ = box(label)
+        draw.text((left + c * w + (w - tw) // 2, pad), label, fill="black", font=font)
+    for r, label in enumerate(row_labels):
+        _, th = box(label)
+        draw.text((pad, top + r * h + (h - th) // 2), label, fill="black", font=font)
+    grid = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).to(images.dtype)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[top + r * h: top + (r + 1) * h, left + c * w: left + (c + 1) * w] = images[i].cpu()
+    return grid[None]

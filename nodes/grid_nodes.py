@@ -1,0 +1,128 @@
+"""LoRA Grid: the same prompt and seed across LoRA files (e.g. saved epochs) x strengths, labelled."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..training.plot import label_grid
+# The grid applies each LoRA exactly as Apply LoRA Stack does.
+from .stack_nodes import NONE, LoraUse, apply_loras, lora_path
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------
+def parse_strengths(text: str) -> list[float]:
+    values = []
+    for item in text.replace(";", ",").split(","):
+        if item.strip():
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ValueError(
+                    f"strength {item.strip()!r} in {text!r} is not a number; write e.g. 0.5, 0.75, 1"
+                ) from None
+    if not values:
+        raise ValueError(f"no strengths in {text!r}; write a comma list such as 0.5, 0.75, 1")
+    return values
+
+
+def grid_rows(text: str) -> list[str]:
+    """One LoRA per line; empty lines and '#' comments skipped; 'None' is the model without a LoRA."""
+    rows = [line.strip() for line in text.splitlines()]
+    rows = [r for r in rows if r and not r.startswith("#")]
+    if not rows:
+        raise ValueError("no LoRAs listed; write one LoRA file per line (e.g. my_lora-000004.safetensors), "
+                         "or 'None' for the model without a LoRA")
+    return rows
+
+
+def render(model, clip, vae, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height):
+    """What CLIPTextEncode x2 + EmptyLatentImage + KSampler + VAEDecode give: one IMAGE [1, H, W, 3]."""
+    import comfy.model_management as mm
+    import nodes
+
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(positive))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    latent = {"samples": torch.zeros([1, 4, height // 8, width // 8], device=mm.intermediate_device())}
+    (sampled,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, pos, neg, latent)
+    return nodes.VAEDecode().decode(vae, sampled)[0]
+
+
+class LoraGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="LW_LoraGrid",
+            display_name="LoRA Grid (LoRA Workbench)",
+            category="LoRA Workbench/use",
+            description="Compares LoRAs (e.g. the epochs a training run saved) at several strengths: renders the "
+                        "same prompt and seed for every LoRA x strength and lays the images out in one labelled "
+                        "grid, a row per LoRA and a column per strength.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base diffusion model (without the LoRAs)."),
+                io.Clip.Input("clip", tooltip="The base text encoder."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes the images."),
+                io.String.Input("loras", multiline=True, default="None",
+                                tooltip="One LoRA file per line (names under models/loras). 'None' adds a row "
+                                        "without a LoRA; lines starting with # are skipped."),
+                io.String.Input("strengths", default="0.5, 0.75, 1.0",
+                                tooltip="Comma list of strengths, one column each (applied to model and CLIP)."),
+                io.String.Input("positive", multiline=True, default="a photo of sks",
+                                tooltip="The prompt every cell renders."),
+                io.String.Input("negative", multiline=True, default="", tooltip="The negative prompt."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The same noise seed for every cell."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps per cell."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="The sampler, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="The noise schedule, as in KSampler."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="grid", tooltip="All cells in one image with LoRA and strength labels."),
+                io.Image.Output(display_name="images", tooltip="The cells as a batch, row by row."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, loras, strengths, positive, negative, seed, steps, cfg, sampler_name,
+                scheduler, width, height) -> io.NodeOutput:
+        import comfy.utils
+
+        rows, cols = grid_rows(loras), parse_strengths(strengths)
+        rows = [NONE if r.lower() == "none" else r for r in rows]
+        for r in rows:  # every name resolves before the first image is rendered
+            if r != NONE:
+                lora_path(r)
+        log.info("LoRA grid: %d LoRAs x %d strengths", len(rows), len(cols))
+        bar = comfy.utils.ProgressBar(len(rows) * len(cols))
+        args = (positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height)
+        cells = []
+        for r in rows:
+            base = render(model, clip, vae, *args) if r == NONE else None
+            for s in cols:
+                if base is None:
+                    m, c, _ = apply_loras(model, clip, [LoraUse(r, s, s)])
+                    cells.append(render(m, c, vae, *args))
+                else:
+                    cells.append(base)
+                bar.update(1)
+        images = torch.cat(cells)
+        labels = [os.path.splitext(r.replace("\\", "/").rsplit("/", 1)[-1])[0] if r != NONE else NONE for r in rows]
+        grid = label_grid(images, labels, [f"{s:g}" for s in cols])
+        log.info("LoRA grid done: %d images", len(cells))
+        return io.NodeOutput(grid, images, ui=ui.PreviewImage(grid, cls=cls))
+
+
+NODES = [LoraGrid]
