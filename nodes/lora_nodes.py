@@ -56,6 +56,17 @@ class SaveLora(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename):
+        # Checked when the prompt is queued: a bad name must not wait for the end of a training run.
+        if filename is None:  # linked from another node: checked when this node runs
+            return True
+        try:
+            lora_target_path(filename)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, lora, filename, dtype) -> io.NodeOutput:
         path = unique_path(lora_target_path(filename))
         save_lora(path, lora, dtype=dtype)

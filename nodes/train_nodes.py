@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from comfy_api.latest import io
 
 from ..training.config import PRESETS, SCHEDULERS, TrainConfig
@@ -22,6 +21,7 @@ from .types import ClassImages, Dataset, Lora, LossHistory, LossPayload
 log = logging.getLogger(__name__)
 
 RUNS_SUBFOLDER = "lora_workbench"  # under models/loras: step saves appear in every LoRA loader list
+NO_STATES = "(no saved states yet)"  # Resume Training's list when there is nothing to resume
 
 
 def states_dir() -> Path:
@@ -69,11 +69,15 @@ class ComfyCallbacks(TrainCallbacks):
         self._send("lw.train.saved", {"step": step, "path": str(path)})
 
 
-def _apply(model, clip, lora):
-    """MODEL and CLIP with the LoRA applied through ComfyUI's own patching (the base stays untouched)."""
+def _apply(model, clip, lora, dtype: str):
+    """MODEL and CLIP with the LoRA applied through ComfyUI's own patching (the base stays untouched).
+
+    The LoRA is applied as it is saved (rounded to ``dtype``), so the MODEL output samples exactly
+    what its file gives in any LoRA loader.
+    """
     import comfy.sd
 
-    return comfy.sd.load_lora_for_models(model, clip, lora_state_dict(lora, torch.float32), 1.0, 1.0)
+    return comfy.sd.load_lora_for_models(model, clip, lora_state_dict(lora, dtype), 1.0, 1.0)
 
 
 def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node_id, resume_from=None):
@@ -93,7 +97,7 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
     with backend.training_context():
         result = trainer.run()
     path = save_lora(final, result.lora, dtype=cfg.save_dtype)
-    m, c = _apply(model, clip, result.lora)
+    m, c = _apply(model, clip, result.lora, cfg.save_dtype)
     loss = LossPayload(result.losses, result.instance_losses, result.prior_losses)
     return io.NodeOutput(m, c, result.lora, loss, str(path))
 
@@ -158,7 +162,9 @@ class TrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, rank, **kw):
+    def validate_inputs(cls, steps, rank):
+        # Only the inputs named here skip ComfyUI's own checks: a **kwargs would switch off the
+        # min/max of every input and pin this message on all of them.
         if steps < 1:
             return f"steps={steps}: train for at least 1 step"
         if rank < 1:
@@ -204,6 +210,15 @@ class ResumeTraining(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, state):
+        # ComfyUI does not check a V3 combo's value against its options: without this, a state that
+        # is gone (or a workflow from another machine) would fail only after the checkpoint loads.
+        if state is None or (state != NO_STATES and state in _state_names()):
+            return True
+        return (f"state {state!r} is not a training state in {states_dir()}; pick a saved state from the list, "
+                "or cancel or stop a Train LoRA run to save one")
+
+    @classmethod
     def execute(cls, model, clip, vae, dataset, state, steps, class_images=None) -> io.NodeOutput:
         folder = states_dir() / state
         saved = load_state(folder)
@@ -218,7 +233,7 @@ def _state_names() -> list[str]:
         names = sorted(p.name for p in root.iterdir() if (p / "trainer.pt").is_file()) if root.is_dir() else []
     except Exception:  # noqa: BLE001 - a schema must always build
         names = []
-    return names or ["(no saved states yet)"]
+    return names or [NO_STATES]
 
 
 NODES = [TrainLora, ResumeTraining]
