@@ -89,8 +89,10 @@ class ComfyHost:
         valid, error, outputs_to_execute, node_errors = self.loop.run_until_complete(
             execution.validate_prompt(prompt_id, prompt, None)
         )
-        if not valid:
-            raise PromptInvalid(error, node_errors)
+        if not valid or node_errors:
+            # ComfyUI would still run the valid outputs of a partly invalid prompt; a test asking for
+            # the whole graph wants to hear about every invalid node.
+            raise PromptInvalid(error or {"message": "some outputs are invalid", "details": ""}, node_errors)
         self.drain_messages()
         self.server.last_prompt_id = prompt_id  # as main.py's prompt_worker does
         self.loop.run_until_complete(
