@@ -4,22 +4,29 @@ Each ``example_workflows/*.json`` is what a user drags into ComfyUI. It is conve
 prompt the editor would queue (``training.workflow.ui_to_api``, against this ComfyUI's own
 ``/object_info``), checked by ComfyUI's ``validate_prompt`` as shipped, then shrunk for a CPU
 (tiny checkpoint, 64 px, a few steps: overrides chosen by node class, never by id) and run.
+The checkpoint and the LoRA files an example names are the user's to pick, so the tests swap them,
+again by node class, for a tiny checkpoint and small random LoRAs made for it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from comfy_harness import REPO_ROOT
 
 EXAMPLES = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 TRAINERS = {"LW_TrainLoRA", "LW_ResumeTraining"}
+# The LoRA files the examples' stacks and grids are pointed at: name under models/loras -> trigger phrase.
+EXAMPLE_LORAS = {"lw_examples/character.safetensors": "chrctr", "lw_examples/style.safetensors": "wtrclr",
+                 "lw_examples/lighting.safetensors": "gldnhr"}
 
 # node class -> widget values that make the example quick on a CPU with the tiny checkpoint
 CPU_OVERRIDES = {
@@ -27,6 +34,7 @@ CPU_OVERRIDES = {
     "LW_TrainLoRA": {"steps": 3, "preview_every": 2},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "LW_LoraGrid": {"steps": 2, "width": 64, "height": 64},
 }
 
 
@@ -36,6 +44,37 @@ def object_info(comfy_host) -> dict:
     route = next(r for r in comfy_host.server.routes if r.method == "GET" and r.path == "/object_info")
     response = comfy_host.loop.run_until_complete(route.handler(None))  # the handler reads nothing from the request
     return json.loads(response.body)
+
+
+@pytest.fixture(scope="module")
+def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
+    """EXAMPLE_LORAS written as random rank-4 LoRAs on the tiny checkpoint's own module names, so
+    ComfyUI loads every key and each one visibly changes the image."""
+    import nodes
+
+    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.training.lora_io import LoraModule, LoraWeights, kohya_metadata, save_lora
+
+    with torch.inference_mode():
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd15_checkpoint.name)[:3]
+    backend = ComfyBackend(model, clip, vae)
+    roots = backend.roots()
+    rank = 4
+    for seed, (name, trigger) in enumerate(EXAMPLE_LORAS.items(), start=1):
+        path = comfy_host.base_directory / "models" / "loras" / name
+        if path.exists():
+            continue
+        g = torch.Generator().manual_seed(seed)
+        modules = {}
+        for t in backend.lora_targets("attn", True):
+            layer = roots[t.component].get_submodule(t.path)
+            down = torch.randn(rank, layer.in_features, generator=g) / math.sqrt(layer.in_features)
+            up = torch.randn(layer.out_features, rank, generator=g) * 0.5 / math.sqrt(rank)
+            modules[t.kohya_name] = LoraModule(down, up, alpha=float(rank))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_lora(path, LoraWeights(modules, kohya_metadata(arch="sd1", title=path.stem, trigger_phrase=trigger),
+                                    "sd1"), dtype="fp32")
+    return list(EXAMPLE_LORAS)
 
 
 def _photos(folder: Path, n: int = 3, size: int = 64) -> Path:
@@ -67,15 +106,24 @@ def _ancestors(prompt: dict, node_id: str) -> set[str]:
     return classes
 
 
-def _with_checkpoint(prompt: dict, ckpt_name: str) -> dict:
+def _with_host_files(prompt: dict, ckpt_name: str, lora_names: list[str]) -> dict:
+    """The prompt with this host's checkpoint, and its LoRA files in place of the example's, in order."""
     prompt = json.loads(json.dumps(prompt))
     for node in _nodes(prompt, "CheckpointLoaderSimple").values():
         node["inputs"]["ckpt_name"] = ckpt_name
+    for node in _nodes(prompt, "LW_LoraStack").values():
+        rows = sorted(k for k, v in node["inputs"].items() if k.startswith("lora_") and k[5:].isdigit()
+                      and isinstance(v, str) and v != "None")
+        for row, name in zip(rows, lora_names * len(rows)):
+            node["inputs"][row] = name
+    for node in _nodes(prompt, "LW_LoraGrid").values():
+        if not isinstance(node["inputs"]["loras"], list):
+            node["inputs"]["loras"] = "\n".join(lora_names)
     return prompt
 
 
-def _for_cpu(prompt: dict, ckpt_name: str, folder: Path) -> dict:
-    prompt = _with_checkpoint(prompt, ckpt_name)
+def _for_cpu(prompt: dict, ckpt_name: str, lora_names: list[str], folder: Path) -> dict:
+    prompt = _with_host_files(prompt, ckpt_name, lora_names)
     for node in prompt.values():
         overrides = dict(CPU_OVERRIDES.get(node["class_type"], {}))
         if node["class_type"] == "LW_LoadImageDataset":
@@ -100,12 +148,12 @@ def test_there_is_an_example_workflow_with_a_thumbnail():
 
 
 @pytest.mark.parametrize("name", [p.name for p in EXAMPLES])
-def test_example_is_valid_as_shipped(comfy_host, tiny_sd15_checkpoint, converted, name):
-    """Every value of the shipped graph passes ComfyUI's validation; only the checkpoint, which
-    the user picks, is swapped for one this ComfyUI has."""
+def test_example_is_valid_as_shipped(comfy_host, tiny_sd15_checkpoint, example_loras, converted, name):
+    """Every value of the shipped graph passes ComfyUI's validation; only the checkpoint and LoRA
+    files, which the user picks, are swapped for ones this ComfyUI has."""
     import execution
 
-    prompt = _with_checkpoint(converted[name], tiny_sd15_checkpoint.name)
+    prompt = _with_host_files(converted[name], tiny_sd15_checkpoint.name, example_loras)
     valid, error, outputs, node_errors = comfy_host.loop.run_until_complete(
         execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert valid, (error, node_errors)
@@ -114,16 +162,46 @@ def test_example_is_valid_as_shipped(comfy_host, tiny_sd15_checkpoint, converted
 
 @pytest.mark.parametrize("name", [p.name for p in EXAMPLES])
 def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_prompt, tiny_sd15_checkpoint,
-                                                              converted, tmp_path, name):
+                                                              example_loras, converted, tmp_path, name):
+    import folder_paths
     from PIL import Image
 
     from lora_workbench.training.lora_io import load_lora
 
-    prompt = _for_cpu(converted[name], tiny_sd15_checkpoint.name, _photos(tmp_path / "photos"))
+    prompt = _for_cpu(converted[name], tiny_sd15_checkpoint.name, example_loras, _photos(tmp_path / "photos"))
     loras = comfy_host.base_directory / "models" / "loras"
-    before = set(loras.rglob("*.safetensors"))
+    checkpoints = comfy_host.base_directory / "models" / "checkpoints"
+    before = set(loras.rglob("*.safetensors")) | set(checkpoints.rglob("*.safetensors"))
     run = run_prompt(prompt)
     assert run.success, run.error()
+
+    def pixels(files: list[dict]) -> list[np.ndarray]:
+        return [np.asarray(Image.open(Path(folder_paths.get_directory_by_type(f["type"])) / f["subfolder"]
+                                      / f["filename"]), dtype=np.int16) for f in files]
+
+    for node_id, node in _nodes(prompt, "LW_ApplyLoraStack").items():
+        shown = "".join(run.outputs[node_id]["text"])
+        for lora_name in example_loras:
+            assert EXAMPLE_LORAS[lora_name] in shown, f"{lora_name}'s trigger word is not in {shown!r}"
+    for node in _nodes(prompt, "LW_SaveLoRA").values():
+        path = loras / f"{node['inputs']['filename']}.safetensors"
+        assert path.is_file() and path not in before, f"Save LoRA did not write {path}"
+        source = prompt[node["inputs"]["lora"][0]]
+        if source["class_type"] == "LW_MergeLoras" and source["inputs"]["mode"] == "svd":
+            ranks = {m.rank for m in load_lora(path).modules.values()}
+            assert max(ranks) <= source["inputs"]["rank"], f"svd merge to rank {source['inputs']['rank']}: {ranks}"
+    for node in _nodes(prompt, "LW_MergeLorasToCheckpoint").values():
+        new = [p for p in checkpoints.rglob("*.safetensors") if p not in before]
+        assert any(p.stem.startswith(Path(node["inputs"]["filename"]).name) for p in new), \
+            f"no merged checkpoint {node['inputs']['filename']} in models/checkpoints (new: {new})"
+    for grid_id, grid in _nodes(prompt, "LW_LoraGrid").items():
+        rows = len(grid["inputs"]["loras"].splitlines())
+        cols = len(grid["inputs"]["strengths"].split(","))
+        for node_id in _nodes(prompt, "PreviewImage"):
+            if prompt[node_id]["inputs"]["images"] == [grid_id, 1]:
+                cells = pixels(run.outputs[node_id]["images"])
+                assert len(cells) == rows * cols, f"{len(cells)} grid cells for {rows} LoRAs x {cols} strengths"
+                assert np.abs(cells[0] - cells[cols - 1]).max() > 0, "the LoRA strength did not change the image"
 
     if any(v["class_type"] in TRAINERS for v in prompt.values()):
         new = sorted(set(loras.rglob("*.safetensors")) - before)
@@ -133,13 +211,11 @@ def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_pr
             assert load_lora(path).metadata["modelspec.trigger_phrase"] in triggers, path
 
     images = {}  # "with" / "without" the trained LoRA -> pixels of the SaveImage outputs
-    output_dir = comfy_host.base_directory / "output"
     for node_id in _nodes(prompt, "SaveImage"):
         files = run.outputs.get(node_id, {}).get("images")
         assert files, f"SaveImage {node_id} ({prompt[node_id]['_meta']['title']}) produced no image"
         branch = "with" if _ancestors(prompt, node_id) & TRAINERS else "without"
-        images.setdefault(branch, []).extend(
-            np.asarray(Image.open(output_dir / f["subfolder"] / f["filename"]), dtype=np.int16) for f in files)
+        images.setdefault(branch, []).extend(pixels(files))
     if {"with", "without"} <= set(images):
         for with_lora, without in zip(images["with"], images["without"]):
             assert with_lora.shape == without.shape
