@@ -22,6 +22,7 @@ from ..training.lora_io import SAVE_DTYPES, LoraWeights, load_lora
 from ..training.merge import concat_merge, resize_lora, svd_merge
 from .stack_nodes import (APPLIED_KEY, NONE, LoraStack, apply_loras, load_lora_file, lora_names, lora_path,
                           model_family, stack_uses)
+from .lora_nodes import model_file_path
 from .types import Lora
 
 log = logging.getLogger(__name__)
@@ -32,19 +33,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def checkpoint_target_path(name: str) -> str:
-    """models/checkpoints/<name>.safetensors; sub-folders allowed, escaping the folder is not."""
-    import folder_paths
-
-    root = os.path.realpath(folder_paths.get_folder_paths("checkpoints")[0])
-    name = name.strip().replace("\\", "/")
-    if not name or name.endswith("/"):
-        raise ValueError(f"file name {name!r} is empty; type a name such as 'my_merge' or 'merges/my_merge'")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"file name {name!r} leaves the checkpoints folder {root}; use a plain name or a sub-folder")
-    return path
+    return model_file_path("checkpoints", name)
 
 
 def _cast(sd: dict, dtype: torch.dtype) -> dict:
