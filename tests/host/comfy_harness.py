@@ -213,3 +213,19 @@ def boot_in_process(comfyui_path: Path, base_directory: Path, repo_root: Path) -
         executor=execution.PromptExecutor(prompt_server, cache_type=execution.CacheType.CLASSIC),
         pack_import_line=pack_lines[0],
     )
+
+
+def make_photos(folder: Path, n: int = 3, size: int = 64, caption: str = "a photo of a ball") -> Path:
+    """n small captioned pictures (a red disc on varied backgrounds) to train on."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
+        ImageDraw.Draw(img).ellipse([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=(220, 20, 20))
+        img.save(folder / f"img_{i}.png")
+        (folder / f"img_{i}.txt").write_text(caption)
+    return folder

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import uuid
 from pathlib import Path
 
@@ -77,17 +76,10 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
     return list(EXAMPLE_LORAS)
 
 
-def _photos(folder: Path, n: int = 3, size: int = 64) -> Path:
-    from PIL import Image, ImageDraw
+def _photos(folder: Path) -> Path:
+    from comfy_harness import make_photos
 
-    rng = random.Random(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
-        ImageDraw.Draw(img).ellipse([16, 16, 48, 48], fill=(220, 20, 20))
-        img.save(folder / f"img_{i}.png")
-        (folder / f"img_{i}.txt").write_text("a photo of a red ball")
-    return folder
+    return make_photos(folder, caption="a photo of a red ball")
 
 
 def _nodes(prompt: dict, class_type: str) -> dict:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
 
 def _images(folder: Path, n: int = 3, size: int = 64) -> Path:
-    from PIL import Image, ImageDraw
+    from comfy_harness import make_photos
 
-    rng = random.Random(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
-        ImageDraw.Draw(img).ellipse([16, 16, 48, 48], fill=(220, 20, 20))
-        img.save(folder / f"img_{i}.png")
-        (folder / f"img_{i}.txt").write_text("a photo of a ball")
-    return folder
+    return make_photos(folder, n, size)
 
 
 def _our_nodes():
