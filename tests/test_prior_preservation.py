@@ -45,8 +45,8 @@ def _pretrain_unet(backend, latents, cond, steps=100, batch=16, lr=5e-3, seed=0)
     Prior preservation pulls the LoRA towards what the base predicts for the class only if the base
     is already (near) optimal on the class images, which is true of real class images (the base
     generated them) but not of a random model: there the prior loss would train the class instead
-    of holding it. Timesteps are stratified over the batch and the rate decays, so 100 steps get
-    close to converged.
+    of holding it. Timesteps are stratified over the batch and the rate decays; after 100 steps a
+    prior-preservation run leaves the class loss within ~3% of the base's instead of lowering it.
     """
     unet, alphas = backend.unet, backend.alphas_cumprod()
     n_t = alphas.shape[0]
@@ -121,6 +121,8 @@ def test_prior_preservation_halves_class_drift_while_instance_loss_falls(tmp_pat
     base_class = _predict(be, class_draws)
     base_inst_loss = instance_loss()
 
+    # One run with and one without class images, otherwise identical. Seeds 0-7 of this setup give
+    # ratios of 0.13-0.33 and instance losses 10-24% lower; seed 0 gives 0.22 and 20%.
     change, inst_loss = {}, {}
     for prior in (False, True):
         cfg = TrainConfig(rank=8, alpha=8, preset="attn", steps=80, lr=5e-3, batch_size=2,
@@ -136,4 +138,5 @@ def test_prior_preservation_halves_class_drift_while_instance_loss_falls(tmp_pat
         f"class-prompt change with prior preservation {change[True]:.5f} is not under half of the "
         f"{change[False]:.5f} without it")
     assert inst_loss[True] < 0.9 * base_inst_loss, (
-        f"instance loss with prior preservation only went {base_inst_loss:.4f} -> {inst_loss[True]:.4f}")
+        f"instance loss with prior preservation only went {base_inst_loss:.4f} -> {inst_loss[True]:.4f} "
+        f"({inst_loss[False]:.4f} without it)")
