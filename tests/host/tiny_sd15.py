@@ -59,8 +59,23 @@ def _random_fill(name: str, meta_tensor, generator):
     return torch.zeros(shape)  # biases, vae_shift
 
 
-def build_state_dict(seed: int = 0) -> dict:
-    """The tiny SD1.5 checkpoint's state dict (fp16), keyed like a real SD1.5 .safetensors."""
+# The real SD1.5 UNet (ComfyUI's model_detection SD15 entry): 860M parameters. The benchmark
+# builds it with random weights as its "real-shape" model.
+REAL_SD15_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+}
+
+
+def build_state_dict(seed: int = 0, unet_config: dict | None = None, dtype=None) -> dict:
+    """The tiny SD1.5 checkpoint's state dict (fp16), keyed like a real SD1.5 .safetensors.
+
+    ``unet_config`` swaps in another SD1.5-detected UNet shape (e.g. ``REAL_SD15_UNET_CONFIG``).
+    """
     import torch
 
     import comfy.clip_model
@@ -70,7 +85,8 @@ def build_state_dict(seed: int = 0) -> dict:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     ops = comfy.ops.disable_weight_init
-    unet = UNetModel(**UNET_CONFIG, device="meta", operations=ops)
+    dtype = dtype or torch.float16
+    unet = UNetModel(**(unet_config or UNET_CONFIG), device="meta", operations=ops)
 
     clip_config_path = Path(comfy.sd1_clip.__file__).with_name("sd1_clip_config.json")  # real CLIP-L shapes
     clip_config = json.loads(clip_config_path.read_text())
@@ -92,7 +108,7 @@ def build_state_dict(seed: int = 0) -> dict:
     for prefix, tensors in parts.items():
         for key, meta_tensor in tensors.items():
             name = prefix + key
-            state_dict[name] = _random_fill(name, meta_tensor, generator).to(torch.float16)
+            state_dict[name] = _random_fill(name, meta_tensor, generator).to(dtype)
     return state_dict
 
 
