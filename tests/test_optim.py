@@ -32,9 +32,28 @@ def test_adamw_reduces_a_quadratic():
     p, loss_fn = quadratic()
     opt = make_optimizer("adamw", [{"params": [p], "lr": 0.05}], lr=0.05, weight_decay=0.0)
     assert isinstance(opt, torch.optim.AdamW)
-    assert not opt.defaults.get("fused")  # CPU tensors: torch's default (foreach) path
+    assert opt.defaults.get("fused")  # one fused kernel for all tensors, on the CPU too
     first, last = run(opt, loss_fn, 300)
     assert last < 0.01 * first
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_default_one():
+    torch.manual_seed(0)
+    start = [torch.randn(16, 320), torch.randn(320, 16)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+    ends = []
+    for fused in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = (make_optimizer("adamw", ps, lr=1e-3, weight_decay=1e-2) if fused
+               else torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2))
+        assert bool(opt.defaults.get("fused")) is fused
+        for g in grads:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+        ends.append([p.detach() for p in ps])
+    for a, b in zip(*ends):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_param_group_learning_rates_are_kept():
