@@ -45,7 +45,7 @@ def contenders(with_native: bool, with_diffusers: bool) -> list[Contender]:
         out += [
             Contender("native", "native", {"rank": RANK, "gc": True},
                       "ComfyUI TrainLoraNode, all layers + norm/bias diffs, gradient checkpointing (its default)",
-                      count_flops=("tiny",)),
+                      sizes=("tiny",)),
             Contender("native-nogc", "native", {"rank": RANK, "gc": False},
                       "ComfyUI TrainLoraNode, all layers + norm/bias diffs, no checkpointing", count_flops=("tiny",)),
         ]
@@ -54,21 +54,25 @@ def contenders(with_native: bool, with_diffusers: bool) -> list[Contender]:
         Contender("ours-all", "node", {"rank": RANK, "preset": "all"},
                   "our Train LoRA node, preset all (every Linear/Conv)", nat),
         Contender("ours-all-gc", "node", {"rank": RANK, "preset": "all", "gc": True},
-                  "our Train LoRA node, preset all, gradient checkpointing", nat_gc, count_flops=("tiny",)),
+                  "our Train LoRA node, preset all, gradient checkpointing", nat_gc, sizes=("tiny",)),
         Contender("ours-attn", "node", {"rank": RANK, "preset": "attn"},
                   "our Train LoRA node, preset attn (our default)", nat),
         Contender("ours-attn-pp", "node", {"rank": RANK, "preset": "attn", "prior": True},
-                  "our Train LoRA node, preset attn, prior preservation", "ours-attn", count_flops=("tiny",)),
+                  "our Train LoRA node, preset attn, prior preservation", "ours-attn", sizes=("tiny",)),
         Contender("ours-all-bf16", "node", {"rank": RANK, "preset": "all", "precision": "bf16"},
                   "our Train LoRA node, preset all, bf16 autocast (LoRA fp32)", nat),
         Contender("engine-attn", "engine", {"rank": RANK, "preset": "attn"},
                   "our engine standalone (diffusers backend), preset attn", "diffusers" if with_diffusers else None),
+        Contender("engine-attn-bf16", "engine", {"rank": RANK, "preset": "attn", "precision": "bf16"},
+                  "our engine standalone, preset attn, bf16 autocast (LoRA fp32)",
+                  "diffusers" if with_diffusers else None),
         Contender("engine-all", "engine", {"rank": RANK, "preset": "all"},
                   "our engine standalone (diffusers backend), preset all", nat, sizes=("tiny",)),
     ]
     if with_diffusers:
         out.append(Contender("diffusers", "diffusers", {"rank": RANK},
-                             "diffusers train_dreambooth_lora.py, attention, --pre_compute_text_embeddings"))
+                             "diffusers train_dreambooth_lora.py, attention, --pre_compute_text_embeddings",
+                             sizes=("tiny",)))
     return out
 
 
@@ -134,6 +138,19 @@ def run_diffusers(src: Path, size: str, seed: int, work: Path, env: dict) -> dic
     return {"step": statistics.median(d), "steps": d, "trainable": data["trainable"], "rss": None}
 
 
+def comfy_usable(path: Path) -> tuple[bool, str]:
+    if not (path / "comfy" / "sd.py").is_file():
+        return False, f"no ComfyUI at {path}"
+    code = (f"import sys; sys.path.insert(0, {str(path)!r}); import comfy.options; "
+            "from comfy.cli_args import args; args.cpu = True; import comfy.sd")
+    probe = subprocess.run([sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return False, f"ComfyUI at {path} does not import in this Python ({last})"
+    return True, ""
+
+
 # ---- hardware ------------------------------------------------------------------------------------
 def matmul_peak(threads: int) -> dict[str, float]:
     """FLOP/s of a large square matmul, fp32 and bf16, best of several (this machine, now)."""
@@ -167,6 +184,8 @@ def summarise(cs: list[Contender], peak: dict) -> list[dict]:
         row = {"name": c.name, "what": c.what, "runs": len(ok), "errors": [r["error"] for r in c.results if "error" in r]}
         row["step"] = _median([r["step"] for r in ok])
         row["rss"] = max((r["rss"] for r in ok if r.get("rss")), default=None)
+        # What the run added on top of the loaded model (and the modules imported by earlier runs).
+        row["rss_train"] = max((r["rss"] - r["rss_start"] for r in ok if r.get("rss_start")), default=None)
         row["trainable"] = ok[0]["trainable"] if ok else None
         ref = by.get(c.reference) if c.reference else None
         if ref is not None:
@@ -187,13 +206,15 @@ def fmt_table(size: str, rows: list[dict]) -> str:
     s = SIZES[size]
     lines = [f"### {size}: {s.pixels}x{s.pixels} px, batch 1, rank {RANK}, fp32 weights, "
              f"{s.measured} timed steps per run after {s.warmup} warm-up",
-             "", "| contender | s/step (median) | ratio | vs | peak RSS MiB | RSS ratio | trainable params "
-             "| GFLOP/step | share of matmul peak | what |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| contender | s/step (median) | ratio | vs | peak RSS MiB | RSS ratio | run's RSS growth MiB "
+             "| trainable params | GFLOP/step | share of matmul peak | what |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         lines.append(
             f"| {r['name']} | {f(r['step'], '.4f')} | {f(r.get('ratio'), '.2f')} | {r.get('reference') or '-'} "
             f"| {f(r['rss'] / 2**20 if r['rss'] else None, '.0f')} | {f(r.get('rss_ratio'), '.2f')} "
+            f"| {f(r['rss_train'] / 2**20 if r.get('rss_train') is not None else None, '.0f')} "
             f"| {f(r['trainable'], ',')} | {f(r['flops'] / 1e9 if r['flops'] else None, '.1f')} "
             f"| {f(r.get('peak_share') * 100 if r.get('peak_share') else None, '.0f')}{'%' if r.get('peak_share') else ''} "
             f"| {r['what']}{' (errors: ' + '; '.join(r['errors']) + ')' if r['errors'] else ''} |")
@@ -223,7 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["train"], help="the benchmark to run")
     p.add_argument("--sizes", default="tiny,real", help="comma list of: " + ", ".join(SIZES))
     p.add_argument("--runs", type=int, default=5, help="alternating runs per contender at the tiny size")
-    p.add_argument("--real-runs", type=int, default=3, help="alternating runs per contender at the real size")
+    p.add_argument("--real-runs", type=int, default=2, help="alternating runs per contender at the real size")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every contender")
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or str(Path.home() / "comfy" / "ComfyUI"),
                    help="a ComfyUI checkout, for the native trainer and our node (default: $COMFYUI_PATH or "
@@ -234,9 +255,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"), help="where to write the table")
     ns = p.parse_args(argv)
 
-    comfy_ok = (Path(ns.comfyui) / "comfy" / "sd.py").is_file()
+    comfy_ok, why = comfy_usable(Path(ns.comfyui))
     if not comfy_ok:
-        print(f"no ComfyUI at {ns.comfyui}: running the standalone engine only (--comfyui PATH for the rest)")
+        print(f"{why}: running the standalone engine only (--comfyui PATH, with ComfyUI's requirements "
+              "installed in this Python, for the rest)")
     dsrc = Path(ns.diffusers_src) if ns.diffusers_src else None
     if dsrc and not (dsrc / "examples" / "dreambooth" / "train_dreambooth_lora.py").is_file():
         p.error(f"--diffusers-src {dsrc} has no examples/dreambooth/train_dreambooth_lora.py; give a diffusers "
@@ -280,7 +302,7 @@ def main(argv=None) -> int:
                 for w in list(workers.values()):
                     w.close()
                 workers = {"use": Worker("use", size, ns.comfyui, env)}
-                use = [workers["use"].ask({"op": "use", "size": size}) for _ in range(3)]
+                use = [workers["use"].ask({"op": "use", "size": size}) for _ in range(3 if size == "tiny" else 1)]
         finally:
             for w in workers.values():
                 w.close()

@@ -39,6 +39,16 @@ def reset_peak_rss() -> None:
         pass
 
 
+def current_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss() -> int:
     """Bytes: VmHWM since the last reset (Linux), else the process' lifetime maximum."""
     try:
@@ -367,10 +377,12 @@ def handle(worker, cmd: dict) -> dict:
     if op == "train":
         release_memory()
         reset_peak_rss()
+        start = current_rss()
         size = SIZES[cmd["size"]]
         clock, trainable = worker.train(cmd["variant"], size.warmup + size.measured, cmd["seed"])
         d = clock.durations(size.warmup)
-        return {"step": statistics.median(d), "steps": d, "rss": peak_rss(), "trainable": trainable}
+        return {"step": statistics.median(d), "steps": d, "rss": peak_rss(), "rss_start": start,
+                "trainable": trainable}
     if op == "flops":
         # One step's FLOPs: a 2-step run minus a 1-step run (set-up work such as encoding cancels).
         one = count_flops(lambda: worker.train(cmd["variant"], 1, 0))
