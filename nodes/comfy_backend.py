@@ -12,10 +12,13 @@ goes through ComfyUI's model management, so its device, dtype and lowvram/offloa
   ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``: the UNet sees the same tensor, so ``predict`` calls
   it directly on ``x_t`` (the host test checks this against ``BaseModel.apply_model``).
 * ``alphas_cumprod`` comes back from ComfyUI's sigmas: ``a_t = 1 / (1 + sigma_t^2)``.
-* LoRA targets use ComfyUI's LDM module paths; their kohya names are the SD1 diffusers names,
-  through the ``UNetLayout`` read from the model's ``unet_config``.
+* LoRA targets use ComfyUI's LDM module paths; their kohya names are the SD1 diffusers names or
+  SDXL's LDM names, through the ``UNetLayout`` read from the model's ``unet_config``.
+* SDXL (and SSD-1B, Segmind Vega, KOALA): the conditioning is ComfyUI's own CLIP-L + CLIP-G
+  encoding (hidden states + pooled output), and the UNet's ``y`` is built by the model's own
+  ``encode_adm`` from the pooled output and each image's original size, crop and target size.
 
-Only SD1.x (ComfyUI's ``SD15``) is accepted for now; other families get an ``UnsupportedModelError``.
+SD1.x (ComfyUI's ``SD15``) and the SDXL family are accepted; other families get an ``UnsupportedModelError``.
 """
 
 from __future__ import annotations
@@ -31,17 +34,21 @@ from torch import nn
 
 import comfy.model_management as mm
 import comfy.model_sampling
+import comfy.sdxl_clip
 import comfy.supported_models
 
 from ..training import network, unet_keys
-from ..training.backend import Backend
+from ..training.backend import Backend, SDXLCond
 from ..training.network import LoraTarget
 
 log = logging.getLogger(__name__)
 
-# ComfyUI model config class -> our arch name. Exact classes: SD15_instructpix2pix (a subclass of
-# SD15) needs an image concat input the engine does not feed.
-SUPPORTED_CONFIGS = {comfy.supported_models.SD15: "sd1"}
+# ComfyUI model config class -> our arch name. Exact classes: SD15_instructpix2pix and
+# SDXL_instructpix2pix (subclasses of SD15 / SDXL) need an image concat input the engine does not feed.
+_sm = comfy.supported_models
+SUPPORTED_CONFIGS = {_sm.SD15: "sd1", _sm.SDXL: "sdxl", _sm.SSD1B: "sdxl", _sm.Segmind_Vega: "sdxl",
+                     _sm.KOALA_700M: "sdxl", _sm.KOALA_1B: "sdxl"}
+TE_ROOTS = {"sd1": {"te": "clip_l"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"}}  # component -> ComfyUI encoder
 PREDICTIONS = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
 
 
@@ -58,8 +65,9 @@ def check_supported(model, model_name: str = "") -> str:
         family = type(config).__name__
         shown = f"{model_name!r} ({family})" if model_name else f"this {family} model"
         raise UnsupportedModelError(
-            f"{shown} cannot be trained yet: LoRA Workbench trains SD1.x models (ComfyUI's SD15) for now; "
-            "SDXL and the other model families come later. Load an SD1.5-based checkpoint."
+            f"{shown} cannot be trained yet: LoRA Workbench trains SD1.x models (ComfyUI's SD15) and SDXL "
+            "models (SDXL, SSD-1B, Segmind Vega, KOALA; Pony and Illustrious are SDXL) for now; the other "
+            "model families come later. Load an SD1.5- or SDXL-based checkpoint."
         )
     return arch
 
@@ -170,7 +178,7 @@ def _checkpointed(forward, clone_input: bool):
 
 # ---- the backend ---------------------------------------------------------------------------------
 class ComfyBackend(Backend):
-    """SD1.x training on ComfyUI's loaded MODEL / CLIP / VAE. Use inside ``training_context()``."""
+    """SD1.x / SDXL training on ComfyUI's loaded MODEL / CLIP / VAE. Use inside ``training_context()``."""
 
     def __init__(self, model, clip, vae, model_name: str = ""):
         if clip is None or vae is None:
@@ -179,9 +187,15 @@ class ComfyBackend(Backend):
         self.model_name = model_name
         self.arch = check_supported(model, model_name)
         encoder = clip.cond_stage_model
-        if getattr(encoder, "clip", None) != "clip_l" or len(list(encoder.children())) != 1:
+        if self.arch == "sdxl":
+            fits = type(encoder) is comfy.sdxl_clip.SDXLClipModel
+            wanted = "SDXL CLIP-L + CLIP-G text encoders"
+        else:
+            fits = getattr(encoder, "clip", None) == "clip_l" and len(list(encoder.children())) == 1
+            wanted = "SD1.x CLIP-L text encoder"
+        if not fits:
             raise UnsupportedModelError(
-                f"the CLIP given is a {type(encoder).__name__}, not the SD1.x CLIP-L text encoder of this "
+                f"the CLIP given is a {type(encoder).__name__}, not the {wanted} of this "
                 "model; connect the CLIP output of the same checkpoint loader"
             )
         base = model.model
@@ -197,26 +211,28 @@ class ComfyBackend(Backend):
                    if isinstance(m, (nn.Linear, nn.Conv2d)) and p not in self._to_diffusers]
         if unnamed:
             raise UnsupportedModelError(
-                f"{len(unnamed)} UNet layers have no SD1 name for the layout read from the model config "
-                f"({self.layout}), e.g. {unnamed[:3]}; this UNet is not SD1-shaped"
+                f"{len(unnamed)} UNet layers have no {self.arch.upper()} name for the layout read from the model "
+                f"config ({self.layout}), e.g. {unnamed[:3]}; this UNet is not {self.arch.upper()}-shaped"
             )
         self._checkpointed: list[nn.Module] = []
         self._active = False  # inside training_context()
 
     # ---- Backend -----------------------------------------------------------------------------
     def roots(self) -> dict[str, nn.Module]:
-        return {"unet": self.model.model.diffusion_model, "te": self.clip.cond_stage_model.clip_l.transformer}
+        encoder = self.clip.cond_stage_model
+        tes = {comp: getattr(encoder, name).transformer for comp, name in TE_ROOTS[self.arch].items()}
+        return {"unet": self.model.model.diffusion_model, **tes}
 
     def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
         roots = self.roots()
         # Presets select on diffusers names, exactly as for a diffusers UNet, then map back to LDM paths.
         named = [(self._to_diffusers[p], m) for p, m in roots["unet"].named_modules() if p in self._to_diffusers]
         to_ldm = {d: p for p, d in self._to_diffusers.items()}
-        out = [LoraTarget("unet", to_ldm[d], unet_keys.kohya_unet_name(d, self.arch), conv)
+        out = [LoraTarget("unet", to_ldm[d], unet_keys.kohya_unet_name(d, self.arch, self.layout), conv)
                for d, conv in network.select_unet_targets(named, preset)]
-        if text_encoder:
-            out += [LoraTarget("te", p, unet_keys.kohya_te_name(p, "te"), False)
-                    for p in network.select_text_encoder_targets(roots["te"].named_modules())]
+        for comp in TE_ROOTS[self.arch] if text_encoder else ():
+            out += [LoraTarget(comp, p, unet_keys.kohya_te_name(p, comp), False)
+                    for p in network.select_text_encoder_targets(roots[comp].named_modules())]
         return out
 
     def alphas_cumprod(self) -> torch.Tensor:
@@ -231,12 +247,23 @@ class ComfyBackend(Backend):
         latents = self.vae.encode(images)
         return self.model.model.process_latent_in(latents).float().to(self.device)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        # Previews: what a sampler + VAEDecode do, the other way round: the model's latent scaling
+        # undone, then vae.decode, which gives ComfyUI's IMAGE (BHWC in [0, 1]).
+        images = self.vae.decode(self.model.model.process_latent_out(latents.float()))
+        return images.reshape(-1, *images.shape[-3:]).float().clamp(0.0, 1.0).cpu()
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor | SDXLCond:
         self._require_context()
-        self._place_adapters("te")
+        for comp in TE_ROOTS[self.arch]:
+            self._place_adapters(comp)
+        if self.arch == "sdxl":
+            conds = [SDXLCond(*self._encode_prompt(p, pooled=True)) for p in prompts]
+            return self.cat_cond(conds).to(self.device)
         return self.cat_cond([self._encode_prompt(p) for p in prompts]).to(self.device)
 
-    def _encode_prompt(self, text: str) -> torch.Tensor:
+    def _encode_prompt(self, text: str, pooled: bool = False):
         # What CLIP.encode_from_tokens does, minus its load_model(): the CLIP is loaded once for the
         # whole run, and reloading would re-walk modules LoRA layers now wrap. Captions are taken
         # literally, as kohya does: "(word:1.2)" weighting is off (disable_weights).
@@ -245,7 +272,8 @@ class ComfyBackend(Backend):
         encoder.reset_clip_options()
         if self.clip.layer_idx is not None:  # CLIPSetLastLayer ("clip skip")
             encoder.set_clip_options({"layer": self.clip.layer_idx})
-        return encoder.encode_token_weights(tokens)[0]
+        out = encoder.encode_token_weights(tokens)
+        return (out[0], out[1]) if pooled else out[0]  # SDXL: hidden states (L and G side by side), G's pooled
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         self._require_context()
@@ -253,13 +281,42 @@ class ComfyBackend(Backend):
         unet = self.model.model.diffusion_model
         dev = self.unet_device
         x = _plain(x_t).to(dev, self.dtype)
+        extra = {}
+        if isinstance(cond, SDXLCond):
+            extra["y"] = self._adm(cond, x_t.shape).to(dev, self.dtype)
+            cond = cond.context
         context = _plain(cond).to(dev, self.dtype)
         # A fresh transformer_options: the UNet writes into it, and the default {} is shared.
-        return unet(x, timesteps=_plain(t).to(dev).float(), context=context, transformer_options={})
+        return unet(x, timesteps=_plain(t).to(dev).float(), context=context, transformer_options={}, **extra)
 
-    def cat_cond(self, conds: list[torch.Tensor]) -> torch.Tensor:
+    def _adm(self, cond: SDXLCond, latent_shape) -> torch.Tensor:
+        """SDXL's ``y``: ComfyUI's own ``encode_adm`` (pooled CLIP-G output + the embedded original size,
+        crop and target size), one sample at a time since each image has its own sizes."""
+        if cond.time_ids is None:  # a fresh image (previews): uncropped, at the latent's size
+            h, w = latent_shape[-2] * self.latent_factor, latent_shape[-1] * self.latent_factor
+            rows = [(h, w, 0, 0, h, w)] * len(cond)
+        else:
+            rows = [tuple(int(v) for v in row) for row in cond.time_ids.tolist()]
+        base = self.model.model
+        pooled = _plain(cond.pooled)
+        return torch.cat([
+            base.encode_adm(pooled_output=pooled[i:i + 1], height=oh, width=ow, crop_h=top, crop_w=left,
+                            target_height=th, target_width=tw)
+            for i, (oh, ow, top, left, th, tw) in enumerate(rows)])
+
+    def add_size_conditioning(self, cond, sizes: list[dict]):
+        if not isinstance(cond, SDXLCond):
+            return cond
+        rows = [[*s["original_size"], *s["crop_top_left"], *s["target_size"]] for s in sizes]
+        return SDXLCond(cond.context, cond.pooled, torch.tensor(rows, dtype=torch.float32))
+
+    def cat_cond(self, conds: list) -> torch.Tensor | SDXLCond:
         # Prompts over 75 tokens encode to 154, 231 ... tokens; like ComfyUI's CONDCrossAttn, a batch
         # repeats each to the least common multiple (attention over a repeated context is unchanged).
+        if isinstance(conds[0], SDXLCond):
+            times = [c.time_ids for c in conds]
+            return SDXLCond(self.cat_cond([c.context for c in conds]), torch.cat([c.pooled for c in conds]),
+                            None if any(t is None for t in times) else torch.cat(times))
         n = math.lcm(*(c.shape[1] for c in conds))
         return torch.cat([c if c.shape[1] == n else c.repeat(1, n // c.shape[1], 1) for c in conds])
 
@@ -276,12 +333,38 @@ class ComfyBackend(Backend):
         roots = self.roots()
         unet_units = [m for m in roots["unet"].modules() if isinstance(m, (ResBlock, SpatialTransformer))]
         # A CLIPLayer overwrites its input in place; recomputing it needs the input as it came in.
-        te_units = list(roots["te"].text_model.encoder.layers)
+        te_units = [layer for comp in TE_ROOTS[self.arch] for layer in roots[comp].text_model.encoder.layers]
         for units, clone_input in ((unet_units, False), (te_units, True)):
             for m in units:
                 if "forward" not in m.__dict__:
                     m.forward = _checkpointed(m.forward, clone_input)
                     self._checkpointed.append(m)
+
+    def memory_shape(self):
+        """The model's shape for the memory estimate, read from ComfyUI's ``unet_config`` and modules."""
+        from ..training import memory
+
+        cfg = self.model.model.model_config.unet_config
+        lay = self.layout
+        channels = tuple(cfg["model_channels"] * m for m in cfg["channel_mult"])
+        head_width = cfg.get("num_head_channels", -1)
+        heads = tuple(c // head_width if head_width and head_width > 0 else cfg.get("num_heads", 8) for c in channels)
+        unet = memory.UNetShape(channels, lay.num_res_blocks, lay.transformer_depth,
+                                lay.transformer_depth_middle if lay.has_middle_block else 0, heads,
+                                cfg["context_dim"], linear_proj=bool(cfg.get("use_linear_in_transformer")),
+                                latent_channels=cfg.get("in_channels", 4))
+        roots = self.roots()
+        tes, te_params = [], []
+        for comp in TE_ROOTS[self.arch]:
+            layers = roots[comp].text_model.encoder.layers
+            attn, mlp = layers[0].self_attn, layers[0].mlp
+            tes.append(memory.TextEncoderShape(attn.q_proj.in_features, len(layers), getattr(attn, "heads", 12),
+                                               mlp.fc1.out_features))
+            te_params.append(sum(p.numel() for p in roots[comp].parameters()))
+        return memory.ModelShape(
+            self.arch.upper(), unet, tuple(tes), unet_params=sum(p.numel() for p in roots["unet"].parameters()),
+            te_params=tuple(te_params), vae_params=sum(p.numel() for p in self.vae.first_stage_model.parameters()),
+            latent_factor=self.latent_factor, latent_channels=unet.latent_channels)
 
     # ---- host glue ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -309,7 +392,7 @@ class ComfyBackend(Backend):
                 # tensor its LayerNorms saved for backward; the norms get a copy so the text encoder
                 # can be differentiated.
                 hooks += [norm.register_forward_pre_hook(_clone_input)
-                          for layer in roots["te"].text_model.encoder.layers
+                          for comp in TE_ROOTS[self.arch] for layer in roots[comp].text_model.encoder.layers
                           for norm in (layer.layer_norm1, layer.layer_norm2)]
                 self._active = True
                 yield self

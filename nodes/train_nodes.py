@@ -68,6 +68,17 @@ class ComfyCallbacks(TrainCallbacks):
     def on_save(self, path, step):
         self._send("lw.train.saved", {"step": step, "path": str(path)})
 
+    def on_memory_estimate(self, estimate):
+        # Shown on the node before the first step, so a user sees whether the run fits their GPU.
+        text = f"expected peak memory {estimate.summary()}"
+        self._send("lw.train.memory", {"bytes": estimate.total, "text": text})
+        try:
+            from server import PromptServer
+
+            PromptServer.instance.send_progress_text(text, self.node_id)
+        except Exception:  # noqa: BLE001 - headless runs without a server still train
+            log.debug("no PromptServer to show the memory estimate on")
+
 
 def _apply(model, clip, lora, dtype: str):
     """MODEL and CLIP with the LoRA applied through ComfyUI's own patching (the base stays untouched).
@@ -94,7 +105,11 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
                       callbacks=ComfyCallbacks(node_id, cfg.steps), class_records=cls_recs,
                       class_prompt=class_images.prompt if class_images else "", resume_from=resume_from,
                       state_dir=states_dir(), overwrite=resume_from is not None)
-    with backend.training_context():
+    estimate = trainer.memory_estimate()
+    # Room for activations, gradients and optimizer state beside the weights: ComfyUI loads the
+    # weights partly (lowvram) when the whole model would not fit next to them.
+    extra = estimate.total - estimate.weights if estimate is not None else 0
+    with backend.training_context(memory_required=extra):
         result = trainer.run()
     path = save_lora(final, result.lora, dtype=cfg.save_dtype)
     m, c = _apply(model, clip, result.lora, cfg.save_dtype)
@@ -118,11 +133,14 @@ class TrainLora(io.ComfyNode):
             node_id="LW_TrainLoRA",
             display_name="Train LoRA (LoRA Workbench)",
             category="LoRA Workbench/training",
-            description="Trains a LoRA on your images with the checkpoint already loaded (no second copy). "
-                        "Connect Class Images for DreamBooth prior preservation. Shows the loss and preview "
-                        "images while it runs; Cancel keeps a resumable state and the LoRA so far.",
+            description="Trains a LoRA on your images with the checkpoint already loaded (no second copy): SD1.x "
+                        "or SDXL (SDXL trains at 1024 px; both CLIP-L and CLIP-G get a LoRA with the text encoder "
+                        "on). Connect Class Images for DreamBooth prior preservation. Shows the expected peak "
+                        "memory first, then the loss and preview images while it runs; Cancel keeps a resumable "
+                        "state and the LoRA so far.",
             inputs=[
-                io.Model.Input("model", tooltip="MODEL of an SD1.x checkpoint loader."),
+                io.Model.Input("model", tooltip="MODEL of an SD1.x or SDXL-family (SDXL, Pony, Illustrious, "
+                                                "SSD-1B, Segmind Vega, KOALA) checkpoint loader."),
                 io.Clip.Input("clip", tooltip="CLIP of the same checkpoint."),
                 io.Vae.Input("vae", tooltip="VAE of the same checkpoint (encodes the training images)."),
                 Dataset.Input("dataset", tooltip="From Load Image Dataset."),
@@ -147,7 +165,7 @@ class TrainLora(io.ComfyNode):
                 io.Combo.Input("precision", options=["no", "bf16", "fp16"], default="no",
                                tooltip="Autocast for the frozen model (bf16 on modern GPUs); LoRA stays fp32."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Less memory for slower steps."),
+                                 tooltip="Less memory for slower steps (needed for SDXL at 1024 px on 8-12 GB GPUs)."),
                 io.Int.Input("save_every", default=0, min=0, max=100000,
                              tooltip="Also save a LoRA every N steps into models/loras/lora_workbench (0: off)."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000,

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import unet_keys as uk
 from .network import LoraTarget, kohya_name_fn, select_text_encoder_targets, select_unet_targets
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,24 @@ class Backend(ABC):
     def enable_gradient_checkpointing(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
+    def memory_shape(self):
+        """The model's shape for the memory estimate (a ``memory.ModelShape``), or None if unknown."""
+        return None
+
     def cond_to(self, cond: Any, device: torch.device) -> Any:
         return cond.to(device) if isinstance(cond, torch.Tensor) else cond
 
     def cat_cond(self, conds: list[Any]) -> Any:
         return torch.cat(conds)
+
+    def add_size_conditioning(self, cond: Any, sizes: list[dict]) -> Any:
+        """``cond`` with each sample's image geometry (SDXL's size and crop conditioning).
+
+        ``sizes`` has one dict per sample, as :func:`dataset.size_conditioning` gives: ``original_size``
+        (h, w), ``crop_top_left`` (top, left), ``target_size`` (h, w). Models without such
+        conditioning (SD1/SD2) ignore it.
+        """
+        return cond
 
 
 class DiffusersBackend(Backend):
@@ -125,6 +140,16 @@ class DiffusersBackend(Backend):
         vae_cls = AutoencoderTiny if '"AutoencoderTiny"' in vae_cfg else AutoencoderKL
         vae = vae_cls.from_pretrained(path, subfolder="vae", **kw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        if (path / "text_encoder_2").is_dir():  # SDXL: a second (CLIP-G) encoder and tokenizer
+            from transformers import CLIPTextModelWithProjection
+
+            if not (path / "tokenizer_2").is_dir():
+                raise ModelLoadError(f"{path} has text_encoder_2/ (SDXL) but no tokenizer_2/; copy the model's "
+                                     "tokenizer_2 folder there")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+            return SDXLDiffusersBackend(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, scheduler,
+                                        device=device, weight_dtype=weight_dtype, model_name=path.name)
         return cls(unet, text_encoder, tokenizer, vae, scheduler, device=device, weight_dtype=weight_dtype,
                    model_name=path.name)
 
@@ -137,8 +162,7 @@ class DiffusersBackend(Backend):
         out = [LoraTarget("unet", p, unet_name(p), conv)
                for p, conv in select_unet_targets(self.unet.named_modules(), preset)]
         if text_encoder:
-            te_name = kohya_name_fn("lora_te_")
-            out += [LoraTarget("te", p, te_name(p), False)
+            out += [LoraTarget("te", p, uk.kohya_te_name(p, "te"), False)
                     for p in select_text_encoder_targets(self.text_encoder.named_modules())]
         return out
 
@@ -179,3 +203,136 @@ class DiffusersBackend(Backend):
         self.unet.enable_gradient_checkpointing()
         if hasattr(self.text_encoder, "gradient_checkpointing_enable"):
             self.text_encoder.gradient_checkpointing_enable()
+
+    def memory_shape(self):
+        from .memory import shape_from_diffusers
+
+        encoders = [self.text_encoder] + ([self.text_encoder_2] if hasattr(self, "text_encoder_2") else [])
+        return shape_from_diffusers(self.unet, encoders, self.vae, self.model_name or self.arch.upper())
+
+
+# ---- SDXL ----------------------------------------------------------------------------------------
+@dataclass
+class SDXLCond:
+    """SDXL's conditioning for a batch.
+
+    context: both encoders' penultimate hidden states side by side, [B, 77, 768 + 1280].
+    pooled: CLIP-G's pooled, projected output, [B, 1280] (with the size ids, the UNet's ``y``).
+    time_ids: per sample original (h, w), crop (top, left), target (h, w), [B, 6]; None until
+        :meth:`Backend.add_size_conditioning` sets them (the prediction then assumes an uncropped
+        image of the latent's size, as a pipeline does for a new image).
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor | None = None
+
+    def _map(self, fn) -> "SDXLCond":
+        return SDXLCond(fn(self.context), fn(self.pooled), None if self.time_ids is None else fn(self.time_ids))
+
+    def __getitem__(self, index) -> "SDXLCond":
+        return self._map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def detach(self) -> "SDXLCond":
+        return self._map(torch.Tensor.detach)
+
+    def to(self, *args, **kwargs) -> "SDXLCond":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(conds: list["SDXLCond"]) -> "SDXLCond":
+        times = [c.time_ids for c in conds]
+        return SDXLCond(torch.cat([c.context for c in conds]), torch.cat([c.pooled for c in conds]),
+                        None if any(t is None for t in times) else torch.cat(times))
+
+
+def size_time_ids(sizes: list[dict], device=None) -> torch.Tensor:
+    """SDXL's ``add_time_ids``, [B, 6]: original (h, w) + crop top-left (top, left) + target (h, w)."""
+    rows = [[*s["original_size"], *s["crop_top_left"], *s["target_size"]] for s in sizes]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+class SDXLDiffusersBackend(DiffusersBackend):
+    """SDXL in diffusers classes: UNet2DConditionModel (text_time) + CLIPTextModel + CLIPTextModelWithProjection.
+
+    Conditioning is what ``StableDiffusionXLPipeline.encode_prompt`` computes: the penultimate hidden
+    states of both encoders concatenated, CLIP-G's pooled projection, and the six size/crop numbers of
+    each training image. UNet module names are kohya's SDXL ones (LDM paths, ``lora_unet_input_blocks_*``),
+    the encoders' ``lora_te1_`` (CLIP-L) and ``lora_te2_`` (CLIP-G).
+    """
+
+    def __init__(self, unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, scheduler,
+                 device: str | torch.device = "cpu", weight_dtype: torch.dtype = torch.float32, model_name: str = ""):
+        if unet.config.get("addition_embed_type") != "text_time":
+            raise ModelLoadError(
+                f"this UNet has addition_embed_type={unet.config.get('addition_embed_type')!r}, not SDXL's "
+                "'text_time' (pooled text + size conditioning); load it as an SD1/SD2 model instead"
+            )
+        width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+        if width != unet.config.cross_attention_dim:
+            raise ModelLoadError(
+                f"the two text encoders give {text_encoder.config.hidden_size} + {text_encoder_2.config.hidden_size}"
+                f" = {width} wide text but the UNet's cross-attention reads {unet.config.cross_attention_dim}; "
+                "the encoders do not belong to this UNet"
+            )
+        super().__init__(unet, text_encoder, tokenizer, vae, scheduler, device=device, weight_dtype=weight_dtype,
+                         model_name=model_name)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        text_encoder_2.requires_grad_(False)
+        text_encoder_2.eval()
+        text_encoder_2.to(self.device, dtype=weight_dtype)
+        self.arch = "sdxl"
+        # kohya names SDXL UNet modules by their LDM path; the layout names them for any SDXL-shaped UNet.
+        self.layout = uk.layout_from_diffusers_config(unet.config)
+
+    def roots(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "te1": self.text_encoder, "te2": self.text_encoder_2}
+
+    def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
+        out = [LoraTarget("unet", p, uk.kohya_unet_name(p, "sdxl", self.layout), conv)
+               for p, conv in select_unet_targets(self.unet.named_modules(), preset)]
+        if text_encoder:
+            for comp, te in (("te1", self.text_encoder), ("te2", self.text_encoder_2)):
+                out += [LoraTarget(comp, p, uk.kohya_te_name(p, comp), False)
+                        for p in select_text_encoder_targets(te.named_modules())]
+        return out
+
+    def encode_prompts(self, prompts: list[str]) -> SDXLCond:
+        hidden = []
+        pooled = None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both encoders
+            pooled = out[0]  # the last encoder's (CLIP-G's) projected pooled output
+        return SDXLCond(torch.cat(hidden, dim=-1), pooled)
+
+    def add_size_conditioning(self, cond: SDXLCond, sizes: list[dict]) -> SDXLCond:
+        if len(sizes) != len(cond):
+            raise ValueError(f"{len(sizes)} image sizes for {len(cond)} prompts; give one per sample")
+        return SDXLCond(cond.context, cond.pooled, size_time_ids(sizes, cond.context.device))
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLCond) -> torch.Tensor:
+        time_ids = cond.time_ids
+        if time_ids is None:  # a fresh image (previews): uncropped, at the latent's size
+            h, w = x_t.shape[-2] * self.latent_factor, x_t.shape[-1] * self.latent_factor
+            time_ids = size_time_ids([{"original_size": (h, w), "crop_top_left": (0, 0), "target_size": (h, w)}]
+                                     * x_t.shape[0], x_t.device)
+        dt = self.weight_dtype
+        added = {"text_embeds": cond.pooled.to(dt), "time_ids": time_ids.to(x_t.device, dt)}
+        return self.unet(x_t.to(dt), t, encoder_hidden_states=cond.context.to(dt), added_cond_kwargs=added).sample
+
+    def cat_cond(self, conds: list[SDXLCond]) -> SDXLCond:
+        return SDXLCond.cat(conds)
+
+    def cond_to(self, cond: SDXLCond, device: torch.device) -> SDXLCond:
+        return cond.to(device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        super().enable_gradient_checkpointing()
+        if hasattr(self.text_encoder_2, "gradient_checkpointing_enable"):
+            self.text_encoder_2.gradient_checkpointing_enable()

@@ -65,9 +65,17 @@ def diffusers_renderer(backend, resolution: int, steps: int = 25, guidance: floa
     sched = DPMSolverMultistepScheduler.from_config(
         {"num_train_timesteps": backend.alphas_cumprod().shape[0], "beta_start": 0.00085, "beta_end": 0.012,
          "beta_schedule": "scaled_linear", "prediction_type": backend.prediction_type})
-    pipe = StableDiffusionPipeline(vae=backend.vae, text_encoder=backend.text_encoder, tokenizer=backend.tokenizer,
-                                   unet=backend.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if hasattr(backend, "text_encoder_2"):  # SDXL: both encoders, the pooled output and size conditioning
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=backend.vae, text_encoder=backend.text_encoder,
+                                         text_encoder_2=backend.text_encoder_2, tokenizer=backend.tokenizer,
+                                         tokenizer_2=backend.tokenizer_2, unet=backend.unet, scheduler=sched,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=backend.vae, text_encoder=backend.text_encoder, tokenizer=backend.tokenizer,
+                                       unet=backend.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
 
     def render(prompt: str, seed: int, index: int) -> Image.Image:

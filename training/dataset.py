@@ -187,16 +187,37 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], flip: bool = Fals
     """
     bw, bh = bucket
     w, h = image.size
-    scale = max(bw / w, bh / h)
-    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    (nw, nh), (left, top) = _cover_and_crop(w, h, bucket)
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.Resampling.LANCZOS)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    left, top = (nw - bw) // 2, (nh - bh) // 2
     if (nw, nh) != (bw, bh):
         image = image.crop((left, top, left + bw, top + bh))
     return image, (left, top), (w, h)
+
+
+def _cover_and_crop(w: int, h: int, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((scaled width, height), (left, top) of the centred crop) when a w x h image covers ``bucket``."""
+    bw, bh = bucket
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    return (nw, nh), ((nw - bw) // 2, (nh - bh) // 2)
+
+
+def size_conditioning(record: ImageRecord, bucket: tuple[int, int] | None = None) -> dict:
+    """SDXL's size conditioning of ``record`` fitted to ``bucket`` (default: its own), without reading it.
+
+    The same numbers :func:`load_pixels` returns as ``meta``: ``original_size`` (h, w) of the image,
+    ``crop_top_left`` (top, left) of the centred crop in the scaled image, ``target_size`` (bh, bw).
+    A mirrored image keeps them: the crop is centred, so its offsets are the same either way.
+    """
+    bucket = bucket or record.bucket
+    if bucket is None:
+        raise DatasetError(f"{record.name} has no bucket; assign buckets first (assign_buckets)")
+    _, (left, top) = _cover_and_crop(record.width, record.height, bucket)
+    return {"original_size": (record.height, record.width), "crop_top_left": (top, left),
+            "target_size": (bucket[1], bucket[0])}
 
 
 # ---------------------------------------------------------------- reading images

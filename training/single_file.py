@@ -126,7 +126,8 @@ def detect_arch(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint
         if has("conditioner.embedders.1.") or UNET_PREFIX + "label_emb.0.0.weight" in shapes:
             raise ModelLoadError(
                 f"{source} is an SDXL checkpoint (it has conditioner.embedders.* text encoders). SDXL checkpoints "
-                "are not supported by the CLI yet; use an SD1.x or SD2.x checkpoint or diffusers folder"
+                "are not supported by the CLI yet; pass the model as an SDXL diffusers folder (with "
+                "text_encoder_2/ and tokenizer_2/), or train it in ComfyUI's Train LoRA node"
             )
         raise ModelLoadError(
             f"{source} stores its text encoder in the sgm layout (conditioner.embedders.0.*), which is not "

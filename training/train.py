@@ -27,7 +27,7 @@ from . import network
 from .backend import Backend
 from .config import TrainConfig
 from .dataset import (BucketBatchSampler, DatasetConfig, DatasetError, ImageDataset, ImageRecord, build_caption,
-                      dataset_fingerprint, load_pixels)
+                      dataset_fingerprint, load_pixels, size_conditioning)
 from .distributed import Dist
 from .lora_io import LoraWeights, save_lora
 from .optim import make_optimizer
@@ -57,6 +57,9 @@ class TrainCallbacks:
 
     def on_preview(self, step: int, images: torch.Tensor, prompt: str) -> None:
         """images: [B, H, W, 3] in 0..1, rendered by the model as trained so far."""
+
+    def on_memory_estimate(self, estimate) -> None:
+        """The run's expected peak memory (``memory.MemoryEstimate``), before any LoRA layer exists."""
 
 
 @dataclass
@@ -180,6 +183,13 @@ class Trainer:
             lat.append(self._latent(("c", mb.class_idx[p], mb.bucket), rec, False))
         return torch.stack(lat).to(self.backend.device)
 
+    def _batch_sizes(self, mb: MicroBatch, pos: list[int]) -> list[dict]:
+        """Each sample's size/crop conditioning (SDXL), in the order of ``_batch_latents``."""
+        sizes = [size_conditioning(self.records[mb.idx[p]], mb.bucket) for p in pos]
+        for p in pos if mb.class_idx else ():
+            sizes.append(size_conditioning(self.class_records[mb.class_idx[p]], mb.bucket))
+        return sizes
+
     def _cond_for(self, captions: list[str], use_cache: bool) -> Any:
         if not use_cache:
             return self.backend.encode_prompts(captions)
@@ -210,6 +220,10 @@ class Trainer:
         self.targets = be.lora_targets(cfg.preset, cfg.train_text_encoder)
         if not self.targets:
             raise TrainingError(f"preset {cfg.preset!r} found no layers to train in this model")
+        estimate = self.memory_estimate()
+        if estimate is not None:
+            log.info("expected peak memory on %s: %s", be.device, estimate.summary())
+            self.cb.on_memory_estimate(estimate)
         state = None
         if self.resume_from is not None:
             state = load_state(self.resume_from)
@@ -330,6 +344,7 @@ class Trainer:
                     with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
                         cache = cfg.cache_text_embeddings and not te_trains
                         cond = self._cond_for(captions, use_cache=cache)
+                        cond = be.add_size_conditioning(cond, self._batch_sizes(mb, pos))
                         pred = be.predict(x_t, t, cond)
                     # The loss in fp32 whatever the autocast dtype.
                     huber_c = None
@@ -417,6 +432,13 @@ class Trainer:
         except NotImplementedError:
             return
         self.cb.on_preview(step, img, prompt)
+
+    def memory_estimate(self):
+        """This run's expected peak memory (``memory.MemoryEstimate``), None if the backend cannot tell."""
+        from .memory import estimate_for_run
+
+        return estimate_for_run(self.backend, self.cfg, self.targets or self.backend.lora_targets(
+            self.cfg.preset, self.cfg.train_text_encoder), [r.bucket for r in self.records], bool(self.class_records))
 
     # ---- output --------------------------------------------------------------------------------
     def metadata(self, steps_done: int) -> dict[str, str]:

@@ -292,11 +292,26 @@ def kohya_unet_name(diffusers_module_path: str, arch: str, layout: UNetLayout | 
     return "lora_unet_" + _underscored(ldm)
 
 
+# Children of a Hugging Face CLIP ``text_model``: transformers >= 5.6 flattened ``CLIPTextModel`` to these
+# (no ``text_model.`` level), while ``CLIPTextModelWithProjection`` and ComfyUI keep the level.
+_CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+def canonical_clip_path(hf_module_path: str) -> str:
+    """A CLIP text-model module path with the ``text_model.`` level kohya names are built on, whichever
+    transformers version (or host) built the model: ``encoder.layers.0.mlp.fc1`` ->
+    ``text_model.encoder.layers.0.mlp.fc1``."""
+    if hf_module_path.startswith(_CLIP_TEXT_MODEL_CHILDREN):
+        return "text_model." + hf_module_path
+    return hf_module_path
+
+
 def kohya_te_name(hf_module_path: str, component: str = "te") -> str:
-    """The kohya LoRA name of a text-encoder module: ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + path."""
+    """The kohya LoRA name of a text-encoder module: ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + path
+    (``text_model.encoder.layers...``, also for a flattened transformers ``CLIPTextModel``)."""
     if component not in TE_COMPONENTS:
         raise ValueError(f"text-encoder component {component!r} unknown; use one of {TE_COMPONENTS}")
-    return f"lora_{component}_" + _underscored(hf_module_path)
+    return f"lora_{component}_" + _underscored(canonical_clip_path(hf_module_path))
 
 
 def kohya_name(component: str, module_path: str, arch: str, layout: UNetLayout | None = None) -> str:

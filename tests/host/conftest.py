@@ -14,6 +14,8 @@ Fixtures (all session-scoped, so ComfyUI boots once per run):
                         ComfyUI's PromptExecutor, no HTTP server.
   tiny_sd15_checkpoint  Path of a tiny checkpoint ComfyUI detects as SD1.5, in the host's
                         ``models/checkpoints`` (its ``.name`` is the ``ckpt_name`` to use).
+  tiny_sdxl_checkpoint  The same for a tiny SDXL-family checkpoint (~1.7 GB: ComfyUI's CLIP-G is
+                        full size), built once per session in the session's temporary folder.
 """
 
 from __future__ import annotations
@@ -129,3 +131,10 @@ def tiny_sd15_checkpoint(comfy_host) -> Path:
     from tiny_sd15 import write_checkpoint
 
     return write_checkpoint(comfy_host.base_directory / "models" / "checkpoints" / "tiny_sd15.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(comfy_host) -> Path:
+    from tiny_sdxl import write_checkpoint
+
+    return write_checkpoint(comfy_host.base_directory / "models" / "checkpoints" / "tiny_sdxl.safetensors")

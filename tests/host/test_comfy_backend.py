@@ -198,9 +198,9 @@ def test_non_sd1_model_is_refused_naming_it(comfy_host, tiny_sd15_checkpoint):
     from lora_workbench.nodes.comfy_backend import ComfyBackend, UnsupportedModelError
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
-    model.model.model_config = comfy.supported_models.SDXL(model.model.model_config.unet_config)
-    with pytest.raises(UnsupportedModelError, match=r"'my_xl.safetensors' \(SDXL\).*SDXL .*later"):
-        ComfyBackend(model, clip, vae, model_name="my_xl.safetensors")
+    model.model.model_config = comfy.supported_models.SD20(model.model.model_config.unet_config)
+    with pytest.raises(UnsupportedModelError, match=r"'my_sd2.safetensors' \(SD20\).*SDXL.*later"):
+        ComfyBackend(model, clip, vae, model_name="my_sd2.safetensors")
 
 
 # ---- 2. train, save, load with ComfyUI's LoraLoader --------------------------------------------------

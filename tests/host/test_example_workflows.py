@@ -5,7 +5,9 @@ prompt the editor would queue (``training.workflow.ui_to_api``, against this Com
 ``/object_info``), checked by ComfyUI's ``validate_prompt`` as shipped, then shrunk for a CPU
 (tiny checkpoint, 64 px, a few steps: overrides chosen by node class, never by id) and run.
 The checkpoint and the LoRA files an example names are the user's to pick, so the tests swap them,
-again by node class, for a tiny checkpoint and small random LoRAs made for it.
+again by node class, for a tiny checkpoint and small random LoRAs made for it. Examples named
+``*_sdxl`` get the tiny SDXL-family checkpoint (built only when such an example runs), the others
+the tiny SD1.5 one.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
     return list(EXAMPLE_LORAS)
 
 
+def _checkpoint(name: str, request) -> Path:
+    """The tiny checkpoint of the example's model family."""
+    return request.getfixturevalue("tiny_sdxl_checkpoint" if "_sdxl" in name else "tiny_sd15_checkpoint")
+
+
 def _photos(folder: Path) -> Path:
     from comfy_harness import make_photos
 
@@ -140,12 +147,12 @@ def test_there_is_an_example_workflow_with_a_thumbnail():
 
 
 @pytest.mark.parametrize("name", [p.name for p in EXAMPLES])
-def test_example_is_valid_as_shipped(comfy_host, tiny_sd15_checkpoint, example_loras, converted, name):
+def test_example_is_valid_as_shipped(comfy_host, example_loras, converted, name, request):
     """Every value of the shipped graph passes ComfyUI's validation; only the checkpoint and LoRA
     files, which the user picks, are swapped for ones this ComfyUI has."""
     import execution
 
-    prompt = _with_host_files(converted[name], tiny_sd15_checkpoint.name, example_loras)
+    prompt = _with_host_files(converted[name], _checkpoint(name, request).name, example_loras)
     valid, error, outputs, node_errors = comfy_host.loop.run_until_complete(
         execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert valid, (error, node_errors)
@@ -153,14 +160,15 @@ def test_example_is_valid_as_shipped(comfy_host, tiny_sd15_checkpoint, example_l
 
 
 @pytest.mark.parametrize("name", [p.name for p in EXAMPLES])
-def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_prompt, tiny_sd15_checkpoint,
-                                                              example_loras, converted, tmp_path, name):
+def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_prompt, example_loras, converted,
+                                                              tmp_path, name, request):
     import folder_paths
     from PIL import Image
 
     from lora_workbench.training.lora_io import load_lora
 
-    prompt = _for_cpu(converted[name], tiny_sd15_checkpoint.name, example_loras, _photos(tmp_path / "photos"))
+    ckpt = _checkpoint(name, request)
+    prompt = _for_cpu(converted[name], ckpt.name, example_loras, _photos(tmp_path / "photos"))
     loras = comfy_host.base_directory / "models" / "loras"
     checkpoints = comfy_host.base_directory / "models" / "checkpoints"
     before = set(loras.rglob("*.safetensors")) | set(checkpoints.rglob("*.safetensors"))
@@ -199,8 +207,13 @@ def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_pr
         new = sorted(set(loras.rglob("*.safetensors")) - before)
         assert new, "no LoRA file was written to models/loras"
         triggers = {n["inputs"]["trigger_word"] for n in _nodes(prompt, "LW_LoadImageDataset").values()}
+        estimates = run.events("lw.train.memory")
+        assert estimates and "expected peak memory" in estimates[0]["text"], "no memory estimate was shown"
+        family = "sdxl_base_v1-0" if "_sdxl" in name else "sd_v1"
         for path in new:
-            assert load_lora(path).metadata["modelspec.trigger_phrase"] in triggers, path
+            metadata = load_lora(path).metadata
+            assert metadata["modelspec.trigger_phrase"] in triggers, path
+            assert metadata["ss_base_model_version"] == family, path
 
     images = {}  # "with" / "without" the trained LoRA -> pixels of the SaveImage outputs
     for node_id in _nodes(prompt, "SaveImage"):

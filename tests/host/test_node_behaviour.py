@@ -296,7 +296,9 @@ def _bad_sdxl_model(comfy_host, ckpt, tmp_path):
     prompt = _training_prompt(ckpt, _images(tmp_path / "s"), model=["6", 0])
     prompt["6"] = {"class_type": "UNETLoader", "inputs": {"unet_name": _sdxl_shaped_unet(comfy_host),
                                                          "weight_dtype": "default"}}
-    return prompt, "8", ["SDXL model cannot be trained yet", "trains SD1.x", "Load an SD1.5-based checkpoint"]
+    # SDXL trains, but not with the SD1.5 checkpoint's CLIP that this graph connects.
+    return prompt, "8", ["SD1ClipModel", "not the SDXL CLIP-L + CLIP-G text encoders",
+                         "connect the CLIP output of the same checkpoint loader"]
 
 
 def _bad_resume_state(comfy_host, ckpt, tmp_path):
