@@ -1,16 +1,15 @@
 """ComfyUI V3 nodes: thin adapters over the engine in ``training/``.
 
-This module is imported only from ``comfy_entrypoint`` (inside ComfyUI), so it may import
-``comfy_api``; nothing in ``training/`` may.
+The extension (``extension.py``) is imported only when ComfyUI asks for it from
+``comfy_entrypoint``: importing ``comfy_api`` imports ``folder_paths``, which fixes ComfyUI's paths,
+so it must not happen before ComfyUI is booted. That keeps ``nodes.headless`` (which boots ComfyUI)
+and ``nodes.comfy_client`` importable without ComfyUI. Nothing in ``training/`` may import ComfyUI.
 """
 
-from comfy_api.latest import ComfyExtension, io
 
+def __getattr__(name):
+    if name == "LoraWorkbenchExtension":
+        from .extension import LoraWorkbenchExtension
 
-class LoraWorkbenchExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        # Node modules are imported here, lazily, so a failure names the module that broke.
-        from . import dataset_nodes, grid_nodes, lora_nodes, merge_nodes, stack_nodes, train_nodes
-
-        return [*dataset_nodes.NODES, *lora_nodes.NODES, *train_nodes.NODES, *stack_nodes.NODES, *grid_nodes.NODES,
-                *merge_nodes.NODES]
+        return LoraWorkbenchExtension
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,9 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show a LoRA file's modules and metadata")
     ins.add_argument("file")
 
+    _add_caption_parser(sub)
+
     de = sub.add_parser("demo", help="train a tiny model on generated images (about a minute on a CPU)")
     de.add_argument("--out", default="lora_workbench_demo", help="folder for everything the demo writes")
     de.add_argument("--steps", type=int, default=100)
+
+    ru = sub.add_parser("run", help="run a ComfyUI workflow (UI or API format) headless, or against a server",
+                        description="Runs a saved ComfyUI workflow without the browser. A workflow in the editor's "
+                                    "format is converted to the prompt the editor would queue, with the node "
+                                    "definitions of the ComfyUI that runs it. Outputs go where that ComfyUI "
+                                    "writes them.")
+    ru.add_argument("workflow", help="workflow .json: as saved by the editor, or exported with 'Export (API)'")
+    ru.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                    help="change one input before running (repeatable); NODE is a node id, title or class that "
+                         "names one node; VALUE is JSON (20, 0.5, true, \"text\") or plain text")
+    ru.add_argument("--variants", metavar="FILE", default=None,
+                    help="a .csv or .json of rows to render one after the other; columns are NODE.INPUT, or "
+                         "prompt, negative, seed, strength (see README), or name (a label)")
+    where = ru.add_mutually_exclusive_group()
+    where.add_argument("--comfyui", metavar="PATH", default=None,
+                       help="ComfyUI folder to boot in this process (default: COMFYUI_PATH or ~/comfy/ComfyUI)")
+    where.add_argument("--server", metavar="URL", default=None,
+                       help="a running ComfyUI to queue on instead, e.g. http://127.0.0.1:8188")
+    ru.add_argument("--base-directory", default=None,
+                    help="in-process runs: ComfyUI's --base-directory (models/, input/, output/, custom_nodes/)")
+    ru.add_argument("--output-directory", default=None,
+                    help="in-process runs: ComfyUI's --output-directory (default: its output/ folder)")
+    ru.add_argument("--cpu", action="store_true", help="in-process runs: ComfyUI's --cpu")
+    ru.add_argument("--timeout", type=float, default=None, help="--server runs: seconds one prompt may take")
     return p
 
 
@@ -153,11 +179,91 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_caption_parser(sub) -> None:
+    from .captioners import CAPTIONERS, BlipOptions, TaggerOptions
+    from .captions import CaptionFormat
+
+    ca = sub.add_parser("caption", help="write a caption .txt beside every image of a folder (BLIP or a WD14 tagger)",
+                        description="Captions the images of a folder (and its kohya N_name sub-folders) with a local "
+                                    "model. Existing captions are kept unless --overwrite (then saved as .bak).")
+    ca.add_argument("folder", help="folder of images")
+    ca.add_argument("--captioner", required=True, choices=CAPTIONERS, help="blip: sentences; wd14: booru tags")
+    ca.add_argument("--model", required=True,
+                    help="blip: the model folder (config.json, model.safetensors, preprocessor_config.json, "
+                         "tokenizer files); wd14: a folder with model.onnx + selected_tags.csv, or <name>.onnx "
+                         "beside <name>.csv")
+    ca.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    ca.add_argument("--overwrite", action="store_true",
+                    help="re-caption images that have a caption (the old file is kept as name.txt.bak)")
+    ca.add_argument("--extension", default=".txt", help="caption file extension (default: .txt)")
+    _add_dataclass_options(ca.add_argument_group(
+        "caption text", "the trigger goes first (or where --prefix/--suffix say [trigger]); repeated tags are "
+        "dropped"), CaptionFormat, skip=set())
+    _add_dataclass_options(ca.add_argument_group(
+        "blip", "--prompt 'a photo of' starts every caption; --num-beams 1 is greedy; lengths in tokens"),
+        BlipOptions, skip=set())
+    _add_dataclass_options(ca.add_argument_group(
+        "wd14", "tags at or above the thresholds, most confident first; --exclude-tags 'solo, simple background'"),
+        TaggerOptions, skip={"batch_size"})
+
+
+def cmd_caption(ns: argparse.Namespace) -> int:
+    from .captioners import BlipOptions, TaggerOptions, check_model, load_captioner
+    from .captions import CaptionFormat, caption_folder
+
+    check_model(ns.captioner, ns.model)  # a missing file fails before any image is read
+    cls = BlipOptions if ns.captioner == "blip" else TaggerOptions
+    report = caption_folder(ns.folder, lambda: load_captioner(ns.captioner, ns.model, ns.device),
+                            cls(**_pick(ns, cls)), CaptionFormat(**_pick(ns, CaptionFormat)),
+                            overwrite=ns.overwrite, extension=ns.extension)
+    print(report.table())
+    print(report.summary())
+    for image, why in report.failed.items():
+        print(f"lora-workbench caption: failed: {image}: {why}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(Path(ns.out), steps=ns.steps)
     return 0
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .runner import load_variants, parse_assignment, run_workflow
+    from .workflow import load_workflow
+
+    # A bad file or option fails before ComfyUI boots (node names are checked once it has).
+    workflow = load_workflow(ns.workflow)
+    for text in ns.sets:
+        parse_assignment(text)
+    variants = load_variants(ns.variants) if ns.variants else None
+    if ns.server:
+        if ns.output_directory or ns.base_directory or ns.cpu:
+            raise ValueError("--base-directory, --output-directory and --cpu are the server's own options; "
+                             "start it with them")
+        from ..nodes.comfy_client import ServerHost
+
+        host = ServerHost(ns.server, timeout=ns.timeout)
+    else:
+        from ..nodes.headless import boot
+
+        try:
+            host = boot(ns.comfyui, base_directory=ns.base_directory, output_directory=ns.output_directory,
+                        cpu=ns.cpu)
+        except ImportError as e:
+            raise RuntimeError(f"ComfyUI cannot be imported with this Python ({sys.executable}): {e}; install its "
+                               "requirements here (pip install -r ComfyUI/requirements.txt) or use --server URL") from e
+    try:
+        results = run_workflow(host, workflow, sets=ns.sets, variants=variants,
+                               write=lambda line: print(line, flush=True))
+    finally:
+        host.close()
+    failed = [r for r in results if not r.ok]
+    for r in failed if not variants else ():
+        print(f"lora-workbench run: failed: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo}[ns.command](ns)
+        return {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "run": cmd_run,
+                "caption": cmd_caption}[ns.command](ns)
     except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
         # Our errors already say what is wrong and how to fix it: show that, not a traceback.
         if ns.verbose:
