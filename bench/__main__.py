@@ -66,6 +66,9 @@ def contenders(with_native: bool, with_diffusers: bool) -> list[Contender]:
         Contender("engine-attn-bf16", "engine", {"rank": RANK, "preset": "attn", "precision": "bf16"},
                   "our engine standalone, preset attn, bf16 autocast (LoRA fp32)",
                   "diffusers" if with_diffusers else None),
+        Contender("engine-attn-bf16w", "engine_bf16", {"rank": RANK, "preset": "attn", "precision": "bf16"},
+                  "our engine standalone, preset attn, base weights in bf16 (--weight-dtype bf16), LoRA fp32",
+                  "diffusers" if with_diffusers else None),
         Contender("engine-all", "engine", {"rank": RANK, "preset": "all"},
                   "our engine standalone (diffusers backend), preset all", nat, sizes=("tiny",)),
     ]
@@ -136,6 +139,16 @@ def run_diffusers(src: Path, size: str, seed: int, work: Path, env: dict) -> dic
     if code != 0 or not d:
         return {"error": f"diffusers script failed (exit {code}); see {log}"}
     return {"step": statistics.median(d), "steps": d, "trainable": data["trainable"], "rss": None}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def comfy_usable(path: Path) -> tuple[bool, str]:
@@ -266,8 +279,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(ns.threads), "MKL_NUM_THREADS": str(ns.threads),
            "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = time.time()
-    peak = matmul_peak(ns.threads)
-    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    peaks = {}
     only = set(ns.only.split(",")) if ns.only else None
     sections, work = [], Path(tempfile.mkdtemp(prefix="lw_bench_"))
     for size in ns.sizes.split(","):
@@ -275,6 +287,9 @@ def main(argv=None) -> int:
               if c.kind != "node" or comfy_ok]
         cs = [c for c in cs if (only is None or c.name in only) and size in c.sizes]
         runs = ns.runs if size == "tiny" else ns.real_runs
+        # The peak is measured anew for each size, just before its runs: a shared machine's load drifts.
+        peak = peaks[size] = matmul_peak(ns.threads)
+        print(f"[{size}] matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
         workers = {}
         try:
             for kind in dict.fromkeys(c.kind for c in cs if c.kind != "diffusers"):
@@ -315,9 +330,11 @@ def main(argv=None) -> int:
             print(sections[-1])
     import torch
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {ns.threads} threads, "
-               f"torch {torch.__version__}, Python {platform.python_version()}; matmul peak measured in this run: "
-               f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    measured = "; ".join(f"{size}: fp32 {p['fp32'] / 1e9:.0f} GFLOP/s, bf16 {p['bf16'] / 1e9:.0f} GFLOP/s"
+                         for size, p in peaks.items())
+    machine = (f"{_cpu_name()}, {os.cpu_count()} cores, {ns.threads} threads, torch {torch.__version__}, "
+               f"Python {platform.python_version()}; 2048x2048 matmul peak measured before each size's runs: "
+               f"{measured}")
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"# Benchmark results\n\nMachine: {machine}.\n\nCommand: `{command}` "
             f"({time.time() - started:.0f} s, {time.strftime('%Y-%m-%d')}).\n\n"

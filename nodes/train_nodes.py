@@ -42,7 +42,6 @@ class ComfyCallbacks(TrainCallbacks):
 
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
-        self.preview = None
 
     def _send(self, event: str, data: dict) -> None:
         try:
@@ -55,14 +54,15 @@ class ComfyCallbacks(TrainCallbacks):
 
     def on_step(self, step, total, loss, lr):
         self._send("lw.train.step", {"step": step, "total": total, "loss": loss, "lr": lr})
-        self.bar.update_absolute(step, total, self.preview)
-        self.preview = None
+        self.bar.update_absolute(step, total)
 
     def on_preview(self, step, images, prompt):
         from PIL import Image
 
         arr = (images[0].clamp(0, 1).numpy() * 255).astype(np.uint8)
-        self.preview = ("JPEG", Image.fromarray(arr), 512)
+        # Sent at once with the step's progress (the trainer renders after on_step): the preview of
+        # the last step reaches the editor too.
+        self.bar.update_absolute(step, self.bar.total, ("JPEG", Image.fromarray(arr), 512))
         self._send("lw.train.preview", {"step": step, "prompt": prompt})
 
     def on_save(self, path, step):
