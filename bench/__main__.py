@@ -66,7 +66,7 @@ def contenders(with_native: bool, with_diffusers: bool) -> list[Contender]:
         Contender("engine-attn-bf16", "engine", {"rank": RANK, "preset": "attn", "precision": "bf16"},
                   "our engine standalone, preset attn, bf16 autocast (LoRA fp32)",
                   "diffusers" if with_diffusers else None),
-        Contender("engine-attn-bf16w", "engine_bf16", {"rank": RANK, "preset": "attn", "precision": "bf16"},
+        Contender("engine-attn-bf16w", "engine", {"rank": RANK, "preset": "attn", "precision": "bf16", "weights": "bf16"},
                   "our engine standalone, preset attn, base weights in bf16 (--weight-dtype bf16), LoRA fp32",
                   "diffusers" if with_diffusers else None),
         Contender("engine-all", "engine", {"rank": RANK, "preset": "all"},

@@ -223,18 +223,13 @@ class NodeWorker:
 
 # ---- the standalone engine -----------------------------------------------------------------------
 class EngineWorker:
-    weight_dtype = "float32"
-
     def __init__(self, size: str):
-        import torch
-
         from lora_workbench.training.backend import DiffusersBackend
         from lora_workbench.training.dataset import DatasetConfig, scan_folder
 
         self.size = SIZES[size]
         self.tmp = Path(tempfile.mkdtemp(prefix="lw_bench_engine_"))
-        self.backend = DiffusersBackend(**diffusers_components(size, self.tmp / "tokenizer"),
-                                        weight_dtype=getattr(torch, self.weight_dtype))
+        self.backend = DiffusersBackend(**diffusers_components(size, self.tmp / "tokenizer"))
         px = self.size.pixels
         self.dcfg = DatasetConfig(path=str(write_images(self.tmp / "images", self.size.images, px)), resolution=px,
                                   enable_buckets=False, min_bucket_side=px, max_bucket_side=px)
@@ -260,17 +255,24 @@ class EngineWorker:
                           lr=1e-4, seed=seed, gradient_checkpointing=variant.get("gc", False),
                           mixed_precision=variant.get("precision", "no"), prior_loss_weight=1.0)
         prior = variant.get("prior")
+        self._weights(variant.get("weights", "fp32"))
         Trainer(self.backend, self.records, self.dcfg, cfg, callbacks=Callbacks(),
                 class_records=self.class_records if prior else None,
                 class_prompt="a photo of a ball" if prior else "").run()
         return clock, trainable[0]
 
+    def _weights(self, name: str) -> None:
+        """The frozen base in fp32, or in bf16 as GPU users run it (``--weight-dtype bf16``), converted
+        in place between runs: one copy of the model, not one per dtype (the real size is 4 GB)."""
+        import torch
 
-class EngineBf16Worker(EngineWorker):
-    """The frozen base stored in bf16 (``--weight-dtype bf16``), as GPU users run it: autocast then
-    has no fp32 weights to cast every step. LoRA weights stay fp32."""
-
-    weight_dtype = "bfloat16"
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        be = self.backend
+        if be.weight_dtype != dtype:
+            for m in (be.unet, be.text_encoder):
+                m.to(dtype=dtype)
+            be.weight_dtype = dtype
+            release_memory()
 
 
 # ---- using LoRAs: stacks, sampling, merging -------------------------------------------------------
@@ -361,8 +363,7 @@ class UseWorker:
             return time.perf_counter() - t0
 
 
-KINDS = {"native": NativeWorker, "node": NodeWorker, "engine": EngineWorker, "engine_bf16": EngineBf16Worker,
-         "use": UseWorker}
+KINDS = {"native": NativeWorker, "node": NodeWorker, "engine": EngineWorker, "use": UseWorker}
 
 
 def serve(kind: str, size: str, comfyui: str | None) -> None:
@@ -397,8 +398,10 @@ def handle(worker, cmd: dict) -> dict:
         size = SIZES[cmd["size"]]
         clock, trainable = worker.train(cmd["variant"], size.warmup + size.measured, cmd["seed"])
         d = clock.durations(size.warmup)
-        return {"step": statistics.median(d), "steps": d, "rss": peak_rss(), "rss_start": start,
-                "trainable": trainable}
+        answer = {"step": statistics.median(d), "steps": d, "rss": peak_rss(), "rss_start": start,
+                  "trainable": trainable}
+        release_memory()  # an idle worker holds only what is live, beside the one that runs
+        return answer
     if op == "flops":
         # One step's FLOPs: a 2-step run minus a 1-step run (set-up work such as encoding cancels).
         one = count_flops(lambda: worker.train(cmd["variant"], 1, 0))
