@@ -217,7 +217,7 @@ def summarise(cs: list[Contender], peak: dict) -> list[dict]:
 
 def fmt_table(size: str, rows: list[dict]) -> str:
     s = SIZES[size]
-    lines = [f"### {size}: {s.pixels}x{s.pixels} px, batch 1, rank {RANK}, fp32 weights, "
+    lines = [f"### {size}: {s.pixels}x{s.pixels} px, batch 1, rank {RANK}, fp32 base weights unless the contender says otherwise, "
              f"{s.measured} timed steps per run after {s.warmup} warm-up",
              "", "| contender | s/step (median) | ratio | vs | peak RSS MiB | RSS ratio | run's RSS growth MiB "
              "| trainable params | GFLOP/step | share of matmul peak | what |",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+
 from lora_workbench.training.backend import DiffusersBackend
 from lora_workbench.training.dataset import DatasetConfig
 from lora_workbench.training.tiny import build_tiny_components
@@ -37,3 +39,27 @@ def tiny_dataset_cfg(folder: Path, **kw) -> DatasetConfig:
 def tiny_backend(seed: int = 0) -> DiffusersBackend:
     c = build_tiny_components(seed=seed)
     return DiffusersBackend(c["unet"], c["text_encoder"], c["tokenizer"], c["vae"], c["scheduler"])
+
+
+@torch.no_grad()
+def fixed_eval_loss(backend, records, dcfg, n_noise=4, seed=123):
+    """Mean denoising loss over fixed (noise, timestep) draws: comparable before and after training.
+
+    Each image gets its own size conditioning (SDXL; a no-op for SD1)."""
+    from lora_workbench.training.dataset import load_pixels
+    from lora_workbench.training.schedules import add_noise, target_for
+
+    g = torch.Generator().manual_seed(seed)
+    alphas = backend.alphas_cumprod()
+    total, n = 0.0, 0
+    for r in records:
+        pixels, meta = load_pixels(r, dcfg)
+        x0 = backend.encode_images(pixels[None])
+        cond = backend.add_size_conditioning(backend.encode_prompts([r.caption]), [meta])
+        for _ in range(n_noise):
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, alphas.shape[0], (1,), generator=g)
+            pred = backend.predict(add_noise(x0, noise, alphas, t), t, cond)
+            total += torch.nn.functional.mse_loss(pred, target_for("epsilon", x0, noise, alphas, t)).item()
+            n += 1
+    return total / n

@@ -11,36 +11,16 @@ from lora_workbench.training.backend import DiffusersBackend, SDXLCond, SDXLDiff
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.dataset import load_pixels, scan_folder, size_conditioning
 from lora_workbench.training.lora_io import load_lora, save_lora
-from lora_workbench.training.schedules import add_noise, target_for
 from lora_workbench.training.tiny_sdxl import build_tiny_sdxl_components, save_tiny_sdxl_pipeline, tiny_sdxl_pipeline
 from lora_workbench.training.train import Trainer
 
-from helpers import make_images, tiny_dataset_cfg
+from helpers import fixed_eval_loss, make_images, tiny_dataset_cfg
 
 PROMPT = "a photo of sks ball"
 
 
 def tiny_sdxl_backend(seed: int = 0) -> SDXLDiffusersBackend:
     return SDXLDiffusersBackend(**build_tiny_sdxl_components(seed=seed))
-
-
-@torch.no_grad()
-def fixed_eval_loss(backend, records, dcfg, n_noise=4, seed=123):
-    """Mean denoising loss over fixed (noise, timestep) draws, with each image's size conditioning."""
-    g = torch.Generator().manual_seed(seed)
-    alphas = backend.alphas_cumprod()
-    total, n = 0.0, 0
-    for r in records:
-        pixels, meta = load_pixels(r, dcfg)
-        x0 = backend.encode_images(pixels[None])
-        cond = backend.add_size_conditioning(backend.encode_prompts([r.caption]), [meta])
-        for _ in range(n_noise):
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.randint(0, alphas.shape[0], (1,), generator=g)
-            pred = backend.predict(add_noise(x0, noise, alphas, t), t, cond)
-            total += torch.nn.functional.mse_loss(pred, target_for("epsilon", x0, noise, alphas, t)).item()
-            n += 1
-    return total / n
 
 
 def test_loss_falls_on_tiny_sdxl(tmp_path):

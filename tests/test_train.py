@@ -12,27 +12,7 @@ from lora_workbench.training.dataset import scan_folder
 from lora_workbench.training.schedules import add_noise, target_for
 from lora_workbench.training.train import TrainCallbacks, Trainer, TrainingError
 
-from helpers import make_images, tiny_backend, tiny_dataset_cfg
-
-
-@torch.no_grad()
-def fixed_eval_loss(backend, records, dcfg, n_noise=4, seed=123):
-    """Mean denoising loss over fixed (noise, timestep) draws: comparable before and after training."""
-    from lora_workbench.training.dataset import load_pixels
-
-    g = torch.Generator().manual_seed(seed)
-    alphas = backend.alphas_cumprod()
-    total, n = 0.0, 0
-    for r in records:
-        x0 = backend.encode_images(load_pixels(r, dcfg)[0][None])
-        cond = backend.encode_prompts([r.caption])
-        for _ in range(n_noise):
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.randint(0, alphas.shape[0], (1,), generator=g)
-            pred = backend.predict(add_noise(x0, noise, alphas, t), t, cond)
-            total += torch.nn.functional.mse_loss(pred, target_for("epsilon", x0, noise, alphas, t)).item()
-            n += 1
-    return total / n
+from helpers import fixed_eval_loss, make_images, tiny_backend, tiny_dataset_cfg
 
 
 def test_loss_falls_by_at_least_half(tmp_path):
