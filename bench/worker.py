@@ -39,25 +39,24 @@ def reset_peak_rss() -> None:
         pass
 
 
-def current_rss() -> int:
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` size (VmRSS, VmHWM) in bytes; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def current_rss() -> int:
+    return _status_bytes("VmRSS") or 0
 
 
 def peak_rss() -> int:
     """Bytes: VmHWM since the last reset (Linux), else the process' lifetime maximum."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class StepClock:
