@@ -149,3 +149,12 @@ def make_photos(folder: Path, n: int = 3, size: int = 64, caption: str = "a phot
         img.save(folder / f"img_{i}.png")
         (folder / f"img_{i}.txt").write_text(caption)
     return folder
+
+
+def assert_every_lora_key_loaded(log_text: str, model, clip, lora) -> None:
+    """ComfyUI's loader took every module of ``lora``: no "lora key not loaded" in the log, and one
+    patch per UNet module on the MODEL and per text-encoder module on the CLIP."""
+    assert "lora key not loaded" not in log_text, log_text
+    n_unet = sum(name.startswith("lora_unet_") for name in lora.modules)
+    assert len(model.patches) == n_unet
+    assert len(clip.patcher.patches) == len(lora.modules) - n_unet
