@@ -40,6 +40,7 @@ import comfy.supported_models
 from ..training import network, unet_keys
 from ..training.backend import Backend, SDXLCond
 from ..training.network import LoraTarget
+from .comfy import host as comfy_host
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class ComfyBackend(Backend):
         encoder.reset_clip_options()
         if self.clip.layer_idx is not None:  # CLIPSetLastLayer ("clip skip")
             encoder.set_clip_options({"layer": self.clip.layer_idx})
-        out = encoder.encode_token_weights(tokens)
+        out = comfy_host.encode_token_weights(self.clip, tokens)
         return (out[0], out[1]) if pooled else out[0]  # SDXL: hidden states (L and G side by side), G's pooled
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -377,7 +378,7 @@ class ComfyBackend(Backend):
         and train/eval modes as they were. Weights keep their values (tensors made under inference
         mode are replaced by equal normal ones, see ``_leave_inference_mode``).
         """
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), comfy_host.in_training():
             mm.load_models_gpu([self.model, self.clip.patcher, self.vae.patcher], memory_required=memory_required)
             roots = self.roots()
             swapped = sum(_leave_inference_mode(r) for r in roots.values())

@@ -206,6 +206,9 @@ def boot(comfyui_path: str | os.PathLike | None = None, *, base_directory: str |
         args.cpu = True
     if base_directory is not None:
         args.base_directory = str(Path(base_directory).resolve())  # read by folder_paths at import
+    from .comfy import host as comfy_host
+
+    comfy_host.setup_dynamic_vram(args, "early")  # main.py: before comfy.model_management is imported
 
     import folder_paths
 
@@ -218,11 +221,12 @@ def boot(comfyui_path: str | os.PathLike | None = None, *, base_directory: str |
 
     _apply_paths(folder_paths, utils.extra_config, comfyui_path, output_directory, extra_model_paths)
     import comfy.utils
-    import execution
     import server
     import nodes
     import comfy.model_management
     import hook_breaker_ac10a0
+
+    comfy_host.setup_dynamic_vram(args, "devices")  # main.py: after model_management, before any model loads
     from comfy_execution.progress import get_progress_state
     from comfy_execution.utils import get_executing_context
 
@@ -238,6 +242,7 @@ def boot(comfyui_path: str | os.PathLike | None = None, *, base_directory: str |
     try:
         hook_breaker_ac10a0.save_functions()
         loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        comfy_host.after_custom_nodes()
         hook_breaker_ac10a0.restore_functions()
     finally:
         root.removeHandler(records)
@@ -258,5 +263,5 @@ def boot(comfyui_path: str | os.PathLike | None = None, *, base_directory: str |
                                 prompt_server.client_id)
 
     comfy.utils.set_progress_bar_global_hook(progress_hook)
-    executor = execution.PromptExecutor(prompt_server, cache_type=execution.CacheType.CLASSIC)
+    executor = comfy_host.prompt_executor(prompt_server)
     return InProcessHost(comfyui_path, base, loop, prompt_server, executor, records.messages)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 
 import torch
 from comfy_api.latest import io, ui
@@ -23,6 +24,7 @@ from ..training.merge import concat_merge, resize_lora, svd_merge
 from .stack_nodes import (APPLIED_KEY, NONE, LoraStack, apply_loras, load_lora_file, lora_names, lora_path,
                           model_family, stack_uses)
 from .lora_nodes import model_file_path
+from .comfy import host as comfy_host
 from .types import Lora
 
 log = logging.getLogger(__name__)
@@ -37,33 +39,17 @@ def checkpoint_target_path(name: str) -> str:
 
 
 def _cast(sd: dict, dtype: torch.dtype) -> dict:
-    """Floating tensors in ``dtype`` (fp8 / integer tensors and markers as they are), contiguous, on the CPU."""
-    out = {}
-    for k, t in sd.items():
-        if t.dtype in _FLOAT_DTYPES and t.dtype != dtype:
-            t = t.to(dtype)
-        out[k] = t.detach().to("cpu").contiguous()
-    return out
+    """Floating tensors in ``dtype`` (fp8 / integer tensors and markers as they are); ``sd`` holds plain CPU
+    tensors (``host.checkpoint_state_dict``)."""
+    return {k: t.to(dtype) if t.dtype in _FLOAT_DTYPES and t.dtype != dtype else t for k, t in sd.items()}
 
 
 def checkpoint_state_dict(model, clip, vae) -> dict:
-    """The MODEL/CLIP/VAE with their patches (LoRAs) merged in, keyed as a checkpoint file.
-
-    The steps of ``comfy.sd.save_checkpoint``, in its order: CLIP loaded (patched) before its state dict
-    is taken, then everything loaded with ``force_patch_weights`` so the patches are in the weights.
-    """
-    import comfy.model_management as mm
+    """The MODEL/CLIP/VAE with their patches (LoRAs) merged in, keyed as a checkpoint file, plus what
+    CheckpointSave adds beside the weights so the file samples the same way when reloaded."""
     import comfy.model_sampling
 
-    load = [model]
-    clip_sd = None
-    if clip is not None:
-        load.append(clip.load_model())
-        clip_sd = clip.get_sd()
-    vae_sd = vae.get_sd() if vae is not None else None
-    mm.load_models_gpu(load, force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip_sd, vae_sd, None)
-    # What CheckpointSave adds beside the weights, so the file samples the same way when reloaded.
+    sd = comfy_host.checkpoint_state_dict(model, clip, vae)
     sampling = model.get_model_object("model_sampling")
     if isinstance(sampling, comfy.model_sampling.ModelSamplingContinuousEDM) and isinstance(
             sampling, comfy.model_sampling.V_PREDICTION):
@@ -72,6 +58,53 @@ def checkpoint_state_dict(model, clip, vae) -> dict:
     if getattr(sampling, "zsnr", False):
         sd["ztsnr"] = torch.tensor([])
     return sd
+
+
+class _FileTensors(Mapping):
+    """A safetensors file as a read-only mapping that loads a tensor only when one is asked for: model
+    detection reads the shapes of a few dozen weights, not the whole checkpoint."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._keys = list(handle.keys())
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+
+def verify_checkpoint(path, model, expected_keys) -> None:
+    """Read the written file back: every key that was meant to be written is there, and ComfyUI detects it
+    as the MODEL's own architecture (same model class and UNet config). Raises ``RuntimeError`` otherwise."""
+    import comfy.model_detection
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        missing, extra = set(expected_keys) - keys, keys - set(expected_keys)
+        if missing or extra:
+            raise RuntimeError(f"{path} does not hold the merged weights: {len(missing)} keys missing "
+                               f"(e.g. {sorted(missing)[:3]}), {len(extra)} unexpected (e.g. {sorted(extra)[:3]})")
+        tensors = _FileTensors(f)
+        prefix = comfy.model_detection.unet_prefix_from_state_dict(tensors)
+        detected = comfy.model_detection.model_config_from_unet(tensors, prefix)
+    want = model.model.model_config
+    if detected is None or type(detected) is not type(want):
+        found = "no known model" if detected is None else type(detected).__name__
+        raise RuntimeError(f"ComfyUI detects {found} in {path}, not the {type(want).__name__} that was merged")
+    differing = {k for k, v in want.unet_config.items() if k in detected.unet_config and detected.unet_config[k] != v}
+    if differing:
+        raise RuntimeError(f"{path} reloads as a {type(want).__name__} of another shape: {sorted(differing)} differ")
 
 
 class MergeLorasToCheckpoint(io.ComfyNode):
@@ -123,7 +156,11 @@ class MergeLorasToCheckpoint(io.ComfyNode):
         if family in MODELSPEC_ARCH:
             metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCH[family],
                              "modelspec.implementation": "sgm"})
-        atomic_write(target, lambda tmp: comfy.utils.save_torch_file(sd, tmp, metadata=metadata))
+        def write_and_check(tmp):
+            comfy.utils.save_torch_file(sd, tmp, metadata=metadata)
+            verify_checkpoint(tmp, model, sd.keys())  # a wrong file is an error and never takes the name
+
+        atomic_write(target, write_and_check)
         rel = os.path.relpath(target, folder_paths.get_folder_paths("checkpoints")[0])
         log.info("saved checkpoint %s", target)
         names = ", ".join(f"{m['name']} ({m['model_strength']:g}/{m['clip_strength']:g})" for m in merged)

@@ -14,6 +14,7 @@ from ..training.lora_io import lora_state_dict, save_lora
 from ..training.fsutil import unique_path
 from ..training.state import load_state
 from ..training.train import TrainCallbacks, Trainer
+from .comfy import host as comfy_host
 from .dataset_nodes import class_records
 from .lora_nodes import lora_target_path, loras_dir
 from .types import ClassImages, Dataset, Lora, LossHistory, LossPayload
@@ -99,7 +100,8 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
     if resume_from is None and any(out_dir.glob(f"{cfg.output_name}-step*.safetensors")):
         # A new run must not replace an earlier run's step saves: give it its own name.
         cfg = dataclasses.replace(cfg, output_name=final.stem)
-    backend = ComfyBackend(model, clip, vae)
+    # The graph's MODEL/CLIP, or private clones where this host cannot train them in place.
+    backend = ComfyBackend(*comfy_host.trainable(model, clip), vae)
     cls_recs = class_records(class_images, dataset.config)
     trainer = Trainer(backend, dataset.records, dataset.config, cfg, output_dir=out_dir,
                       callbacks=ComfyCallbacks(node_id, cfg.steps), class_records=cls_recs,
