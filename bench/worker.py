@@ -284,7 +284,7 @@ class UseWorker:
         self.m = ComfyModels(size)
         import folder_paths
 
-        from lora_workbench.nodes.comfy_backend import ComfyBackend
+        from lora_workbench.nodes.comfy.backend import ComfyBackend
         from lora_workbench.training import network
         from lora_workbench.training.lora_io import save_lora
 

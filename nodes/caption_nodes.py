@@ -19,7 +19,7 @@ from ..training.captioners import (BLIP_EXAMPLE, WD14_EXAMPLE, WD14_MODEL, WD14_
                                    MissingModelError, check_model, load_captioner, options_for)
 from ..training.captions import CaptionEdit, CaptionFormat, caption_folder, edit_caption_folder, edit_captions
 from ..training.dataset import _array_to_pil, _split_batch
-from .dataset_nodes import resolve_folder
+from .comfy.paths import input_folder
 
 MODEL_FOLDERS = {"blip": "blip", "wd14_tagger": "wd14"}  # models/<folder> -> captioner kind
 NO_MODELS = "(no models in models/blip or models/wd14_tagger)"
@@ -230,7 +230,7 @@ class CaptionFolder(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, model, trigger_word, prefix, suffix, device, overwrite, **kw) -> io.NodeOutput:
-        path = resolve_folder(folder)
+        path = input_folder(folder)
         kind, model_path, options, fmt = _setup(model, trigger_word, prefix, suffix, kw)
         check_model(kind, model_path)  # a model folder missing files fails before any image is read
         with ExitStack() as stack:
@@ -304,8 +304,8 @@ class EditCaptions(io.ComfyNode):
             edited, rep = edit_captions(lines, edit)
             parts.append(f"connected captions: {rep.summary()}\n{rep.table()}")
         if folder:
-            rep = edit_caption_folder(resolve_folder(folder), edit, dry_run=dry, make_backup=_one(backup, True))
-            parts.append(f"{resolve_folder(folder)}: {rep.summary()}\n{rep.table()}")
+            rep = edit_caption_folder(input_folder(folder), edit, dry_run=dry, make_backup=_one(backup, True))
+            parts.append(f"{input_folder(folder)}: {rep.summary()}\n{rep.table()}")
         report = "\n\n".join(parts)
         text = "\n".join(edited)
         return io.NodeOutput(edited, text, report, ui=ui.PreviewText(report))

@@ -8,20 +8,8 @@ import torch
 from comfy_api.latest import io
 
 from ..training.dataset import DatasetConfig, DatasetError, load_pixels, records_from_images, scan_folder
+from .comfy.paths import input_folder
 from .types import ClassImages, ClassImagesPayload, Dataset, DatasetPayload
-
-
-def resolve_folder(folder: str) -> str:
-    """An absolute path, or a path under ComfyUI's input folder."""
-    import folder_paths
-
-    folder = folder.strip().strip('"')
-    if not folder:
-        raise DatasetError("no folder given: type a folder under ComfyUI's input folder or an absolute path, "
-                           "or connect images")
-    if os.path.isabs(folder):
-        return folder
-    return os.path.join(folder_paths.get_input_directory(), folder)
 
 
 def preview_batch(records, cfg: DatasetConfig, n: int = 4) -> torch.Tensor:
@@ -91,7 +79,7 @@ class LoadImageDataset(io.ComfyNode):
 
         from ..training.dataset import build_caption
 
-        source = "images from the graph" if images is not None else resolve_folder(folder)
+        source = "images from the graph" if images is not None else input_folder(folder)
         cfg = DatasetConfig(path=source, trigger=trigger_word.strip(), default_caption=default_caption.strip(),
                             resolution=resolution, enable_buckets=aspect_buckets, bucket_step=bucket_step,
                             min_bucket_side=min(min_bucket_side, resolution),
@@ -140,24 +128,10 @@ class ClassImagesNode(io.ComfyNode):
             raise DatasetError("class_prompt is empty: describe the class, e.g. 'a photo of a dog'")
         if images is None and not (folder or "").strip():
             raise DatasetError("Class Images needs images (connect a VAE Decode of class-prompt samples) or a folder")
-        path = resolve_folder(folder) if images is None else None
+        path = input_folder(folder) if images is None else None
         if path is not None and not os.path.isdir(path):
             raise DatasetError(f"class image folder {path} does not exist; check the path")
         return io.NodeOutput(ClassImagesPayload(prompt=class_prompt.strip(), images=images, folder=path))
-
-
-def class_records(payload: ClassImagesPayload | None, cfg: DatasetConfig):
-    """Class images as records bucketed like the instance set (captions default to the class prompt)."""
-    import dataclasses
-
-    if payload is None:
-        return None
-    ccfg = dataclasses.replace(cfg, path=payload.folder or "class images", trigger="",
-                               default_caption=payload.prompt, shuffle_tags=False, caption_dropout=0.0,
-                               repeats=1, flip=False)
-    if payload.images is not None:
-        return records_from_images(payload.images, [payload.prompt], ccfg, concept="class")
-    return scan_folder(ccfg)
 
 
 NODES = [LoadImageDataset, ClassImagesNode]

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..training.plot import label_grid
 # The grid applies each LoRA exactly as Apply LoRA Stack does.
-from .stack_nodes import NONE, LoraUse, apply_loras, lora_path
+from .comfy.loras import NONE, LoraUse, apply_loras, lora_path
 
 log = logging.getLogger(__name__)
 

@@ -11,35 +11,8 @@ from comfy_api.latest import io, ui
 from ..training.fsutil import unique_path
 from ..training.lora_io import save_lora
 from ..training.plot import loss_plot
+from .comfy.paths import lora_target_path, loras_dir
 from .types import Lora, LossHistory, LossPayload
-
-
-def loras_dir() -> str:
-    import folder_paths
-
-    return folder_paths.get_folder_paths("loras")[0]
-
-
-def model_file_path(folder_name: str, name: str) -> str:
-    """models/<folder>/<name>.safetensors (ComfyUI's first folder of that kind); sub-folders allowed,
-    escaping the folder is not."""
-    import folder_paths
-
-    root = os.path.realpath(folder_paths.get_folder_paths(folder_name)[0])
-    name = name.strip().replace("\\", "/")
-    if not name or name.endswith("/"):
-        raise ValueError(f"file name {name!r} is empty; type a name such as 'my_file' or 'folder/my_file'")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"file name {name!r} leaves the {folder_name} folder {root}; use a plain name or a "
-                         "sub-folder")
-    return path
-
-
-def lora_target_path(name: str) -> str:
-    return model_file_path("loras", name)
 
 
 class SaveLora(io.ComfyNode):

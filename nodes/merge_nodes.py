@@ -21,21 +21,16 @@ from comfy_api.latest import io, ui
 from ..training.fsutil import atomic_write, unique_path
 from ..training.lora_io import SAVE_DTYPES, LoraWeights, load_lora
 from ..training.merge import concat_merge, resize_lora, svd_merge
-from .stack_nodes import (APPLIED_KEY, NONE, LoraStack, apply_loras, load_lora_file, lora_names, lora_path,
-                          model_family, stack_uses)
-from .lora_nodes import model_file_path
 from .comfy import host as comfy_host
-from .types import Lora
+from .comfy.loras import APPLIED_KEY, NONE, apply_loras, load_lora_file, lora_names, lora_path, model_family, stack_uses
+from .comfy.paths import checkpoint_target_path
+from .types import Lora, LoraStack
 
 log = logging.getLogger(__name__)
 
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                   "sdxl": "stable-diffusion-xl-v1-base"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def checkpoint_target_path(name: str) -> str:
-    return model_file_path("checkpoints", name)
 
 
 def _cast(sd: dict, dtype: torch.dtype) -> dict:

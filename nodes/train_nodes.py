@@ -14,21 +14,16 @@ from ..training.lora_io import lora_state_dict, save_lora
 from ..training.fsutil import unique_path
 from ..training.state import load_state
 from ..training.train import TrainCallbacks, Trainer
+from .comfy import events
 from .comfy import host as comfy_host
-from .dataset_nodes import class_records
-from .lora_nodes import lora_target_path, loras_dir
+from .comfy.datasets import class_records
+from .comfy.paths import lora_target_path, loras_dir, states_dir
 from .types import ClassImages, Dataset, Lora, LossHistory, LossPayload
 
 log = logging.getLogger(__name__)
 
 RUNS_SUBFOLDER = "lora_workbench"  # under models/loras: step saves appear in every LoRA loader list
 NO_STATES = "(no saved states yet)"  # Resume Training's list when there is nothing to resume
-
-
-def states_dir() -> Path:
-    import folder_paths
-
-    return Path(folder_paths.get_output_directory()) / "lora_workbench_states"
 
 
 class ComfyCallbacks(TrainCallbacks):
@@ -44,17 +39,8 @@ class ComfyCallbacks(TrainCallbacks):
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
-    def _send(self, event: str, data: dict) -> None:
-        try:
-            from server import PromptServer
-
-            server = PromptServer.instance
-            server.send_sync(event, {"node": self.node_id, **data}, server.client_id)
-        except Exception:  # noqa: BLE001 - headless runs without a server still train
-            log.debug("no PromptServer to send %s to", event)
-
     def on_step(self, step, total, loss, lr):
-        self._send("lw.train.step", {"step": step, "total": total, "loss": loss, "lr": lr})
+        events.send(events.TRAIN_STEP, self.node_id, {"step": step, "total": total, "loss": loss, "lr": lr})
         self.bar.update_absolute(step, total)
 
     def on_preview(self, step, images, prompt):
@@ -64,21 +50,16 @@ class ComfyCallbacks(TrainCallbacks):
         # Sent at once with the step's progress (the trainer renders after on_step): the preview of
         # the last step reaches the editor too.
         self.bar.update_absolute(step, self.bar.total, ("JPEG", Image.fromarray(arr), 512))
-        self._send("lw.train.preview", {"step": step, "prompt": prompt})
+        events.send(events.TRAIN_PREVIEW, self.node_id, {"step": step, "prompt": prompt})
 
     def on_save(self, path, step):
-        self._send("lw.train.saved", {"step": step, "path": str(path)})
+        events.send(events.TRAIN_SAVED, self.node_id, {"step": step, "path": str(path)})
 
     def on_memory_estimate(self, estimate):
-        # Shown on the node before the first step, so a user sees whether the run fits their GPU.
-        text = f"expected peak memory {estimate.summary()}"
-        self._send("lw.train.memory", {"bytes": estimate.total, "text": text})
-        try:
-            from server import PromptServer
-
-            PromptServer.instance.send_progress_text(text, self.node_id)
-        except Exception:  # noqa: BLE001 - headless runs without a server still train
-            log.debug("no PromptServer to show the memory estimate on")
+        # Shown on the node before the first step (the memory line of its view), so a user sees whether
+        # the run fits their GPU; the runner prints it.
+        events.send(events.TRAIN_MEMORY, self.node_id,
+                    {"bytes": estimate.total, "text": f"expected peak memory {estimate.summary()}"})
 
 
 def _apply(model, clip, lora, dtype: str):
@@ -93,7 +74,7 @@ def _apply(model, clip, lora, dtype: str):
 
 
 def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node_id, resume_from=None):
-    from .comfy_backend import ComfyBackend
+    from .comfy.backend import ComfyBackend
 
     out_dir = Path(loras_dir()) / RUNS_SUBFOLDER
     final = Path(unique_path(lora_target_path(f"{RUNS_SUBFOLDER}/{cfg.output_name}")))

@@ -13,6 +13,7 @@ Dataset = io.Custom("LW_DATASET")
 ClassImages = io.Custom("LW_CLASS_IMAGES")
 Lora = io.Custom("LW_LORA")
 LossHistory = io.Custom("LW_LOSS")
+LoraStack = io.Custom("LORA_STACK")  # the de-facto type of other packs' stacks: (name, model, clip) tuples
 
 
 @dataclass

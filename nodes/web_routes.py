@@ -12,7 +12,7 @@ import logging
 import os
 import struct
 
-from .stack_nodes import NONE, trigger_words
+from .comfy.loras import NONE, trigger_words
 
 log = logging.getLogger(__name__)
 

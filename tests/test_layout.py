@@ -49,3 +49,29 @@ def test_root_init_only_declares_entrypoint():
     top_level = [type(n).__name__ for n in tree.body if not isinstance(n, ast.Expr)]
     assert sorted(top_level) == ["Assign", "AsyncFunctionDef"], top_level
     assert "NODE_CLASS_MAPPINGS" not in (ROOT / "__init__.py").read_text()
+
+
+def _relative_targets(path: Path) -> set[str]:
+    """Package-relative modules a file imports (``from ..x import y`` -> the path of ``x``), as
+    dotted names from the repo root."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            if node.module:
+                out.add(".".join([*base, node.module]))
+            else:
+                out.update(".".join([*base, a.name]) for a in node.names)
+    return out
+
+
+def test_node_modules_share_code_through_nodes_comfy_never_through_each_other():
+    node_modules = {f"nodes.{p.stem}" for p in (ROOT / "nodes").glob("*_nodes.py")}
+    offenders = {}
+    for py in sorted((ROOT / "nodes").glob("*_nodes.py")):
+        hits = {t for t in _relative_targets(py) if any(t == m or t.startswith(m + ".") for m in node_modules)}
+        if hits:
+            offenders[py.name] = sorted(hits)
+    assert not offenders, f"node modules import other node modules (move the shared code to nodes/comfy/): {offenders}"

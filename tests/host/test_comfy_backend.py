@@ -141,7 +141,7 @@ def test_layout_names_agree_with_comfyui_own_map(comfy_host, which):
     import comfy.utils
     from tiny_sd15 import UNET_CONFIG
 
-    from lora_workbench.nodes.comfy_backend import layout_from_unet_config
+    from lora_workbench.nodes.comfy.backend import layout_from_unet_config
     from lora_workbench.training import unet_keys
 
     config = SD15_UNET_CONFIG if which == "sd15" else UNET_CONFIG
@@ -162,7 +162,7 @@ def test_predict_equals_comfyui_apply_model(comfy_host, tiny_sd15_checkpoint, sa
     import comfy_extras.nodes_model_advanced as advanced
     import nodes
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.schedules import add_noise
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
@@ -197,7 +197,7 @@ def test_predict_equals_comfyui_apply_model(comfy_host, tiny_sd15_checkpoint, sa
 def test_non_sd1_model_is_refused_naming_it(comfy_host, tiny_sd15_checkpoint):
     import comfy.supported_models
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend, UnsupportedModelError
+    from lora_workbench.nodes.comfy.backend import ComfyBackend, UnsupportedModelError
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     model.model.model_config = comfy.supported_models.SD20(model.model.model_config.unet_config)
@@ -213,7 +213,7 @@ def test_trained_lora_loads_in_lora_loader_and_reproduces_the_engine(
     import comfy.sd
     import nodes
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
     from lora_workbench.training.lora_io import lora_state_dict, save_lora
     from lora_workbench.training.schedules import add_noise
@@ -284,7 +284,7 @@ def test_trained_lora_loads_in_lora_loader_and_reproduces_the_engine(
 # ---- 3. the base model stays as it was, also when a run fails --------------------------------------
 # (After a successful run: checked in the LoraLoader test above, right after training.)
 def test_base_model_untouched_after_a_run_that_raises(comfy_host, tiny_sd15_checkpoint, tmp_path):
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
     from lora_workbench.training.train import TrainCallbacks, Trainer
 
@@ -329,7 +329,7 @@ def test_lowvram_weight_patches_still_apply_through_lora_layers(comfy_host, tiny
     mode (comfy_cast_weights + weight_function); peft's wrapper must leave that working."""
     import comfy.sd
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training import network
     from lora_workbench.training.schedules import add_noise
 
@@ -358,7 +358,7 @@ def test_lowvram_weight_patches_still_apply_through_lora_layers(comfy_host, tiny
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(comfy_host, tiny_sd15_checkpoint):
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training import network
     from lora_workbench.training.schedules import add_noise
 

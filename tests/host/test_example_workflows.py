@@ -53,7 +53,7 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
     ComfyUI loads every key and each one visibly changes the image."""
     import nodes
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.lora_io import LoraModule, LoraWeights, kohya_metadata, save_lora
 
     with torch.inference_mode():

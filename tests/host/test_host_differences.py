@@ -28,7 +28,7 @@ def test_training_sets_in_training_and_puts_it_back(comfy_host, tiny_sd15_checkp
     has no such flag, and none is made up there."""
     import comfy.model_management as mm
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     backend = ComfyBackend(model, clip, vae)
@@ -57,7 +57,7 @@ def test_prompt_encoding_equals_clip_text_encode(comfy_host, tiny_sd15_checkpoin
     encoding path (0.33 passes the execution device)."""
     import nodes
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     text = "a photo of a red ball on a table"

@@ -31,7 +31,7 @@ def xl(comfy_host, tiny_sdxl_checkpoint):
 def random_xl_lora(comfy_host, xl) -> str:
     """A random rank-4 LoRA on the tiny SDXL's own kohya names (UNet attention + both encoders), under
     models/loras: its name as LoraLoader lists it."""
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.lora_io import LoraModule, LoraWeights, kohya_metadata, save_lora
 
     backend = ComfyBackend(*xl)
@@ -95,7 +95,7 @@ def test_tiny_checkpoint_is_an_sdxl_family_model_with_comfyui_own_names(xl):
     import comfy.utils
     from tiny_sdxl import UNET_CONFIG
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training import unet_keys
 
     model, clip, vae = xl
@@ -114,7 +114,7 @@ def test_tiny_checkpoint_is_an_sdxl_family_model_with_comfyui_own_names(xl):
 def test_predict_and_conditioning_equal_comfyui_sdxl_sampling(xl):
     """The backend's context, pooled output and ``y`` are ComfyUI's (CLIPTextEncodeSDXL + extra_conds),
     and its prediction is ``apply_model``'s, for a given original size, crop and target size."""
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.schedules import add_noise
 
     model, clip, vae = xl
@@ -138,7 +138,7 @@ def test_predict_and_conditioning_equal_comfyui_sdxl_sampling(xl):
 def test_train_5_steps_save_and_lora_loader_loads_every_key(comfy_host, xl, tmp_path, caplog):
     import nodes
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
     from lora_workbench.training.lora_io import load_lora, save_lora
     from lora_workbench.training.schedules import add_noise
@@ -195,7 +195,7 @@ def test_train_5_steps_save_and_lora_loader_loads_every_key(comfy_host, xl, tmp_
 def test_stack_with_sdxl_block_weights_and_family_check(xl, random_xl_lora, tiny_sd15_checkpoint):
     import nodes
 
-    from lora_workbench.nodes.stack_nodes import LoraArchMismatch, LoraUse, apply_loras
+    from lora_workbench.nodes.comfy.loras import LoraArchMismatch, LoraUse, apply_loras
 
     model, clip, _ = xl
     with torch.inference_mode():
@@ -211,7 +211,7 @@ def test_stack_with_sdxl_block_weights_and_family_check(xl, random_xl_lora, tiny
         with pytest.raises(LoraArchMismatch, match="made for SDXL.*the model is SD1.x"):
             apply_loras(sd15_model, None, [LoraUse(random_xl_lora)])
     # The weighted file: input-block modules zeroed, output-block ones kept.
-    from lora_workbench.nodes.stack_nodes import _weighted_state_dict, load_lora_file, lora_path, parse_spec
+    from lora_workbench.nodes.comfy.loras import _weighted_state_dict, load_lora_file, lora_path, parse_spec
 
     weighted = _weighted_state_dict(random_xl_lora, load_lora_file(lora_path(random_xl_lora)),
                                      parse_spec("1,0,0,0,0,0,1,1,1,1,1,1", model))

@@ -42,7 +42,7 @@ def loras(comfy_host, tiny_sd15_checkpoint) -> dict[str, str]:
     import nodes
     import safetensors.torch
 
-    from lora_workbench.nodes.comfy_backend import ComfyBackend
+    from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.lora_io import kohya_metadata, save_lora
 
     with torch.inference_mode():

@@ -1,0 +1,20 @@
+"""Datasets as the nodes hand them to the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...training.dataset import DatasetConfig, records_from_images, scan_folder
+from ..types import ClassImagesPayload
+
+
+def class_records(payload: ClassImagesPayload | None, cfg: DatasetConfig):
+    """Class images as records bucketed like the instance set (captions default to the class prompt)."""
+    if payload is None:
+        return None
+    ccfg = dataclasses.replace(cfg, path=payload.folder or "class images", trigger="",
+                               default_caption=payload.prompt, shuffle_tags=False, caption_dropout=0.0,
+                               repeats=1, flip=False)
+    if payload.images is not None:
+        return records_from_images(payload.images, [payload.prompt], ccfg, concept="class")
+    return scan_folder(ccfg)
