@@ -136,8 +136,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     from .distributed import current
 
-    tcfg = TrainConfig.from_dict({**_pick(ns, TrainConfig, {"extra", "optimizer_args"}),
-                                  "optimizer_args": _parse_kv(ns.optimizer_arg)})
+    from .state import read_state_info
+
+    options = _pick(ns, TrainConfig, {"extra", "optimizer_args"})
+    if ns.resume and "output_name" not in options:
+        # A resume continues its own files: the state's name unless another is asked for.
+        options["output_name"] = read_state_info(ns.resume)["output_name"] or TrainConfig.output_name
+    tcfg = TrainConfig.from_dict({**options, "optimizer_args": _parse_kv(ns.optimizer_arg)})
     dcfg = DatasetConfig(path=ns.images, **_pick(ns, DatasetConfig, {"path"}))
     dev, wdt = _device_and_dtype(ns.device, ns.weight_dtype)
     # Under `accelerate launch`, each process trains on its own device and its share of every batch.

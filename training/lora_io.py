@@ -206,6 +206,22 @@ def save_lora(path: str | os.PathLike, lora: LoraWeights, dtype: str | torch.dty
     return path
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A ``.safetensors`` file's metadata, from its header only; {} for anything unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
+def written_by(path: str | os.PathLike, run_id: str | None) -> bool:
+    """True if ``path`` is a LoRA that the training run ``run_id`` wrote (its ``lw_run_id``)."""
+    return bool(run_id) and read_metadata(path).get("lw_run_id") == run_id
+
+
 def model_hash(path: str | os.PathLike) -> str:
     """sshs_model_hash recomputed from a file: sha256 of the bytes after the safetensors header."""
     h = hashlib.sha256()

@@ -53,6 +53,7 @@ def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:
         lw_config=cfg,
         lw_extra={
             "steps_done": steps_done,
+            "run_id": getattr(trainer, "run_id", None),
             "dataset_fingerprint": dataset_fingerprint(records),
             "buckets": summary["buckets"],
             **trainer.extra_metadata,

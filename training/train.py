@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from .config import TrainConfig
 from .dataset import (BucketBatchSampler, DatasetConfig, DatasetError, ImageDataset, ImageRecord, build_caption,
                       dataset_fingerprint, load_pixels, size_conditioning)
 from .distributed import Dist
-from .lora_io import LoraWeights, save_lora
+from .lora_io import LoraWeights, save_lora, written_by
 from .optim import make_optimizer
 from .schedules import add_noise, make_lr_scheduler, target_for
 from .state import TrainingState, check_compatible, load_state, save_state, state_dir_for
@@ -118,6 +119,8 @@ class Trainer:
         self._latents: dict[tuple, torch.Tensor] = {}
         self._embeds: dict[str, Any] = {}
         self.started_at: float | None = None
+        # Names this run's files (``lw_run_id``): a resume may replace its own files, never another run's.
+        self.run_id = uuid.uuid4().hex
 
     # ---- data ----------------------------------------------------------------------------------
     def _micro_batches(self):
@@ -227,6 +230,7 @@ class Trainer:
         state = None
         if self.resume_from is not None:
             state = load_state(self.resume_from)
+            self.run_id = state.run_id or self.run_id
             check_compatible(state, cfg, dataset_fingerprint(self.records),
                              dataset_fingerprint(self.class_records) if self.class_records else None,
                              self.resume_from)
@@ -453,7 +457,8 @@ class Trainer:
     def _save_step(self, step: int) -> Path:
         path = self.output_dir / f"{self.cfg.output_name}-step{step:06d}.safetensors"
         if self.dist.is_main:
-            save_lora(path, self.extract(step), dtype=self.cfg.save_dtype, overwrite=self.overwrite)
+            save_lora(path, self.extract(step), dtype=self.cfg.save_dtype,
+                      overwrite=self.overwrite or written_by(path, self.run_id))
             self.cb.on_save(path, step)
             self._prune_step_saves(step)
         self.dist.barrier()
@@ -466,7 +471,7 @@ class Trainer:
         done = [s for s in range(every, step + 1, every)]
         for s in done[: -self.cfg.keep_last]:
             old = self.output_dir / f"{self.cfg.output_name}-step{s:06d}.safetensors"
-            if old.exists():
+            if old.exists() and written_by(old, self.run_id):  # never another run's file
                 old.unlink()
                 log.debug("removed %s (keep_last=%d)", old, self.cfg.keep_last)
 
@@ -478,7 +483,8 @@ class Trainer:
                 class_fingerprint=dataset_fingerprint(self.class_records) if self.class_records else None,
                 losses=list(losses), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(), generator=gen_state,
-                lora=network.extract(self.backend.roots(), self.targets, arch=self.backend.arch))
+                lora=network.extract(self.backend.roots(), self.targets, arch=self.backend.arch),
+                run_id=self.run_id)
             save_state(folder, st)
             self.cb.on_state_saved(folder, step)
         self.dist.barrier()
