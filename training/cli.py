@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="lora-workbench", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    p.add_argument("--debug", action="store_true", help="log every step and show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a LoRA on a folder of images")
@@ -131,12 +132,13 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None):
 def cmd_train(ns: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .dataset import DatasetConfig
-    from .run import train_folder
+    from .interrupt import Interrupted
+    from .run import TqdmCallbacks, train_folder
     from .single_file import load_model
+    from .state import read_state_info
+    from .train import TrainCallbacks
 
     from .distributed import current
-
-    from .state import read_state_info
 
     options = _pick(ns, TrainConfig, {"extra", "optimizer_args"})
     if ns.resume and "output_name" not in options:
@@ -149,17 +151,70 @@ def cmd_train(ns: argparse.Namespace) -> int:
     dist = current(cpu=dev.type == "cpu")
     if dist.device is not None:
         dev = dist.device
-    result, path = train_folder(dcfg, tcfg, lambda: load_model(ns.model, dev, wdt, ns.tokenizer, ns.model_config),
-                                Path(ns.out), overwrite=ns.overwrite,
-                                class_dir=Path(ns.class_dir) if ns.class_dir else None,
-                                class_prompt=ns.class_prompt, resume_from=Path(ns.resume) if ns.resume else None,
-                                dist=dist)
+    cb = TqdmCallbacks() if dist.is_main else TrainCallbacks()
+    try:
+        result, path = train_folder(dcfg, tcfg, lambda: load_model(ns.model, dev, wdt, ns.tokenizer, ns.model_config),
+                                    Path(ns.out), overwrite=ns.overwrite, callbacks=cb,
+                                    class_dir=Path(ns.class_dir) if ns.class_dir else None,
+                                    class_prompt=ns.class_prompt, resume_from=Path(ns.resume) if ns.resume else None,
+                                    dist=dist)
+    except Interrupted as e:
+        if dist.is_main:
+            print(f"lora-workbench train: {_stopped(e, cb, ns)}", file=sys.stderr)
+        return e.exit_code
+    except BaseException:
+        ns.last_good = _last_good(cb, ns)  # for the error boundary in main()
+        raise
+    finally:
+        if isinstance(cb, TqdmCallbacks):
+            cb.close()
     if dist.is_main:
         k = max(1, len(result.losses) // 10)
         print(f"trained {result.steps_done} steps; loss {sum(result.losses[:k]) / k:.4f} -> "
               f"{sum(result.losses[-k:]) / k:.4f} (mean of first/last {k})")
         print(f"saved {path}")
     return 0
+
+
+def resume_command(argv: list[str], state: Path) -> str:
+    """The command line that continues ``argv``'s run from ``state``, ready to paste into a shell."""
+    import shlex
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    return shlex.join(["lora-workbench", *args, "--resume", str(state)])
+
+
+def _last_good(cb, ns: argparse.Namespace) -> str | None:
+    """'the last good state is X (step N); continue with: ...' if this run saved one."""
+    state = getattr(cb, "last_state", None)
+    if state is None:
+        return None
+    folder, step = state
+    return f"the last good state is {folder} (step {step}); continue with: {resume_command(ns.argv, folder)}"
+
+
+def _stopped(e, cb, ns: argparse.Namespace) -> str:
+    """One line for a run stopped by SIGINT/SIGTERM: what was kept and how to go on."""
+    state, lora = getattr(cb, "last_state", None), getattr(cb, "last_lora", None)
+    if state is not None:
+        folder, step = state
+        kept = f"; LoRA so far in {lora[0]}" if lora is not None and lora[1] == step else ""
+        return (f"stopped by {e.signame} at step {step}/{cb.total}: state saved in {folder}{kept}; "
+                f"continue with: {resume_command(ns.argv, folder)}")
+    if getattr(cb, "task", None) == "class images" and ns.class_dir:
+        from .class_images import existing_class_images
+
+        n = len(existing_class_images(Path(ns.class_dir)))
+        return (f"stopped by {e.signame} while generating class images: the {n} finished ones are kept in "
+                f"{ns.class_dir}; run the same command again to make the rest and train")
+    return f"stopped by {e.signame} before the first training step finished; nothing to resume"
 
 
 def _parse_kv(items: list[str]) -> dict:
@@ -271,21 +326,73 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _disk_full(e: BaseException) -> bool:
+    import errno
+
+    text = str(e)
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "code: 28" in text \
+        or "file write failed" in text  # torch.save's wording for a failed write
+
+
+def _error_message(e: BaseException, ns: argparse.Namespace) -> str | None:
+    """One line for an error a user can act on; None for a bug (shown with its traceback)."""
+    import pickle
+    import shutil
+
+    from safetensors import SafetensorError
+
+    if _disk_full(e):
+        where = Path(getattr(e, "filename", None) or getattr(ns, "out", None) or ".")
+        folder = where if where.is_dir() else where.parent
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return f"disk full: could not write to {folder} ({free}); free some space or choose another --out folder"
+    if isinstance(e, pickle.UnpicklingError):
+        return f"cannot read a pickle file: {str(e).splitlines()[0]}; use a .safetensors file"
+    if isinstance(e, SafetensorError):
+        return f"cannot read or write a .safetensors file ({e}); it may be damaged or incomplete"
+    if isinstance(e, OSError) and not isinstance(e, (FileExistsError, FileNotFoundError)) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else str(e)
+    if isinstance(e, (ValueError, RuntimeError, OSError)):
+        return str(e)  # our errors say what is wrong and how to fix it
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .interrupt import Interrupted, raise_on_signals
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+    ns.argv = argv
+    logging.basicConfig(level=logging.DEBUG if ns.verbose or ns.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "run": cmd_run,
-                "caption": cmd_caption}[ns.command](ns)
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
-        # Our errors already say what is wrong and how to fix it: show that, not a traceback.
-        if ns.verbose:
-            raise
-        print(f"lora-workbench {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+    command = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "run": cmd_run,
+               "caption": cmd_caption}[ns.command]
+    # SIGTERM (docker stop, systemd, Slurm, timeout) and Ctrl-C take the same path: Interrupted.
+    # Log lines are written above the progress bars instead of through them.
+    with raise_on_signals(), logging_redirect_tqdm():
+        try:
+            return command(ns)
+        except KeyboardInterrupt as e:
+            if ns.debug:
+                raise
+            e = e if isinstance(e, Interrupted) else Interrupted(2)
+            print(f"lora-workbench {ns.command}: stopped by {e.signame}", file=sys.stderr)
+            return e.exit_code
+        except Exception as e:  # noqa: BLE001 - the one error boundary: known errors get one line
+            message = _error_message(e, ns)
+            if message is None or ns.debug:
+                raise
+            print(f"lora-workbench {ns.command}: error: {message}", file=sys.stderr)
+            if getattr(ns, "last_good", None):
+                print(f"lora-workbench {ns.command}: {ns.last_good}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -22,24 +22,59 @@ log = logging.getLogger(__name__)
 
 
 class TqdmCallbacks(TrainCallbacks):
-    """A progress bar with the current loss, for terminals."""
+    """Progress bars for terminals (training with its loss, and each long preparation), remembering
+    the last state and LoRA saved so an interrupted or failed run can say where they are."""
 
     def __init__(self):
         self.bar = None
+        self.task, self.task_bar = None, None
+        self.initial = 0
+        self.step, self.total = 0, 0
+        self.last_state: tuple[Path, int] | None = None
+        self.last_lora: tuple[Path, int] | None = None
+
+    def on_progress(self, task, done, total):
+        from tqdm.auto import tqdm
+
+        if task != self.task or self.task_bar is None:
+            self._close_task()
+            self.task, self.task_bar = task, tqdm(total=total, desc=task)
+        self.task_bar.update(done - self.task_bar.n)
+        if done >= total:
+            self._close_task()
+            self.task = None  # finished; an unfinished one stays named for the message of an interrupt
+
+    def _close_task(self):
+        if self.task_bar is not None:
+            self.task_bar.close()
+        self.task_bar = None
+
+    def on_resume(self, step):
+        self.initial = self.step = step
 
     def on_start(self, total_steps, trainable_params):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_steps, desc="training", unit="step")
+        self._close_task()
+        self.task = None
+        self.total = total_steps
+        # A resumed run starts at its step, and its rate and ETA count only the steps it trains.
+        self.bar = tqdm(total=total_steps, initial=self.initial, desc="training", unit="step")
 
     def on_step(self, step, total, loss, lr):
+        self.step = step
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
-        self.bar.update(1)
+        self.bar.update(step - self.bar.n)
 
     def on_save(self, path, step):
+        self.last_lora = (Path(path), step)
         log.info("saved %s (step %d)", path, step)
 
+    def on_state_saved(self, path, step):
+        self.last_state = (Path(path), step)
+
     def close(self):
+        self._close_task()
         if self.bar is not None:
             self.bar.close()
 
@@ -119,22 +154,23 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
     final = check_output(out_dir, tcfg.output_name, overwrite, resume=resume)
     if class_dir is not None and not class_prompt:
         raise ValueError("--class-dir needs --class-prompt (e.g. 'a photo of a dog'): the caption of the class images")
-    backend = load_backend()
-    class_records = None
-    if class_dir is not None:
-        from .class_images import diffusers_renderer, existing_class_images, generate_class_images
-
-        if len(existing_class_images(class_dir)) < tcfg.num_class_images:
-            if not hasattr(backend, "vae"):
-                raise ValueError(f"{class_dir} has fewer than {tcfg.num_class_images} class images and this "
-                                 "backend cannot generate them; add images or lower num_class_images")
-            if dist.is_main:
-                generate_class_images(diffusers_renderer(backend, dcfg.resolution), class_prompt,
-                                      tcfg.num_class_images, class_dir, seed=tcfg.seed)
-            dist.barrier()
-        class_records = _class_records(dcfg, class_dir, class_prompt)
     cb = callbacks or (TqdmCallbacks() if dist.is_main else TrainCallbacks())
     try:
+        backend = load_backend()
+        class_records = None
+        if class_dir is not None:
+            from .class_images import diffusers_renderer, existing_class_images, generate_class_images
+
+            if len(existing_class_images(class_dir)) < tcfg.num_class_images:
+                if not hasattr(backend, "vae"):
+                    raise ValueError(f"{class_dir} has fewer than {tcfg.num_class_images} class images and this "
+                                     "backend cannot generate them; add images or lower num_class_images")
+                if dist.is_main:
+                    generate_class_images(diffusers_renderer(backend, dcfg.resolution), class_prompt,
+                                          tcfg.num_class_images, class_dir, seed=tcfg.seed,
+                                          progress=lambda done, total: cb.on_progress("class images", done, total))
+                dist.barrier()
+            class_records = _class_records(dcfg, class_dir, class_prompt)
         trainer = Trainer(backend, records, dcfg, tcfg, output_dir=out_dir, callbacks=cb,
                           overwrite=overwrite, class_records=class_records,
                           class_prompt=class_prompt, resume_from=resume_from, dist=dist)
