@@ -40,7 +40,7 @@ def test_train_with_generated_class_images_then_resume_refuses_changes(tmp_path,
     cls_dir = tmp_path / "class"
     args = ["train", str(imgs), "--model", str(model), "--out", str(tmp_path / "out"), "--steps", "3",
             "--class-dir", str(cls_dir), "--class-prompt", "a photo of a ball", "--num-class-images", "2",
-            "--save-state-every", "1", "--trigger", "sks", *SMALL]
+            "--save-state-every", "1", "--trigger", "sks", "--keep-state", *SMALL]
     assert main(args) == 0
     assert len(existing_class_images(cls_dir)) == 2
     assert (cls_dir / "class_00000.txt").read_text() == "a photo of a ball"

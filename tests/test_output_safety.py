@@ -118,3 +118,13 @@ def test_a_bad_resume_path_fails_before_the_model_loads(setup, capsys):
                  "--resume", str(out / "nope-state"), *SMALL])
     err = capsys.readouterr().err
     assert code == 2 and loads == [] and "nope-state" in err and "Traceback" not in err, err
+
+
+def test_a_finished_run_removes_its_state_unless_asked_to_keep_it(setup):
+    imgs, model, out, loads = setup
+    args = ["train", str(imgs), "--model", str(model), "--out", str(out), "--steps", "3", "--save-state-every", "1",
+            *SMALL]
+    assert main([*args, "--output-name", "a"]) == 0
+    assert (out / "a.safetensors").is_file() and not (out / "a-state").exists()
+    assert main([*args, "--output-name", "b", "--keep-state"]) == 0
+    assert (out / "b-state" / "trainer.pt").is_file()

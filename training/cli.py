@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "--num-class-images are generated with the base model and kept)")
     tr.add_argument("--class-prompt", default="", help="caption of the class images, e.g. 'a photo of a dog'")
     tr.add_argument("--resume", default=None, help="continue a stopped run from its '<name>-state' folder")
+    tr.add_argument("--keep-state", action="store_true",
+                    help="keep the '<name>-state' folder (its last periodic save) when the run finishes")
     tr.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra optimizer option, e.g. d_coef=1.0 for prodigy (repeatable)")
     _add_dataclass_options(tr, TrainConfig, skip={"extra"})
@@ -157,7 +159,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                     Path(ns.out), overwrite=ns.overwrite, callbacks=cb,
                                     class_dir=Path(ns.class_dir) if ns.class_dir else None,
                                     class_prompt=ns.class_prompt, resume_from=Path(ns.resume) if ns.resume else None,
-                                    dist=dist)
+                                    dist=dist, keep_state=ns.keep_state)
     except Interrupted as e:
         if dist.is_main:
             print(f"lora-workbench train: {_stopped(e, cb, ns)}", file=sys.stderr)

@@ -31,7 +31,7 @@ def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:
         network_args={"preset": cfg.preset, **({"dropout": cfg.dropout} if cfg.dropout else {})},
         output_name=cfg.output_name,
         title=cfg.output_name,
-        tag_frequency=tag_frequency(records),
+        tag_frequency=tag_frequency(records, dcfg),
         dataset_dirs=summary["concepts"],
         resolution=dcfg.resolution,
         num_train_images=summary["num_images_with_repeats"],

@@ -124,6 +124,13 @@ def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 51
     return path
 
 
+def _state_of_run(folder: Path, run_id: str) -> bool:
+    try:
+        return read_state_info(folder)["run_id"] == run_id
+    except ValueError:  # absent, or not a state
+        return False
+
+
 def _listing(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
@@ -141,12 +148,13 @@ def _class_records(dcfg: DatasetConfig, class_dir: Path, class_prompt: str):
 def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[[], Backend], out_dir: Path,
                  overwrite: bool = False, callbacks: TrainCallbacks | None = None,
                  class_dir: Path | None = None, class_prompt: str = "", resume_from: Path | None = None,
-                 dist: Dist | None = None) -> tuple[TrainResult, Path | None]:
+                 dist: Dist | None = None, keep_state: bool = False) -> tuple[TrainResult, Path | None]:
     """Train on ``dcfg.path`` and save ``out_dir/<output_name>.safetensors``.
 
     With ``class_dir`` + ``class_prompt`` the run uses prior preservation; when fewer than
     ``tcfg.num_class_images`` class images are there, the missing ones are generated with the
-    base model first (diffusers backends) and kept for the next run.
+    base model first (diffusers backends) and kept for the next run. A run that finishes removes
+    its ``-state/`` folder unless ``keep_state``; a stopped or failed one keeps it to resume.
     """
     dist = dist or Dist()
     records = scan_folder(dcfg)  # bad images fail here, before any model loads
@@ -184,5 +192,9 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
     if dist.is_main:
         path = save_lora(final, result.lora, dtype=tcfg.save_dtype,
                          overwrite=overwrite or written_by(final, trainer.run_id))
+        state = state_dir_for(out_dir, tcfg.output_name)
+        if not keep_state and not result.stopped_early and _state_of_run(state, trainer.run_id):
+            shutil.rmtree(state)
+            log.info("removed %s: the run finished (keep_state / --keep-state keeps it)", state)
     dist.barrier()
     return result, path
