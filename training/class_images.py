@@ -69,7 +69,8 @@ def diffusers_renderer(backend, resolution: int, steps: int = 25, guidance: floa
 
     sched = DPMSolverMultistepScheduler.from_config(
         {"num_train_timesteps": backend.alphas_cumprod().shape[0], "beta_start": 0.00085, "beta_end": 0.012,
-         "beta_schedule": "scaled_linear", "prediction_type": backend.prediction_type})
+         "beta_schedule": "scaled_linear", "prediction_type": backend.prediction_type,
+         "steps_offset": 1})  # what the pipelines expect: anything else is a FutureWarning of our making
     if hasattr(backend, "text_encoder_2"):  # SDXL: both encoders, the pooled output and size conditioning
         from diffusers import StableDiffusionXLPipeline
 
