@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .fsutil import umask_mode
 from .lora_io import LoraWeights, load_lora, save_lora
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def save_state(folder: Path, state: TrainingState) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0700 would hide the state from other users
     try:
         save_lora(tmp / "lora.safetensors", state.lora, dtype="fp32")
         torch.save({
