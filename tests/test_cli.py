@@ -90,3 +90,15 @@ def test_bad_input_prints_one_clear_line_not_a_traceback(tmp_path, capsys, argv,
     assert main([*argv, *(SMALL if argv[0] == "train" else [])]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_the_demo_writes_outside_the_checkout_and_git_ignores_its_folder():
+    from pathlib import Path
+
+    from lora_workbench.training.cli import build_parser
+
+    out = Path(build_parser().parse_args(["demo"]).out)
+    repo = Path(__file__).resolve().parents[1]
+    assert out.is_absolute() and out.name == "lora_workbench_demo"
+    assert repo not in out.resolve().parents
+    assert "lora_workbench_demo/" in (repo / ".gitignore").read_text().splitlines()

@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 
 log = logging.getLogger("lora_workbench")
+# The demo's own folder, in the home directory: never inside a checkout where git would see it.
+DEMO_DIR = Path("~/lora_workbench_demo").expanduser()
 
 
 def _base_type(hint):
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_parser(sub)
 
     de = sub.add_parser("demo", help="train a tiny model on generated images (about a minute on a CPU)")
-    de.add_argument("--out", default="lora_workbench_demo", help="folder for everything the demo writes")
+    de.add_argument("--out", default=str(DEMO_DIR),
+                    help=f"folder for everything the demo writes (default: {DEMO_DIR}, outside any checkout)")
     de.add_argument("--steps", type=int, default=100)
 
     ru = sub.add_parser("run", help="run a ComfyUI workflow (UI or API format) headless, or against a server",
