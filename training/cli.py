@@ -29,22 +29,41 @@ def _base_type(hint):
     return hint, None
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
+def field_docs(cls) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the dataclass source: the one description of an option,
+    shown by ``--help`` (a test checks that every option has one)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source shipped: options keep their defaults and choices
+        return {}
+    return {m[1]: m[2].strip().replace("``", "'") for m in re.finditer(r"^    (\w+): [^\n]*?\s#\s*(.+)$", source, re.M)}
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str], choices: dict | None = None) -> None:
+    """One option per field: help from the field's comment, allowed values from ``choices`` (the table the
+    dataclass validates with), and the default."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or typing.get_origin(hints[f.name]) is dict:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         typ, item = _base_type(hints[f.name])
+        allowed = [c for c in (choices or {}).get(f.name, ()) if c is not None] or None
+        doc = docs.get(f.name, "")
         if typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default: {default})")
+                                help=f"{doc} (default: {'on' if default else 'off'})")
         elif typ is tuple:
             parser.add_argument(flag, dest=f.name, nargs="+", type=item, default=None,
-                                help=f"(default: {' '.join(map(str, default or ()))})")
+                                help=f"{doc} (default: {' '.join(map(str, default or ())) or 'none'})")
         elif typ in (int, float, str):
-            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default: {default})")
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, choices=allowed,
+                                help=f"{doc}{' (one of: %(choices)s)' if allowed else ''} (default: {default!r})")
 
 
 def _pick(ns: argparse.Namespace, cls, skip: set[str] = frozenset()) -> dict:
@@ -53,7 +72,7 @@ def _pick(ns: argparse.Namespace, cls, skip: set[str] = frozenset()) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TrainConfig
+    from .config import CHOICES, TrainConfig
     from .dataset import DatasetConfig
 
     p = argparse.ArgumentParser(prog="lora-workbench", description=__doc__.splitlines()[0])
@@ -85,18 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the '<name>-state' folder (its last periodic save) when the run finishes")
     tr.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra optimizer option, e.g. d_coef=1.0 for prodigy (repeatable)")
-    _add_dataclass_options(tr, TrainConfig, skip={"extra"})
+    # The old spelling (it was accepted and ignored): kept working for saved commands, not shown.
+    tr.add_argument("--optimizer-args", dest="optimizer_arg", action="append", help=argparse.SUPPRESS)
+    _add_dataclass_options(tr, TrainConfig, skip={"extra"}, choices=CHOICES)
     _add_dataclass_options(tr, DatasetConfig, skip={"path"})
 
     ins = sub.add_parser("inspect", help="show a LoRA file's modules and metadata")
-    ins.add_argument("file")
+    ins.add_argument("file", help="a LoRA file (.safetensors, or .pt/.bin/.ckpt read as plain tensors)")
 
     _add_caption_parser(sub)
 
     de = sub.add_parser("demo", help="train a tiny model on generated images (about a minute on a CPU)")
     de.add_argument("--out", default=str(DEMO_DIR),
                     help=f"folder for everything the demo writes (default: {DEMO_DIR}, outside any checkout)")
-    de.add_argument("--steps", type=int, default=100)
+    de.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
 
     ru = sub.add_parser("run", help="run a ComfyUI workflow (UI or API format) headless, or against a server",
                         description="Runs a saved ComfyUI workflow without the browser. A workflow in the editor's "

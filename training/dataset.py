@@ -69,20 +69,20 @@ class DatasetConfig:
     """Where the images are and how they become (pixels, caption) training pairs."""
 
     path: str
-    trigger: str = ""
-    caption_extensions: tuple = (".txt", ".caption")
+    trigger: str = ""  # trigger word: replaces [trigger] in captions, else put first unless already there
+    caption_extensions: tuple = (".txt", ".caption")  # caption sidecar extensions, the first found is read
     default_caption: str = ""  # used when an image has no caption sidecar
     repeats: int = 1  # for images not inside an ``N_concept`` sub-folder
-    shuffle_tags: bool = False
+    shuffle_tags: bool = False  # shuffle the caption's comma-separated tags each time an image is seen
     keep_tokens: int = 0  # first K caption tags never shuffled (a prefixed trigger is kept on top)
     caption_dropout: float = 0.0  # probability that the whole caption (trigger too) becomes ""
-    tag_separator: str = ","
+    tag_separator: str = ","  # what separates tags in a caption
     resolution: int = 512  # bucket area is resolution**2
-    bucket_step: int = 64
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for SD; resolution and sides too)
     # The smallest bucket side, also the smallest image side accepted (buckets on or off). None: half
     # the resolution, at most 256 (kohya's default), so small resolutions keep aspect-ratio buckets.
-    min_bucket_side: int | None = None
-    max_bucket_side: int = 1024
+    min_bucket_side: int | None = None  # smallest bucket side and image side (default: resolution/2, at most 256)
+    max_bucket_side: int = 1024  # largest bucket side
     enable_buckets: bool = True  # off: every image becomes a resolution x resolution square
     flip: bool = False  # random horizontal flip augmentation
 
