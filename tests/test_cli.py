@@ -40,7 +40,7 @@ def test_train_with_generated_class_images_then_resume_refuses_changes(tmp_path,
     cls_dir = tmp_path / "class"
     args = ["train", str(imgs), "--model", str(model), "--out", str(tmp_path / "out"), "--steps", "3",
             "--class-dir", str(cls_dir), "--class-prompt", "a photo of a ball", "--num-class-images", "2",
-            "--save-state-every", "1", "--trigger", "sks", *SMALL]
+            "--save-state-every", "1", "--trigger", "sks", "--keep-state", *SMALL]
     assert main(args) == 0
     assert len(existing_class_images(cls_dir)) == 2
     assert (cls_dir / "class_00000.txt").read_text() == "a photo of a ball"
@@ -90,3 +90,15 @@ def test_bad_input_prints_one_clear_line_not_a_traceback(tmp_path, capsys, argv,
     assert main([*argv, *(SMALL if argv[0] == "train" else [])]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_the_demo_writes_outside_the_checkout_and_git_ignores_its_folder():
+    from pathlib import Path
+
+    from lora_workbench.training.cli import build_parser
+
+    out = Path(build_parser().parse_args(["demo"]).out)
+    repo = Path(__file__).resolve().parents[1]
+    assert out.is_absolute() and out.name == "lora_workbench_demo"
+    assert repo not in out.resolve().parents
+    assert "lora_workbench_demo/" in (repo / ".gitignore").read_text().splitlines()

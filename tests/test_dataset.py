@@ -426,3 +426,63 @@ def test_fingerprint_changes_with_caption_or_image(tmp_path):
     assert second != first
     save_image(tmp_path / "b.png", (640, 512))
     assert dataset_fingerprint(scan_folder(cfg)) != second
+
+
+# ---------------------------------------------------------------- captions and buckets as written
+
+
+def test_readme_dreambooth_caption_trains_as_written(tmp_path):
+    """README: --trigger sks --default-caption "a photo of sks dog" trains on exactly that caption."""
+    make_images_plain(tmp_path, n=1, captions=False)
+    cfg = DatasetConfig(path=str(tmp_path), trigger="sks", default_caption="a photo of sks dog", resolution=32,
+                        bucket_step=16, min_bucket_side=16, max_bucket_side=64)
+    record, = scan_folder(cfg)
+    assert build_caption(record.caption, cfg, random.Random(0)) == "a photo of sks dog"
+    for caption, trained in [("A photo of SKS dog", "A photo of SKS dog"), ("photo, sks", "photo, sks"),
+                             ("a photo of sksdog", "sks, a photo of sksdog"), ("dog", "sks, dog")]:
+        assert build_caption(caption, cfg, random.Random(0)) == trained, caption
+
+
+def test_tag_frequency_stores_captions_as_trained():
+    from lora_workbench.training.dataset import tag_frequency
+
+    cfg = DatasetConfig(path="x", trigger="sks", resolution=32, bucket_step=16, min_bucket_side=16,
+                        max_bucket_side=64, shuffle_tags=True, caption_dropout=0.5)
+    records = [ImageRecord("a.png", "[trigger], dog, outdoors", 1, 32, 32, "c"),
+               ImageRecord("b.png", "dog", 1, 32, 32, "c")]
+    assert tag_frequency(records, cfg) == {"c": {"sks": 2, "dog": 2, "outdoors": 1}}
+
+
+def test_files_the_dataset_does_not_use_are_reported_with_the_reason(tmp_path, caplog):
+    make_images_plain(tmp_path, n=1)
+    for name in ("anim.gif", "scan.tif", "photo.avif", "notes.md"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "img_00.caption").write_text("a second caption")
+    (tmp_path / "5_dog").mkdir()
+    make_images_plain(tmp_path / "5_dog", n=1)
+    (tmp_path / "5_dog" / "deeper").mkdir()
+    cfg = DatasetConfig(path=str(tmp_path), resolution=32, bucket_step=16, min_bucket_side=16, max_bucket_side=64)
+    with caplog.at_level("WARNING"):
+        scan_folder(cfg)
+    text = caplog.text
+    for expected in ("6 file(s) not used", "anim.gif (GIF is not read", "scan.tif (TIFF is not read",
+                     "photo.avif (AVIF is not read", "notes.md (not an image",
+                     "img_00.caption (img_00.txt is the caption read)", "5_dog/deeper/ (sub-folders"):
+        assert expected in text, (expected, text)
+
+
+@pytest.mark.parametrize("resolution, expected", [(256, 128), (512, 256), (1024, 256), (64, 32)])
+def test_the_bucket_minimum_follows_the_resolution_unless_set(resolution, expected):
+    cfg = DatasetConfig(path="x", resolution=resolution, bucket_step=16, max_bucket_side=max(1024, resolution))
+    assert cfg.min_bucket_side == expected
+    assert len(make_buckets(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)) > 1
+    assert DatasetConfig(path="x", resolution=resolution, bucket_step=16, min_bucket_side=resolution,
+                         max_bucket_side=max(1024, resolution)).min_bucket_side == resolution
+
+
+def make_images_plain(folder: Path, n: int, captions: bool = True):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (32, 32), (i * 50, 0, 0)).save(folder / f"img_{i:02d}.png")
+        if captions:
+            (folder / f"img_{i:02d}.txt").write_text("a photo")

@@ -91,6 +91,19 @@ class Backend(ABC):
         return cond
 
 
+def _clamped(tokenizer, text_encoder, where):
+    """The tokenizer with ``model_max_length`` at most the text encoder's position count.
+
+    Some tokenizer folders declare absurd lengths (ComfyUI's sd1_tokenizer says 8192): padding to
+    that breaks the text encoder, which has 77 positions."""
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        log.warning("%s declares model_max_length %d but the text encoder has %d positions; using %d",
+                    where, tokenizer.model_max_length, positions, positions)
+        tokenizer.model_max_length = positions
+    return tokenizer
+
+
 class DiffusersBackend(Backend):
     """SD1.x/SD2.x in diffusers classes: UNet2DConditionModel + CLIPTextModel + AutoencoderKL/Tiny."""
 
@@ -133,12 +146,15 @@ class DiffusersBackend(Backend):
                 "Pass a diffusers folder or a single-file .safetensors checkpoint."
             )
         kw = dict(local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        # Loaded in the dtype asked for: an SDXL UNet read in fp32 and cast afterwards peaks at ~10 GB.
+        mkw = dict(kw, torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **mkw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **mkw)
+        tokenizer = _clamped(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw), text_encoder,
+                             path / "tokenizer")
         vae_cfg = (path / "vae" / "config.json").read_text()
         vae_cls = AutoencoderTiny if '"AutoencoderTiny"' in vae_cfg else AutoencoderKL
-        vae = vae_cls.from_pretrained(path, subfolder="vae", **kw)
+        vae = vae_cls.from_pretrained(path, subfolder="vae", **mkw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
         if (path / "text_encoder_2").is_dir():  # SDXL: a second (CLIP-G) encoder and tokenizer
             from transformers import CLIPTextModelWithProjection
@@ -146,8 +162,9 @@ class DiffusersBackend(Backend):
             if not (path / "tokenizer_2").is_dir():
                 raise ModelLoadError(f"{path} has text_encoder_2/ (SDXL) but no tokenizer_2/; copy the model's "
                                      "tokenizer_2 folder there")
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
-            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **mkw)
+            tokenizer_2 = _clamped(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw), text_encoder_2,
+                                   path / "tokenizer_2")
             return SDXLDiffusersBackend(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, scheduler,
                                         device=device, weight_dtype=weight_dtype, model_name=path.name)
         return cls(unet, text_encoder, tokenizer, vae, scheduler, device=device, weight_dtype=weight_dtype,

@@ -83,7 +83,7 @@ class BlipOptions:
     num_beams: int = 3  # 1 = greedy
     max_length: int = 40  # new tokens at most
     min_length: int = 5  # new tokens at least
-    batch_size: int = 4
+    batch_size: int = 4  # images captioned at once
 
     def __post_init__(self):
         bad: list[str] = []

@@ -77,7 +77,7 @@ class CaptionFormat:
 
     trigger: str = ""  # first, or where the text/prefix/suffix says [trigger]
     prefix: str = ""  # e.g. "photo of [trigger]," or "masterpiece"
-    suffix: str = ""
+    suffix: str = ""  # e.g. "high quality" after the caption
     dedupe: bool = True  # drop repeated tags (case and _ / space ignored), first kept
 
     def apply(self, text: str) -> str:

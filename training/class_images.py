@@ -43,14 +43,19 @@ def generate_class_images(render: Callable[[str, int, int], Image.Image], prompt
         return have
     log.info("generating %d class images for %r into %s (%d already there)", missing, prompt, folder, len(have))
     i, made = 0, 0
+    if progress:
+        progress(0, missing)
     while made < missing:
         path = folder / f"class_{i:05d}.png"
         i += 1
         if path.exists():
             continue
         img = render(prompt, seed + i - 1, i - 1)
+        # Each image is whole or absent (an interrupt keeps the finished ones); its caption follows it,
+        # and an image without one still trains on the class prompt.
         atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-        path.with_suffix(".txt").write_text(prompt, encoding="utf-8")
+        atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text(prompt, encoding="utf-8"),
+                     overwrite=True)
         made += 1
         if progress:
             progress(made, missing)
@@ -64,7 +69,8 @@ def diffusers_renderer(backend, resolution: int, steps: int = 25, guidance: floa
 
     sched = DPMSolverMultistepScheduler.from_config(
         {"num_train_timesteps": backend.alphas_cumprod().shape[0], "beta_start": 0.00085, "beta_end": 0.012,
-         "beta_schedule": "scaled_linear", "prediction_type": backend.prediction_type})
+         "beta_schedule": "scaled_linear", "prediction_type": backend.prediction_type,
+         "steps_offset": 1})  # what the pipelines expect: anything else is a FutureWarning of our making
     if hasattr(backend, "text_encoder_2"):  # SDXL: both encoders, the pooled output and size conditioning
         from diffusers import StableDiffusionXLPipeline
 

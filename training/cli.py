@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 
 log = logging.getLogger("lora_workbench")
+# The demo's own folder, in the home directory: never inside a checkout where git would see it.
+DEMO_DIR = Path("~/lora_workbench_demo").expanduser()
 
 
 def _base_type(hint):
@@ -27,22 +29,41 @@ def _base_type(hint):
     return hint, None
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
+def field_docs(cls) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the dataclass source: the one description of an option,
+    shown by ``--help`` (a test checks that every option has one)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source shipped: options keep their defaults and choices
+        return {}
+    return {m[1]: m[2].strip().replace("``", "'") for m in re.finditer(r"^    (\w+): [^\n]*?\s#\s*(.+)$", source, re.M)}
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str], choices: dict | None = None) -> None:
+    """One option per field: help from the field's comment, allowed values from ``choices`` (the table the
+    dataclass validates with), and the default."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or typing.get_origin(hints[f.name]) is dict:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         typ, item = _base_type(hints[f.name])
+        allowed = [c for c in (choices or {}).get(f.name, ()) if c is not None] or None
+        doc = docs.get(f.name, "")
         if typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default: {default})")
+                                help=f"{doc} (default: {'on' if default else 'off'})")
         elif typ is tuple:
             parser.add_argument(flag, dest=f.name, nargs="+", type=item, default=None,
-                                help=f"(default: {' '.join(map(str, default or ()))})")
+                                help=f"{doc} (default: {' '.join(map(str, default or ())) or 'none'})")
         elif typ in (int, float, str):
-            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default: {default})")
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, choices=allowed,
+                                help=f"{doc}{' (one of: %(choices)s)' if allowed else ''} (default: {default!r})")
 
 
 def _pick(ns: argparse.Namespace, cls, skip: set[str] = frozenset()) -> dict:
@@ -51,11 +72,12 @@ def _pick(ns: argparse.Namespace, cls, skip: set[str] = frozenset()) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TrainConfig
+    from .config import CHOICES, TrainConfig
     from .dataset import DatasetConfig
 
     p = argparse.ArgumentParser(prog="lora-workbench", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    p.add_argument("--debug", action="store_true", help="log every step and show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a LoRA on a folder of images")
@@ -78,19 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "--num-class-images are generated with the base model and kept)")
     tr.add_argument("--class-prompt", default="", help="caption of the class images, e.g. 'a photo of a dog'")
     tr.add_argument("--resume", default=None, help="continue a stopped run from its '<name>-state' folder")
+    tr.add_argument("--keep-state", action="store_true",
+                    help="keep the '<name>-state' folder (its last periodic save) when the run finishes")
     tr.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra optimizer option, e.g. d_coef=1.0 for prodigy (repeatable)")
-    _add_dataclass_options(tr, TrainConfig, skip={"extra"})
+    # The old spelling (it was accepted and ignored): kept working for saved commands, not shown.
+    tr.add_argument("--optimizer-args", dest="optimizer_arg", action="append", help=argparse.SUPPRESS)
+    _add_dataclass_options(tr, TrainConfig, skip={"extra"}, choices=CHOICES)
     _add_dataclass_options(tr, DatasetConfig, skip={"path"})
 
     ins = sub.add_parser("inspect", help="show a LoRA file's modules and metadata")
-    ins.add_argument("file")
+    ins.add_argument("file", help="a LoRA file (.safetensors, or .pt/.bin/.ckpt read as plain tensors)")
 
     _add_caption_parser(sub)
 
     de = sub.add_parser("demo", help="train a tiny model on generated images (about a minute on a CPU)")
-    de.add_argument("--out", default="lora_workbench_demo", help="folder for everything the demo writes")
-    de.add_argument("--steps", type=int, default=100)
+    de.add_argument("--out", default=str(DEMO_DIR),
+                    help=f"folder for everything the demo writes (default: {DEMO_DIR}, outside any checkout)")
+    de.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
 
     ru = sub.add_parser("run", help="run a ComfyUI workflow (UI or API format) headless, or against a server",
                         description="Runs a saved ComfyUI workflow without the browser. A workflow in the editor's "
@@ -131,30 +158,89 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None):
 def cmd_train(ns: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .dataset import DatasetConfig
-    from .run import train_folder
+    from .interrupt import Interrupted
+    from .run import TqdmCallbacks, train_folder
     from .single_file import load_model
+    from .state import read_state_info
+    from .train import TrainCallbacks
 
     from .distributed import current
 
-    tcfg = TrainConfig.from_dict({**_pick(ns, TrainConfig, {"extra", "optimizer_args"}),
-                                  "optimizer_args": _parse_kv(ns.optimizer_arg)})
+    options = _pick(ns, TrainConfig, {"extra", "optimizer_args"})
+    if ns.resume and "output_name" not in options:
+        # A resume continues its own files: the state's name unless another is asked for.
+        options["output_name"] = read_state_info(ns.resume)["output_name"] or TrainConfig.output_name
+    tcfg = TrainConfig.from_dict({**options, "optimizer_args": _parse_kv(ns.optimizer_arg)})
     dcfg = DatasetConfig(path=ns.images, **_pick(ns, DatasetConfig, {"path"}))
     dev, wdt = _device_and_dtype(ns.device, ns.weight_dtype)
     # Under `accelerate launch`, each process trains on its own device and its share of every batch.
     dist = current(cpu=dev.type == "cpu")
     if dist.device is not None:
         dev = dist.device
-    result, path = train_folder(dcfg, tcfg, lambda: load_model(ns.model, dev, wdt, ns.tokenizer, ns.model_config),
-                                Path(ns.out), overwrite=ns.overwrite,
-                                class_dir=Path(ns.class_dir) if ns.class_dir else None,
-                                class_prompt=ns.class_prompt, resume_from=Path(ns.resume) if ns.resume else None,
-                                dist=dist)
+    cb = TqdmCallbacks() if dist.is_main else TrainCallbacks()
+    try:
+        result, path = train_folder(dcfg, tcfg, lambda: load_model(ns.model, dev, wdt, ns.tokenizer, ns.model_config),
+                                    Path(ns.out), overwrite=ns.overwrite, callbacks=cb,
+                                    class_dir=Path(ns.class_dir) if ns.class_dir else None,
+                                    class_prompt=ns.class_prompt, resume_from=Path(ns.resume) if ns.resume else None,
+                                    dist=dist, keep_state=ns.keep_state)
+    except Interrupted as e:
+        if dist.is_main:
+            print(f"lora-workbench train: {_stopped(e, cb, ns)}", file=sys.stderr)
+        return e.exit_code
+    except BaseException:
+        ns.last_good = _last_good(cb, ns)  # for the error boundary in main()
+        raise
+    finally:
+        if isinstance(cb, TqdmCallbacks):
+            cb.close()
     if dist.is_main:
         k = max(1, len(result.losses) // 10)
         print(f"trained {result.steps_done} steps; loss {sum(result.losses[:k]) / k:.4f} -> "
               f"{sum(result.losses[-k:]) / k:.4f} (mean of first/last {k})")
         print(f"saved {path}")
     return 0
+
+
+def resume_command(argv: list[str], state: Path) -> str:
+    """The command line that continues ``argv``'s run from ``state``, ready to paste into a shell."""
+    import shlex
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    return shlex.join(["lora-workbench", *args, "--resume", str(state)])
+
+
+def _last_good(cb, ns: argparse.Namespace) -> str | None:
+    """'the last good state is X (step N); continue with: ...' if this run saved one."""
+    state = getattr(cb, "last_state", None)
+    if state is None:
+        return None
+    folder, step = state
+    return f"the last good state is {folder} (step {step}); continue with: {resume_command(ns.argv, folder)}"
+
+
+def _stopped(e, cb, ns: argparse.Namespace) -> str:
+    """One line for a run stopped by SIGINT/SIGTERM: what was kept and how to go on."""
+    state, lora = getattr(cb, "last_state", None), getattr(cb, "last_lora", None)
+    if state is not None:
+        folder, step = state
+        kept = f"; LoRA so far in {lora[0]}" if lora is not None and lora[1] == step else ""
+        return (f"stopped by {e.signame} at step {step}/{cb.total}: state saved in {folder}{kept}; "
+                f"continue with: {resume_command(ns.argv, folder)}")
+    if getattr(cb, "task", None) == "class images" and ns.class_dir:
+        from .class_images import existing_class_images
+
+        n = len(existing_class_images(Path(ns.class_dir)))
+        return (f"stopped by {e.signame} while generating class images: the {n} finished ones are kept in "
+                f"{ns.class_dir}; run the same command again to make the rest and train")
+    return f"stopped by {e.signame} before the first training step finished; nothing to resume"
 
 
 def _parse_kv(items: list[str]) -> dict:
@@ -266,21 +352,73 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _disk_full(e: BaseException) -> bool:
+    import errno
+
+    text = str(e)
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "code: 28" in text \
+        or "file write failed" in text  # torch.save's wording for a failed write
+
+
+def _error_message(e: BaseException, ns: argparse.Namespace) -> str | None:
+    """One line for an error a user can act on; None for a bug (shown with its traceback)."""
+    import pickle
+    import shutil
+
+    from safetensors import SafetensorError
+
+    if _disk_full(e):
+        where = Path(getattr(e, "filename", None) or getattr(ns, "out", None) or ".")
+        folder = where if where.is_dir() else where.parent
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return f"disk full: could not write to {folder} ({free}); free some space or choose another --out folder"
+    if isinstance(e, pickle.UnpicklingError):
+        return f"cannot read a pickle file: {str(e).splitlines()[0]}; use a .safetensors file"
+    if isinstance(e, SafetensorError):
+        return f"cannot read or write a .safetensors file ({e}); it may be damaged or incomplete"
+    if isinstance(e, OSError) and not isinstance(e, (FileExistsError, FileNotFoundError)) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else str(e)
+    if isinstance(e, (ValueError, RuntimeError, OSError)):
+        return str(e)  # our errors say what is wrong and how to fix it
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .interrupt import Interrupted, raise_on_signals
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+    ns.argv = argv
+    logging.basicConfig(level=logging.DEBUG if ns.verbose or ns.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "run": cmd_run,
-                "caption": cmd_caption}[ns.command](ns)
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
-        # Our errors already say what is wrong and how to fix it: show that, not a traceback.
-        if ns.verbose:
-            raise
-        print(f"lora-workbench {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+    command = {"train": cmd_train, "inspect": cmd_inspect, "demo": cmd_demo, "run": cmd_run,
+               "caption": cmd_caption}[ns.command]
+    # SIGTERM (docker stop, systemd, Slurm, timeout) and Ctrl-C take the same path: Interrupted.
+    # Log lines are written above the progress bars instead of through them.
+    with raise_on_signals(), logging_redirect_tqdm():
+        try:
+            return command(ns)
+        except KeyboardInterrupt as e:
+            if ns.debug:
+                raise
+            e = e if isinstance(e, Interrupted) else Interrupted(2)
+            print(f"lora-workbench {ns.command}: stopped by {e.signame}", file=sys.stderr)
+            return e.exit_code
+        except Exception as e:  # noqa: BLE001 - the one error boundary: known errors get one line
+            message = _error_message(e, ns)
+            if message is None or ns.debug:
+                raise
+            print(f"lora-workbench {ns.command}: error: {message}", file=sys.stderr)
+            if getattr(ns, "last_good", None):
+                print(f"lora-workbench {ns.command}: {ns.last_good}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ Caption rules (:func:`build_caption`):
 
 * ``[trigger]`` in a caption is replaced by the trigger word (every occurrence) and the trigger is
   then an ordinary tag: shuffled like the others unless it is among the first ``keep_tokens``.
-* Otherwise the trigger is prefixed as the first tag, unless the caption already starts with it
-  (case-insensitive: CLIP lower-cases text). Either way that leading trigger is *always kept in
-  front*, and ``keep_tokens`` counts the caption's own tags after it.
+* Otherwise the trigger is prefixed as the first tag, unless the caption already holds it as a word
+  anywhere (case-insensitive: CLIP lower-cases text), so "a photo of sks dog" stays as written. A
+  leading trigger (prefixed or written first) is *always kept in front*, and ``keep_tokens`` counts
+  the caption's own tags after it.
 * ``caption_dropout`` empties the whole caption, trigger included (as kohya does).
 """
 
@@ -56,29 +57,40 @@ def _listing(names: list[str], limit: int = _MAX_LISTED) -> str:
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
+def default_min_bucket_side(resolution, step) -> int | None:
+    """Half the resolution on the bucket grid, at most 256 (256 at 512 px and above, as kohya)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (resolution, step)):
+        return resolution  # reported as an invalid setting below
+    return max(step, min(256, resolution // 2) // step * step)
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """Where the images are and how they become (pixels, caption) training pairs."""
 
     path: str
-    trigger: str = ""
-    caption_extensions: tuple = (".txt", ".caption")
+    trigger: str = ""  # trigger word: replaces [trigger] in captions, else put first unless already there
+    caption_extensions: tuple = (".txt", ".caption")  # caption sidecar extensions, the first found is read
     default_caption: str = ""  # used when an image has no caption sidecar
     repeats: int = 1  # for images not inside an ``N_concept`` sub-folder
-    shuffle_tags: bool = False
+    shuffle_tags: bool = False  # shuffle the caption's comma-separated tags each time an image is seen
     keep_tokens: int = 0  # first K caption tags never shuffled (a prefixed trigger is kept on top)
     caption_dropout: float = 0.0  # probability that the whole caption (trigger too) becomes ""
-    tag_separator: str = ","
+    tag_separator: str = ","  # what separates tags in a caption
     resolution: int = 512  # bucket area is resolution**2
-    bucket_step: int = 64
-    min_bucket_side: int = 256  # also the smallest image side accepted, buckets on or off
-    max_bucket_side: int = 1024
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for SD; resolution and sides too)
+    # The smallest bucket side, also the smallest image side accepted (buckets on or off). None: half
+    # the resolution, at most 256 (kohya's default), so small resolutions keep aspect-ratio buckets.
+    min_bucket_side: int | None = None  # smallest bucket side and image side (default: resolution/2, at most 256)
+    max_bucket_side: int = 1024  # largest bucket side
     enable_buckets: bool = True  # off: every image becomes a resolution x resolution square
     flip: bool = False  # random horizontal flip augmentation
 
     def __post_init__(self):
         object.__setattr__(self, "path", os.fspath(self.path))
         object.__setattr__(self, "caption_extensions", tuple(self.caption_extensions))
+        if self.min_bucket_side is None:
+            object.__setattr__(self, "min_bucket_side", default_min_bucket_side(self.resolution, self.bucket_step))
         bad = []
 
         def need(ok: bool, name: str, allowed: str):
@@ -286,6 +298,41 @@ def _list_images(folder: Path, caption_exts: tuple):
     return paired, sorted(orphans)
 
 
+# Image types PIL could open but the trainer does not read (animated, layered, or not in every PIL build).
+_UNREAD_IMAGES = {".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".avif": "AVIF", ".heic": "HEIC", ".heif": "HEIF",
+                  ".jxl": "JPEG XL", ".jfif": "JFIF", ".psd": "PSD", ".svg": "SVG", ".ico": "ICO", ".tga": "TGA"}
+
+
+def _unused_files(folder: Path, root: Path, caption_exts: tuple, deeper: bool) -> list[str]:
+    """Files (and, below a concept folder, sub-folders) in ``folder`` that training will not read, each
+    with the reason: ``'a.gif (GIF is not read; convert it to .png)'``."""
+    lowered = tuple(e.lower() for e in caption_exts)
+    stems_with: dict[str, list[str]] = {}
+    out = []
+    for p in sorted(folder.iterdir()):
+        rel = str(p.relative_to(root))
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if deeper:
+                out.append(f"{rel}/ (sub-folders of a concept folder are not read)")
+            continue
+        ext = p.suffix.lower()
+        if ext in IMAGE_EXTENSIONS:
+            continue
+        if ext in lowered:
+            stems_with.setdefault(p.stem, []).append(ext)
+        elif ext in _UNREAD_IMAGES:
+            out.append(f"{rel} ({_UNREAD_IMAGES[ext]} is not read; convert it to .png/.jpg/.webp)")
+        else:
+            out.append(f"{rel} (not an image {'/'.join(IMAGE_EXTENSIONS)} or a caption {'/'.join(caption_exts)})")
+    for stem, exts in stems_with.items():
+        used = min(exts, key=lowered.index)
+        out += [f"{(folder / (stem + e)).relative_to(root)} ({stem}{used} is the caption read)" for e in exts
+                if e != used]
+    return out
+
+
 def _concept_folders(root: Path, cfg: DatasetConfig, problems: list[str]):
     """``[(folder, repeats, concept)]``: the root, then its sub-folders (one level)."""
     folders = [(root, cfg.repeats, root.name)]
@@ -319,7 +366,9 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
     problems: list[str] = []
     unreadable, too_small, orphans, bad_text, records = [], [], [], [], []
     n_files = 0
+    unused: list[str] = []
     for folder, repeats, concept in _concept_folders(root, cfg, problems):
+        unused += _unused_files(folder, root, cfg.caption_extensions, deeper=folder != root)
         paired, lonely = _list_images(folder, cfg.caption_extensions)
         orphans += [str(p.relative_to(root)) for p in lonely]
         for image_path, caption_path in paired:
@@ -364,6 +413,8 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
     if problems:
         raise DatasetError(f"dataset {root} has {len(problems)} problem(s):\n- " + "\n- ".join(problems))
 
+    if unused:
+        logger.warning("dataset %s: %d file(s) not used: %s", root, len(unused), _listing(unused))
     records = assign_buckets(records, cfg)
     no_caption = sum(1 for r in records if not r.caption)
     logger.info("dataset %s: %d images, %d per epoch with repeats, %d buckets, %d without caption",
@@ -454,6 +505,17 @@ def _starts_with_trigger(caption: str, trigger: str, sep: str) -> bool:
     return rest == "" or rest[0].isspace() or rest.startswith(sep)
 
 
+def _holds_trigger(caption: str, trigger: str) -> bool:
+    """The trigger appears as a word (or words) anywhere in the caption, in any case."""
+    return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE) is not None
+
+
+def trained_caption(raw: str, cfg: DatasetConfig) -> str:
+    """The caption as training writes it, before shuffling and dropout: the trigger in place."""
+    fixed = dataclasses.replace(cfg, shuffle_tags=False, caption_dropout=0.0)
+    return build_caption(raw, fixed, random.Random(0))
+
+
 def build_caption(raw: str, cfg: DatasetConfig, rng: random.Random) -> str:
     """The caption used for one training step: trigger placed, tags shuffled, maybe dropped."""
     caption = (raw or "").strip()
@@ -465,8 +527,10 @@ def build_caption(raw: str, cfg: DatasetConfig, rng: random.Random) -> str:
         if not trigger:  # tidy the empty tag the placeholder leaves behind
             caption = _joiner(sep).join(_split_tags(caption, sep))
     elif trigger:
-        n_front = len(_split_tags(trigger, sep)) or 1
-        if not _starts_with_trigger(caption, trigger, sep):
+        if _starts_with_trigger(caption, trigger, sep):
+            n_front = len(_split_tags(trigger, sep)) or 1
+        elif not _holds_trigger(caption, trigger):
+            n_front = len(_split_tags(trigger, sep)) or 1
             caption = f"{trigger}{_joiner(sep)}{caption}" if caption else trigger
     if cfg.shuffle_tags:
         tags = _split_tags(caption, sep)
@@ -623,11 +687,14 @@ def dataset_fingerprint(records: list[ImageRecord]) -> str:
     return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
 
 
-def tag_frequency(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency``: {concept: {tag: images with that tag}}, repeats ignored."""
+def tag_frequency(records: list[ImageRecord], cfg: DatasetConfig | None = None) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: {concept: {tag: images with that tag}}, repeats ignored.
+
+    With ``cfg`` the captions are counted as trained (trigger placed, no literal ``[trigger]``)."""
     freq: dict[str, Counter] = {}
     for r in records:
-        freq.setdefault(r.concept, Counter()).update(set(_split_tags(r.caption, ",")))
+        caption = trained_caption(r.caption, cfg) if cfg is not None else r.caption
+        freq.setdefault(r.concept, Counter()).update(set(_split_tags(caption, ",")))
     return {concept: dict(counts) for concept, counts in freq.items()}
 
 

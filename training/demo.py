@@ -45,7 +45,8 @@ def run_demo(out: Path, steps: int = 100) -> Path:
     from .run import train_folder
     from .tiny import save_tiny_pipeline
 
-    out = Path(out)
+    out = Path(out).expanduser()
+    log.info("LoRA Workbench demo: writing everything under %s", out)
     model_dir = out / "tiny-model"
     if not (model_dir / "model_index.json").exists():
         save_tiny_pipeline(model_dir, seed=0)

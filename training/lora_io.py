@@ -206,6 +206,22 @@ def save_lora(path: str | os.PathLike, lora: LoraWeights, dtype: str | torch.dty
     return path
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A ``.safetensors`` file's metadata, from its header only; {} for anything unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
+def written_by(path: str | os.PathLike, run_id: str | None) -> bool:
+    """True if ``path`` is a LoRA that the training run ``run_id`` wrote (its ``lw_run_id``)."""
+    return bool(run_id) and read_metadata(path).get("lw_run_id") == run_id
+
+
 def model_hash(path: str | os.PathLike) -> str:
     """sshs_model_hash recomputed from a file: sha256 of the bytes after the safetensors header."""
     h = hashlib.sha256()
@@ -388,16 +404,45 @@ def _alpha_value(t: Tensor) -> float:
     return float(str(np_type(t.item())))
 
 
+def unpickling_reason(e: BaseException) -> str:
+    """The cause in a ``torch.load(weights_only=True)`` error, without PyTorch's advice to retry with
+    ``weights_only=False`` (which runs whatever code the file holds)."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
+    text = m.group(1) if m else str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
 def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise LoraFormatError(f"{path} is not a readable .safetensors file ({e}): it is damaged, incomplete "
+                                  "or not a safetensors file; download or copy it again") from e
     if path.suffix in (".bin", ".pt", ".ckpt", ".pth"):
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        import pickle
+        import zipfile
+
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):  # random bytes, a truncated file: not "objects"
+                raise LoraFormatError(f"{path} is not a readable {path.suffix} file ({unpickling_reason(e)}): "
+                                      "it is damaged or not a checkpoint") from e
+            # Not PyTorch's own hint (weights_only=False), which would run whatever code the pickle holds.
+            raise LoraFormatError(f"{path} holds Python objects besides tensors; pickle files are only read "
+                                  "as plain tensors because a pickle can run code. Use the .safetensors "
+                                  "version of this LoRA") from e
+        except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+            raise LoraFormatError(f"{path} is not a readable {path.suffix} file ({e}): it is damaged or "
+                                  "not a checkpoint") from e
+        if not isinstance(sd, dict):
+            raise LoraFormatError(f"{path} holds a {type(sd).__name__}, not a dictionary of tensors")
         return dict(sd.get("state_dict", sd)), {}
     raise LoraFormatError(f"{path}: unknown LoRA file type {path.suffix!r}; use .safetensors (or .bin/.pt)")
 
@@ -618,23 +663,46 @@ def _row(label: str, value) -> str:
     return f"{label + ':':<18}{value}"
 
 
+# Key prefixes of whole-model files (LDM single-file checkpoints, diffusers folders' weights).
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.",
+                        "down_blocks.", "text_model.", "encoder.down")
+
+
+def _arch_from_metadata(meta: Mapping[str, str]) -> str | None:
+    """sd1/sd2/sdxl from ``modelspec.architecture`` or ``ss_base_model_version``, as kohya_metadata writes them."""
+    spec = meta.get("modelspec.architecture", "").split("/")[0]
+    for arch, name in _MODELSPEC_ARCH.items():
+        if spec == name or (arch == "sd2" and spec.startswith("stable-diffusion-v2")):
+            return arch
+    version = meta.get("ss_base_model_version", "")
+    return next((a for a, v in _BASE_VERSION.items() if version == v), None)
+
+
 def describe_lora(path: str | os.PathLike) -> str:
-    """Human summary of a LoRA file (``lora-workbench inspect``): structure, training facts, hashes, metadata."""
+    """Human summary of a LoRA file (``lora-workbench inspect``): structure, training facts, hashes, metadata.
+
+    Raises LoraFormatError for a file that cannot be read or is not a LoRA (e.g. a full checkpoint)."""
     path = Path(path)
     sd, meta = _read_file(path)
     lines = [_row("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)")]
     try:
         lora = load_lora(sd, meta)
     except LoraFormatError as e:
-        lines.append(_row("weights", f"not a readable LoRA ({e})"))
-        lora = None
+        full = sorted({p for k in sd for p in _CHECKPOINT_PREFIXES if k.startswith(p)})
+        if full:
+            raise LoraFormatError(f"{path} is not a LoRA: it is a full model checkpoint ({len(sd)} tensors under "
+                                  f"{', '.join(full)}); load it as a checkpoint, not as a LoRA") from e
+        raise LoraFormatError(f"{path} is not a LoRA: {e}") from e
     if lora is not None:
         mods = lora.modules.values()
         per = Counter(lora.component_of(n) for n in lora.modules)
         dtypes = sorted({str(m.down.dtype).replace("torch.", "") for m in mods})
         conv = sum(m.is_conv for m in mods)
+        arch = lora.arch
+        if arch not in _MODELSPEC_ARCH:  # keys of an unknown model: the file's own metadata may say
+            arch = _arch_from_metadata(meta) or arch
         lines += [
-            _row("architecture", lora.arch),
+            _row("architecture", arch),
             _row("modules", ", ".join(f"{c} {n}" for c, n in sorted(per.items())) + f" (total {len(lora.modules)})"),
             _row("ranks", _summary(m.rank for m in mods)),
             _row("alphas", _summary(m.alpha for m in mods)),

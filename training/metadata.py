@@ -31,7 +31,7 @@ def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:
         network_args={"preset": cfg.preset, **({"dropout": cfg.dropout} if cfg.dropout else {})},
         output_name=cfg.output_name,
         title=cfg.output_name,
-        tag_frequency=tag_frequency(records),
+        tag_frequency=tag_frequency(records, dcfg),
         dataset_dirs=summary["concepts"],
         resolution=dcfg.resolution,
         num_train_images=summary["num_images_with_repeats"],
@@ -53,6 +53,7 @@ def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:
         lw_config=cfg,
         lw_extra={
             "steps_done": steps_done,
+            "run_id": getattr(trainer, "run_id", None),
             "dataset_fingerprint": dataset_fingerprint(records),
             "buckets": summary["buckets"],
             **trainer.extra_metadata,

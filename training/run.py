@@ -6,6 +6,7 @@ Shared by the CLI and the demo; everything that can be checked before a model lo
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -14,45 +15,125 @@ from .backend import Backend
 from .config import TrainConfig
 from .dataset import DatasetConfig, scan_folder
 from .distributed import Dist
+from .state import read_state_info, state_dir_for
 from .train import TrainCallbacks, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
 
 class TqdmCallbacks(TrainCallbacks):
-    """A progress bar with the current loss, for terminals."""
+    """Progress bars for terminals (training with its loss, and each long preparation), remembering
+    the last state and LoRA saved so an interrupted or failed run can say where they are."""
 
     def __init__(self):
         self.bar = None
+        self.task, self.task_bar = None, None
+        self.initial = 0
+        self.step, self.total = 0, 0
+        self.last_state: tuple[Path, int] | None = None
+        self.last_lora: tuple[Path, int] | None = None
+
+    def on_progress(self, task, done, total):
+        from tqdm.auto import tqdm
+
+        if task != self.task or self.task_bar is None:
+            self._close_task()
+            self.task, self.task_bar = task, tqdm(total=total, desc=task)
+        self.task_bar.update(done - self.task_bar.n)
+        if done >= total:
+            self._close_task()
+            self.task = None  # finished; an unfinished one stays named for the message of an interrupt
+
+    def _close_task(self):
+        if self.task_bar is not None:
+            self.task_bar.close()
+        self.task_bar = None
+
+    def on_resume(self, step):
+        self.initial = self.step = step
 
     def on_start(self, total_steps, trainable_params):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_steps, desc="training", unit="step")
+        self._close_task()
+        self.task = None
+        self.total = total_steps
+        # A resumed run starts at its step, and its rate and ETA count only the steps it trains.
+        self.bar = tqdm(total=total_steps, initial=self.initial, desc="training", unit="step")
 
     def on_step(self, step, total, loss, lr):
+        self.step = step
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
-        self.bar.update(1)
+        self.bar.update(step - self.bar.n)
 
     def on_save(self, path, step):
+        self.last_lora = (Path(path), step)
         log.info("saved %s (step %d)", path, step)
 
+    def on_state_saved(self, path, step):
+        self.last_state = (Path(path), step)
+
     def close(self):
+        self._close_task()
         if self.bar is not None:
             self.bar.close()
 
 
-def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 512 * 2**20) -> Path:
-    """The final LoRA path, refused early if it exists (unless overwrite) or the disk is nearly full."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _step_file(name: str) -> re.Pattern:
+    return re.compile(re.escape(name) + r"-step\d{6}\.safetensors")
+
+
+def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 512 * 2**20,
+                 resume: dict | None = None) -> Path:
+    """The final LoRA path, after refusing (unless ``overwrite``) to touch any file another run wrote.
+
+    A new run refuses an existing final file, step files and ``-state/`` of the same name. A resume
+    (``resume``: :func:`state.read_state_info`) continues its own files only: it must keep the state's
+    output name, and may replace only files carrying its run id. Also refuses a nearly full disk.
+    Everything here reads file headers only, so it runs before any model loads.
+    """
+    from .lora_io import written_by
+
+    out_dir = Path(out_dir)
     path = out_dir / f"{name}.safetensors"
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass another --output-name or --overwrite")
+    run_id = resume.get("run_id") if resume else None
+    if not overwrite:
+        if resume and resume.get("output_name") and resume["output_name"] != name:
+            raise FileExistsError(
+                f"the state {resume['folder']} belongs to the run named {resume['output_name']!r}; a resume "
+                f"continues its own files: leave out --output-name (or pass --output-name "
+                f"{resume['output_name']}), or pass --overwrite to write its files as {name!r}")
+        theirs = [path] if path.exists() and not written_by(path, run_id) else []
+        if out_dir.is_dir():
+            steps = _step_file(name)
+            theirs += sorted(p for p in out_dir.iterdir() if steps.fullmatch(p.name) and not written_by(p, run_id))
+        state = state_dir_for(out_dir, name)
+        if state.exists() and not (resume and state.resolve() == Path(resume["folder"]).resolve()):
+            theirs.append(state)
+        if theirs:
+            hint = f"; to continue that run use --resume {state}" if state in theirs else ""
+            raise FileExistsError(
+                f"{_listing([str(p) for p in theirs])} already exist{'s' if len(theirs) == 1 else ''} and "
+                f"{'was' if len(theirs) == 1 else 'were'} not written by this run; pass another --output-name, "
+                f"or --overwrite to replace {'it' if len(theirs) == 1 else 'them'}{hint}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out_dir).free
     if free < need_bytes:
         raise RuntimeError(f"only {free / 2**20:.0f} MiB free in {out_dir}; free at least "
                            f"{need_bytes / 2**20:.0f} MiB or choose another --out folder")
     return path
+
+
+def _state_of_run(folder: Path, run_id: str) -> bool:
+    try:
+        return read_state_info(folder)["run_id"] == run_id
+    except ValueError:  # absent, or not a state
+        return False
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def _class_records(dcfg: DatasetConfig, class_dir: Path, class_prompt: str):
@@ -67,45 +148,53 @@ def _class_records(dcfg: DatasetConfig, class_dir: Path, class_prompt: str):
 def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[[], Backend], out_dir: Path,
                  overwrite: bool = False, callbacks: TrainCallbacks | None = None,
                  class_dir: Path | None = None, class_prompt: str = "", resume_from: Path | None = None,
-                 dist: Dist | None = None) -> tuple[TrainResult, Path | None]:
+                 dist: Dist | None = None, keep_state: bool = False) -> tuple[TrainResult, Path | None]:
     """Train on ``dcfg.path`` and save ``out_dir/<output_name>.safetensors``.
 
     With ``class_dir`` + ``class_prompt`` the run uses prior preservation; when fewer than
     ``tcfg.num_class_images`` class images are there, the missing ones are generated with the
-    base model first (diffusers backends) and kept for the next run.
+    base model first (diffusers backends) and kept for the next run. A run that finishes removes
+    its ``-state/`` folder unless ``keep_state``; a stopped or failed one keeps it to resume.
     """
     dist = dist or Dist()
     records = scan_folder(dcfg)  # bad images fail here, before any model loads
-    final = check_output(out_dir, tcfg.output_name, overwrite or resume_from is not None)
+    resume = read_state_info(resume_from) if resume_from is not None else None
+    final = check_output(out_dir, tcfg.output_name, overwrite, resume=resume)
     if class_dir is not None and not class_prompt:
         raise ValueError("--class-dir needs --class-prompt (e.g. 'a photo of a dog'): the caption of the class images")
-    backend = load_backend()
-    class_records = None
-    if class_dir is not None:
-        from .class_images import diffusers_renderer, existing_class_images, generate_class_images
-
-        if len(existing_class_images(class_dir)) < tcfg.num_class_images:
-            if not hasattr(backend, "vae"):
-                raise ValueError(f"{class_dir} has fewer than {tcfg.num_class_images} class images and this "
-                                 "backend cannot generate them; add images or lower num_class_images")
-            if dist.is_main:
-                generate_class_images(diffusers_renderer(backend, dcfg.resolution), class_prompt,
-                                      tcfg.num_class_images, class_dir, seed=tcfg.seed)
-            dist.barrier()
-        class_records = _class_records(dcfg, class_dir, class_prompt)
     cb = callbacks or (TqdmCallbacks() if dist.is_main else TrainCallbacks())
     try:
+        backend = load_backend()
+        class_records = None
+        if class_dir is not None:
+            from .class_images import diffusers_renderer, existing_class_images, generate_class_images
+
+            if len(existing_class_images(class_dir)) < tcfg.num_class_images:
+                if not hasattr(backend, "vae"):
+                    raise ValueError(f"{class_dir} has fewer than {tcfg.num_class_images} class images and this "
+                                     "backend cannot generate them; add images or lower num_class_images")
+                if dist.is_main:
+                    generate_class_images(diffusers_renderer(backend, dcfg.resolution), class_prompt,
+                                          tcfg.num_class_images, class_dir, seed=tcfg.seed,
+                                          progress=lambda done, total: cb.on_progress("class images", done, total))
+                dist.barrier()
+            class_records = _class_records(dcfg, class_dir, class_prompt)
         trainer = Trainer(backend, records, dcfg, tcfg, output_dir=out_dir, callbacks=cb,
-                          overwrite=overwrite or resume_from is not None, class_records=class_records,
+                          overwrite=overwrite, class_records=class_records,
                           class_prompt=class_prompt, resume_from=resume_from, dist=dist)
         result = trainer.run()
     finally:
         if isinstance(cb, TqdmCallbacks):
             cb.close()
-    from .lora_io import save_lora
+    from .lora_io import save_lora, written_by
 
     path = None
     if dist.is_main:
-        path = save_lora(final, result.lora, dtype=tcfg.save_dtype, overwrite=overwrite or resume_from is not None)
+        path = save_lora(final, result.lora, dtype=tcfg.save_dtype,
+                         overwrite=overwrite or written_by(final, trainer.run_id))
+        state = state_dir_for(out_dir, tcfg.output_name)
+        if not keep_state and not result.stopped_early and _state_of_run(state, trainer.run_id):
+            shutil.rmtree(state)
+            log.info("removed %s: the run finished (keep_state / --keep-state keeps it)", state)
     dist.barrier()
     return result, path

@@ -100,6 +100,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise
             sd = torch.load(str(path), map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) format
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # random bytes, a truncated file: damaged, not "objects"
+            from .lora_io import unpickling_reason
+
+            raise _unreadable(path, unpickling_reason(e)) from e
         raise ModelLoadError(
             f"{path} holds Python objects besides tensors, and .ckpt files are only loaded with "
             "torch.load(weights_only=True) because a pickle can run code. Convert it to .safetensors "

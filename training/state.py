@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .fsutil import umask_mode
 from .lora_io import LoraWeights, load_lora, save_lora
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class TrainingState:
     scaler: dict
     generator: torch.Tensor
     lora: LoraWeights
+    run_id: str | None = None  # the run that wrote it: its LoRA files carry the same ``lw_run_id``
 
 
 def state_dir_for(output_dir: Path, name: str) -> Path:
@@ -59,17 +61,18 @@ def save_state(folder: Path, state: TrainingState) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp's 0700 would hide the state from other users
     try:
         save_lora(tmp / "lora.safetensors", state.lora, dtype="fp32")
         torch.save({
             "version": STATE_VERSION, "step": state.step, "config": state.config,
             "dataset_fingerprint": state.dataset_fingerprint, "class_fingerprint": state.class_fingerprint,
             "losses": state.losses, "optimizer": state.optimizer, "scheduler": state.scheduler,
-            "scaler": state.scaler, "generator": state.generator,
+            "scaler": state.scaler, "generator": state.generator, "run_id": state.run_id,
         }, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": state.step, "steps": state.config.get("steps"), "output_name": state.config.get("output_name"),
-             "dataset_fingerprint": state.dataset_fingerprint}, indent=1))
+             "dataset_fingerprint": state.dataset_fingerprint, "run_id": state.run_id}, indent=1))
         old = None
         if folder.exists():
             old = folder.with_name(folder.name + ".old")
@@ -86,17 +89,36 @@ def save_state(folder: Path, state: TrainingState) -> Path:
     return folder
 
 
-def load_state(folder: str | os.PathLike) -> TrainingState:
+def _state_folder(folder: str | os.PathLike) -> Path:
+    """The folder holding a complete state, or a ResumeError naming what to pass instead."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
     if not (folder / "trainer.pt").is_file() or not (folder / "lora.safetensors").is_file():
         old = folder.with_name(folder.name + ".old")
         if (old / "trainer.pt").is_file():
-            folder = old  # a crash between the two renames of save_state
-        else:
-            raise ResumeError(f"{folder} is not a training state (needs trainer.pt and lora.safetensors); pass the "
-                              "'<name>-state' folder that a run wrote beside its LoRA files")
+            return old  # a crash between the two renames of save_state
+        what = "does not exist" if not folder.exists() else "is not a training state (needs trainer.pt and " \
+                                                              "lora.safetensors)"
+        raise ResumeError(f"--resume {folder} {what}; pass the '<name>-state' folder that a run wrote beside "
+                          "its LoRA files")
+    return folder
+
+
+def read_state_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """The state's step, steps, output_name and run_id from its small ``state.json``, without loading
+    tensors: enough to check a resume before any model loads."""
+    folder = _state_folder(folder)
+    try:
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    return {"folder": folder, "step": info.get("step"), "steps": info.get("steps"),
+            "output_name": info.get("output_name"), "run_id": info.get("run_id")}
+
+
+def load_state(folder: str | os.PathLike) -> TrainingState:
+    folder = _state_folder(folder)
     d = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
     if d.get("version") != STATE_VERSION:
         raise ResumeError(f"{folder} was written by another version of the trainer (state version "
@@ -104,7 +126,8 @@ def load_state(folder: str | os.PathLike) -> TrainingState:
     return TrainingState(step=d["step"], config=d["config"], dataset_fingerprint=d["dataset_fingerprint"],
                          class_fingerprint=d["class_fingerprint"], losses=list(d["losses"]),
                          optimizer=d["optimizer"], scheduler=d["scheduler"], scaler=d["scaler"],
-                         generator=d["generator"], lora=load_lora(folder / "lora.safetensors"))
+                         generator=d["generator"], lora=load_lora(folder / "lora.safetensors"),
+                         run_id=d.get("run_id"))
 
 
 def check_compatible(state: TrainingState, cfg: TrainConfig, dataset_fp: str, class_fp: str | None,

@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from .config import TrainConfig
 from .dataset import (BucketBatchSampler, DatasetConfig, DatasetError, ImageDataset, ImageRecord, build_caption,
                       dataset_fingerprint, load_pixels, size_conditioning)
 from .distributed import Dist
-from .lora_io import LoraWeights, save_lora
+from .interrupt import signals_held
+from .lora_io import LoraWeights, save_lora, written_by
 from .optim import make_optimizer
 from .schedules import add_noise, make_lr_scheduler, target_for
 from .state import TrainingState, check_compatible, load_state, save_state, state_dir_for
@@ -46,7 +48,13 @@ class TrainCallbacks:
 
     def on_start(self, total_steps: int, trainable_params: int) -> None: ...
 
+    def on_resume(self, step: int) -> None:
+        """The run continues a saved state at ``step``: called before ``on_start``."""
+
     def on_step(self, step: int, total: int, loss: float, lr: float) -> None: ...
+
+    def on_progress(self, task: str, done: int, total: int) -> None:
+        """Progress of a long preparation ("class images", "caching latents"), before the first step."""
 
     def should_stop(self) -> bool:
         return False
@@ -118,6 +126,8 @@ class Trainer:
         self._latents: dict[tuple, torch.Tensor] = {}
         self._embeds: dict[str, Any] = {}
         self.started_at: float | None = None
+        # Names this run's files (``lw_run_id``): a resume may replace its own files, never another run's.
+        self.run_id = uuid.uuid4().hex
 
     # ---- data ----------------------------------------------------------------------------------
     def _micro_batches(self):
@@ -168,12 +178,18 @@ class Trainer:
     @torch.no_grad()
     def _precache_latents(self) -> None:
         flips = (False, True) if self.dcfg.flip else (False,)
+        buckets = sorted({r.bucket for r in self.records}) if self.class_records else []
+        total, done = len(self.records) * len(flips) + len(buckets) * len(self.class_records), 0
         for i, r in enumerate(self.records):
             for f in flips:
                 self._latent(("i", i, f), r, f)
-        for bucket in sorted({r.bucket for r in self.records}):
+                done += 1
+                self.cb.on_progress("caching latents", done, total)
+        for bucket in buckets:
             for c, r in enumerate(self.class_records):
                 self._latent(("c", c, bucket), dataclasses.replace(r, bucket=bucket), False)
+                done += 1
+                self.cb.on_progress("caching latents", done, total)
 
     def _batch_latents(self, mb: MicroBatch, pos: list[int]) -> torch.Tensor:
         lat = [self._latent(("i", mb.idx[p], mb.flips[p]), self.records[mb.idx[p]], mb.flips[p]) for p in pos]
@@ -227,6 +243,7 @@ class Trainer:
         state = None
         if self.resume_from is not None:
             state = load_state(self.resume_from)
+            self.run_id = state.run_id or self.run_id
             check_compatible(state, cfg, dataset_fingerprint(self.records),
                              dataset_fingerprint(self.class_records) if self.class_records else None,
                              self.resume_from)
@@ -302,6 +319,8 @@ class Trainer:
                 p.grad = None
 
         n_trainable = sum(p.numel() for p in params)
+        if step:
+            self.cb.on_resume(step)
         self.cb.on_start(cfg.steps, n_trainable)
         log.info("training %d steps: %d LoRA modules, %d trainable parameters, %d images%s, device %s%s",
                  cfg.steps, len(self.targets), n_trainable, len(self.records),
@@ -373,20 +392,24 @@ class Trainer:
                         f"the loss became {loss_value} at step {step + 1}; {last}. Lower the learning rate "
                         f"(now {cfg.lr:g}), use bf16 instead of fp16, or enable gradient clipping (max_grad_norm)."
                     )
-                if cfg.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                gen_at_step = gen.get_state()
-                losses.append(loss_value)
-                if has_prior:
-                    inst_losses.append(float(step_inst))
-                    prior_losses.append(float(step_prior))
+                # A stop signal during forward/backward abandons the step (the weights are still those of
+                # the last finished one); from here to the step count it waits, so a saved state never
+                # holds half an update.
+                with signals_held():
+                    if cfg.max_grad_norm > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    lr = scheduler.get_last_lr()[0]
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    gen_at_step = gen.get_state()
+                    losses.append(loss_value)
+                    if has_prior:
+                        inst_losses.append(float(step_inst))
+                        prior_losses.append(float(step_prior))
                 log.debug("step %d/%d loss %.5f lr %.3g", step, cfg.steps, loss_value, lr)
                 if self.output_dir and step < cfg.steps:
                     if cfg.save_every and step % cfg.save_every == 0:
@@ -407,8 +430,10 @@ class Trainer:
                     so_far = self.output_dir / f"{cfg.output_name}-step{step:06d}.safetensors"
                     if not so_far.exists():
                         self._save_step(step)
-                except Exception:  # noqa: BLE001 - never mask the original error
-                    log.exception("could not save a resumable state after the run failed")
+                except Exception as save_error:  # noqa: BLE001 - never mask the original error
+                    # Not a second error report: the caller reports the original one and names the last
+                    # state that was saved (on_state_saved).
+                    log.debug("could not save a resumable state at step %d: %s", step, save_error, exc_info=True)
             raise
         if stopped and self.output_dir is not None and step > 0:
             state_dir = self._save_state(step, losses, optimizer, scheduler, scaler, gen_at_step)
@@ -453,7 +478,8 @@ class Trainer:
     def _save_step(self, step: int) -> Path:
         path = self.output_dir / f"{self.cfg.output_name}-step{step:06d}.safetensors"
         if self.dist.is_main:
-            save_lora(path, self.extract(step), dtype=self.cfg.save_dtype, overwrite=self.overwrite)
+            save_lora(path, self.extract(step), dtype=self.cfg.save_dtype,
+                      overwrite=self.overwrite or written_by(path, self.run_id))
             self.cb.on_save(path, step)
             self._prune_step_saves(step)
         self.dist.barrier()
@@ -466,7 +492,7 @@ class Trainer:
         done = [s for s in range(every, step + 1, every)]
         for s in done[: -self.cfg.keep_last]:
             old = self.output_dir / f"{self.cfg.output_name}-step{s:06d}.safetensors"
-            if old.exists():
+            if old.exists() and written_by(old, self.run_id):  # never another run's file
                 old.unlink()
                 log.debug("removed %s (keep_last=%d)", old, self.cfg.keep_last)
 
@@ -478,7 +504,8 @@ class Trainer:
                 class_fingerprint=dataset_fingerprint(self.class_records) if self.class_records else None,
                 losses=list(losses), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(), generator=gen_state,
-                lora=network.extract(self.backend.roots(), self.targets, arch=self.backend.arch))
+                lora=network.extract(self.backend.roots(), self.targets, arch=self.backend.arch),
+                run_id=self.run_id)
             save_state(folder, st)
             self.cb.on_state_saved(folder, step)
         self.dist.barrier()
