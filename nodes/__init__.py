@@ -2,8 +2,8 @@
 
 The extension (``extension.py``) is imported only when ComfyUI asks for it from
 ``comfy_entrypoint``: importing ``comfy_api`` imports ``folder_paths``, which fixes ComfyUI's paths,
-so it must not happen before ComfyUI is booted. That keeps ``nodes.headless`` (which boots ComfyUI)
-and ``nodes.comfy_client`` importable without ComfyUI. Nothing in ``training/`` may import ComfyUI.
+so it must not happen before ComfyUI is booted. That keeps ``app.headless`` (which boots ComfyUI)
+and ``app.comfy_client`` importable without ComfyUI. Nothing in ``training/`` may import ComfyUI.
 """
 
 

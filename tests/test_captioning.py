@@ -22,7 +22,7 @@ from lora_workbench.training.captioners import (BlipCaptioner, BlipOptions, Capt
                                                 TaggerOptions, WD14Tagger, check_model, load_captioner)
 from lora_workbench.training.captions import (CaptionEdit, CaptionFormat, caption_folder, edit_caption_folder,
                                               edit_captions, place_trigger)
-from lora_workbench.training.cli import main
+from lora_workbench.app.cli import main
 
 # (name, category, confidence); None: decided by the image (see tagger_weights)
 TAGS = [

@@ -3,7 +3,7 @@
 import pytest
 
 from lora_workbench.training.class_images import diffusers_renderer, existing_class_images, generate_class_images
-from lora_workbench.training.cli import main
+from lora_workbench.app.cli import main
 from lora_workbench.training.lora_io import load_lora, model_hash
 from lora_workbench.training.tiny import save_tiny_pipeline
 
@@ -95,7 +95,7 @@ def test_bad_input_prints_one_clear_line_not_a_traceback(tmp_path, capsys, argv,
 def test_the_demo_writes_outside_the_checkout_and_git_ignores_its_folder():
     from pathlib import Path
 
-    from lora_workbench.training.cli import build_parser
+    from lora_workbench.app.cli import build_parser
 
     out = Path(build_parser().parse_args(["demo"]).out)
     repo = Path(__file__).resolve().parents[1]

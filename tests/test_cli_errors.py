@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from lora_workbench.training.cli import main
+from lora_workbench.app.cli import main
 from lora_workbench.training.lora_io import load_lora
 from lora_workbench.training.state import load_state
 from lora_workbench.training.tiny import save_tiny_pipeline
@@ -59,7 +59,7 @@ def test_disk_full_mid_run_two_lines_and_earlier_files_intact(tmp_path, monkeypa
 
 
 def test_enospc_from_any_write_names_the_folder_and_the_free_space(tmp_path, capsys, monkeypatch):
-    from lora_workbench.training import cli
+    from lora_workbench.app import cli
 
     def full(ns):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.safetensors"))

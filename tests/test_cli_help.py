@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from lora_workbench.training.cli import build_parser, main
+from lora_workbench.app.cli import build_parser, main
 from lora_workbench.training.config import CHOICES, ConfigError, TrainConfig
 
 
@@ -31,7 +31,7 @@ def test_allowed_values_are_the_ones_the_config_validates():
 
 
 def test_one_spelling_per_option_and_the_old_one_still_works(monkeypatch):
-    from lora_workbench.training import cli
+    from lora_workbench.app import cli
 
     flags = [s for a in subcommands()["train"]._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
     assert "--optimizer-args" not in flags and "--optimizer-arg" in flags

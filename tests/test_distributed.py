@@ -29,7 +29,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     pytest.importorskip("accelerate")
     images = make_images(tmp_path / "img", n=4)
     model = save_tiny_pipeline(tmp_path / "model")
-    cli = ["-m", "lora_workbench.training.cli", "train", str(images), "--model", str(model)]
+    cli = ["-m", "lora_workbench.app.cli", "train", str(images), "--model", str(model)]
     _run([sys.executable, *cli, *ARGS, "--batch-size", "2", "--out", str(tmp_path / "one")], tmp_path)
     r = _run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",

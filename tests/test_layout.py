@@ -32,7 +32,7 @@ def test_engine_never_imports_comfyui():
 
 def test_package_import_has_no_side_effects_and_no_host():
     code = (
-        "import sys, logging, lora_workbench, lora_workbench.training.train, lora_workbench.training.cli\n"
+        "import sys, logging, lora_workbench, lora_workbench.training.train, lora_workbench.app.cli\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(HOST_MODULES)!r})\n"
         "assert not bad, bad\n"
         "assert lora_workbench.WEB_DIRECTORY == './js'\n"
@@ -75,3 +75,13 @@ def test_node_modules_share_code_through_nodes_comfy_never_through_each_other():
         if hits:
             offenders[py.name] = sorted(hits)
     assert not offenders, f"node modules import other node modules (move the shared code to nodes/comfy/): {offenders}"
+
+
+def test_engine_never_imports_the_app_or_the_nodes():
+    """Arrows point down only: app/ and nodes/ use training/, never the other way (relative imports count)."""
+    offenders = {}
+    for py in sorted((ROOT / "training").rglob("*.py")):
+        hits = {t for t in _relative_targets(py) if t.split(".")[0] in ("app", "nodes")}
+        if hits:
+            offenders[str(py.relative_to(ROOT))] = sorted(hits)
+    assert not offenders, f"training/ imports the layers above it: {offenders}"

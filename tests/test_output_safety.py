@@ -5,9 +5,9 @@ import hashlib
 import pytest
 
 from lora_workbench.training import single_file
-from lora_workbench.training.cli import main
+from lora_workbench.app.cli import main
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.run import train_folder
+from lora_workbench.app.folder_training import train_folder
 from lora_workbench.training.tiny import save_tiny_pipeline
 from lora_workbench.training.train import TrainCallbacks
 

@@ -6,10 +6,10 @@ import warnings
 
 from lora_workbench.training import class_images
 from lora_workbench.training.class_images import diffusers_renderer
-from lora_workbench.training.cli import main
+from lora_workbench.app.cli import main
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.dataset import scan_folder
-from lora_workbench.training.run import TqdmCallbacks, train_folder
+from lora_workbench.app.folder_training import TqdmCallbacks, train_folder
 from lora_workbench.training.train import TrainCallbacks, Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
@@ -85,7 +85,7 @@ def test_class_image_rendering_raises_no_warning_of_our_own_making():
 
 
 def test_log_lines_are_written_above_the_bars(monkeypatch):
-    from lora_workbench.training import cli
+    from lora_workbench.app import cli
 
     seen = []
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from lora_workbench.training.runner import (
+from lora_workbench.app.workflow_runner import (
     ProgressPrinter,
     PromptInvalid,
     PromptRun,
@@ -171,7 +171,7 @@ def test_progress_lines_for_nodes_and_training_steps():
 
 
 def test_run_command_errors_are_one_clear_line(tmp_path, capsys):
-    from lora_workbench.training.cli import main
+    from lora_workbench.app.cli import main
 
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(prompt()))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lora_workbench.training import class_images
 from lora_workbench.training.class_images import existing_class_images
-from lora_workbench.training.cli import main
+from lora_workbench.app.cli import main
 from lora_workbench.training.interrupt import Interrupted, raise_on_signals, signals_held
 from lora_workbench.training.tiny import save_tiny_pipeline
 
@@ -27,7 +27,7 @@ ARGS = ["--resolution", "32", "--bucket-step", "16", "--min-bucket-side", "16", 
 
 def cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lora_workbench.training.cli", *args], env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "lora_workbench.app.cli", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -460,7 +460,7 @@ def _train_args(images, tiny, out, *extra):
 
 
 def test_cli_trains_a_lora_from_a_single_file(tiny, tmp_path):
-    from lora_workbench.training.cli import main
+    from lora_workbench.app.cli import main
     from lora_workbench.training.lora_io import load_lora
 
     images = make_images(tmp_path / "img", n=2)
@@ -475,7 +475,7 @@ def test_cli_trains_a_lora_from_a_single_file(tiny, tmp_path):
 
 
 def test_cli_reports_an_sdxl_file_cleanly(tiny, tmp_path, capsys):
-    from lora_workbench.training.cli import main
+    from lora_workbench.app.cli import main
 
     tiny.path = save(tmp_path / "xl.safetensors", {
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),

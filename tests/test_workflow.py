@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_workbench.training.workflow import (
+from lora_workbench.app.workflow import (
     MissingNodeError,
     WorkflowError,
     dynamic_prompt,

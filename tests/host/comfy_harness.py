@@ -1,6 +1,6 @@
 """Boot ComfyUI in this process on the CPU with our pack linked into a temporary base directory.
 
-The boot itself, and running prompts, is ``lora_workbench.nodes.headless`` (what ``lora-workbench run``
+The boot itself, and running prompts, is ``lora_workbench.app.headless`` (what ``lora-workbench run``
 uses); this adds the test layout: a ``--base-directory`` with our repo linked into ``custom_nodes``,
 checks that ComfyUI loaded the pack from there, and a ComfyUI server subprocess for the browser and
 runner tests.
@@ -17,8 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_workbench.nodes.headless import InProcessHost, boot
-from lora_workbench.training.runner import PromptInvalid, PromptRun
+from lora_workbench.app.headless import InProcessHost, boot
+from lora_workbench.app.workflow_runner import PromptInvalid, PromptRun
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the pack: its __init__.py is what ComfyUI imports
 PACK_FOLDER_NAME = "lora-workbench"

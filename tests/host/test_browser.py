@@ -336,7 +336,7 @@ def test_lora_stack_editor_rows_reach_the_queued_prompt(editor, server, tiny_sd1
 def test_examples_queue_what_ui_to_api_converts(editor, server, path):
     """With this frontend loaded, the editor's own prompt for each example is ui_to_api's, and saving the
     graph gives back the widget values it was loaded with (the added views are never serialised)."""
-    from lora_workbench.training.workflow import ui_to_api
+    from lora_workbench.app.workflow import ui_to_api
 
     workflow = json.loads(path.read_text())
     load(editor, workflow)

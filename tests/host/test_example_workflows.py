@@ -1,7 +1,7 @@
 """The shipped example workflows: valid as shipped, and they run headless on the CPU.
 
 Each ``example_workflows/*.json`` is what a user drags into ComfyUI. It is converted to the
-prompt the editor would queue (``training.workflow.ui_to_api``, against this ComfyUI's own
+prompt the editor would queue (``app.workflow.ui_to_api``, against this ComfyUI's own
 ``/object_info``), checked by ComfyUI's ``validate_prompt`` as shipped, then shrunk for a CPU
 (tiny checkpoint, 64 px, a few steps: overrides chosen by node class, never by id) and run.
 The checkpoint and the LoRA files an example names are the user's to pick, so the tests swap them,
@@ -135,7 +135,7 @@ def _for_cpu(prompt: dict, ckpt_name: str, lora_names: list[str], folder: Path) 
 
 @pytest.fixture(scope="module")
 def converted(object_info):
-    from lora_workbench.training.workflow import load_workflow, ui_to_api
+    from lora_workbench.app.workflow import load_workflow, ui_to_api
 
     return {path.name: ui_to_api(load_workflow(path), object_info) for path in EXAMPLES}
 

@@ -1,6 +1,6 @@
 """``lora-workbench run``: every example workflow, as shipped (UI format), through the headless runner.
 
-In process (``nodes.headless``: the ComfyUI the other host tests boot), as a command in a fresh
+In process (``app.headless``: the ComfyUI the other host tests boot), as a command in a fresh
 Python (``--comfyui``), and against a real ComfyUI server started on 127.0.0.1 (``--server``).
 What a user would type is what the tests pass: ``--set NODE.INPUT=VALUE`` for the checkpoint and
 LoRA files the examples leave to the user, and for the CPU-sized steps and resolutions.
@@ -58,14 +58,14 @@ def object_info(comfy_host):
 
 
 def shipped_prompt(path: Path, object_info: dict) -> dict:
-    from lora_workbench.training.workflow import load_workflow, ui_to_api
+    from lora_workbench.app.workflow import load_workflow, ui_to_api
 
     return ui_to_api(load_workflow(path), object_info)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_every_example_runs_through_the_runner(comfy_host, example_loras, object_info, tmp_path, path, request):
-    from lora_workbench.training.runner import run_workflow
+    from lora_workbench.app.workflow_runner import run_workflow
 
     workflow = json.loads(path.read_text())
     assert "nodes" in workflow, f"{path.name} is not in the editor's (UI) format"
@@ -98,7 +98,7 @@ def test_batch_variants_render_every_row(comfy_host, tiny_sd15_checkpoint, examp
     """stack_and_merge with its merge nodes muted, three rows: full strength, LoRAs off, another prompt."""
     from PIL import Image
 
-    from lora_workbench.training.runner import load_variants, run_workflow
+    from lora_workbench.app.workflow_runner import load_variants, run_workflow
 
     path = REPO_ROOT / "example_workflows" / "stack_and_merge.json"
     workflow = json.loads(path.read_text())
@@ -134,7 +134,7 @@ def test_batch_variants_render_every_row(comfy_host, tiny_sd15_checkpoint, examp
 
 
 def _cli(args: list[str], cwd: Path, timeout: float = RUN_TIMEOUT_SECONDS) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_workbench.training.cli", "run", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "lora_workbench.app.cli", "run", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -20,7 +20,7 @@ import urllib.request
 import uuid
 from typing import Callable
 
-from ..training.runner import PromptInvalid, PromptRun
+from .workflow_runner import PromptInvalid, PromptRun
 
 log = logging.getLogger(__name__)
 

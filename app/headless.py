@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from ..training.runner import PromptInvalid, PromptRun
+from .workflow_runner import PromptInvalid, PromptRun
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def boot(comfyui_path: str | os.PathLike | None = None, *, base_directory: str |
         args.cpu = True
     if base_directory is not None:
         args.base_directory = str(Path(base_directory).resolve())  # read by folder_paths at import
-    from .comfy import host as comfy_host
+    from ..nodes.comfy import host as comfy_host
 
     comfy_host.setup_dynamic_vram(args, "early")  # main.py: before comfy.model_management is imported
 

@@ -72,8 +72,8 @@ def _pick(ns: argparse.Namespace, cls, skip: set[str] = frozenset()) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import CHOICES, TrainConfig
-    from .dataset import DatasetConfig
+    from ..training.config import CHOICES, TrainConfig
+    from ..training.dataset import DatasetConfig
 
     p = argparse.ArgumentParser(prog="lora-workbench", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -156,15 +156,15 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .dataset import DatasetConfig
-    from .interrupt import Interrupted
-    from .run import TqdmCallbacks, train_folder
-    from .single_file import load_model
-    from .state import read_state_info
-    from .train import TrainCallbacks
+    from ..training.config import TrainConfig
+    from ..training.dataset import DatasetConfig
+    from ..training.interrupt import Interrupted
+    from .folder_training import TqdmCallbacks, train_folder
+    from ..training.single_file import load_model
+    from ..training.state import read_state_info
+    from ..training.train import TrainCallbacks
 
-    from .distributed import current
+    from ..training.distributed import current
 
     options = _pick(ns, TrainConfig, {"extra", "optimizer_args"})
     if ns.resume and "output_name" not in options:
@@ -235,7 +235,7 @@ def _stopped(e, cb, ns: argparse.Namespace) -> str:
         return (f"stopped by {e.signame} at step {step}/{cb.total}: state saved in {folder}{kept}; "
                 f"continue with: {resume_command(ns.argv, folder)}")
     if getattr(cb, "task", None) == "class images" and ns.class_dir:
-        from .class_images import existing_class_images
+        from ..training.class_images import existing_class_images
 
         n = len(existing_class_images(Path(ns.class_dir)))
         return (f"stopped by {e.signame} while generating class images: the {n} finished ones are kept in "
@@ -259,15 +259,15 @@ def _parse_kv(items: list[str]) -> dict:
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-    from .lora_io import describe_lora
+    from ..training.lora_io import describe_lora
 
     print(describe_lora(ns.file))
     return 0
 
 
 def _add_caption_parser(sub) -> None:
-    from .captioners import CAPTIONERS, BlipOptions, TaggerOptions
-    from .captions import CaptionFormat
+    from ..training.captioners import CAPTIONERS, BlipOptions, TaggerOptions
+    from ..training.captions import CaptionFormat
 
     ca = sub.add_parser("caption", help="write a caption .txt beside every image of a folder (BLIP or a WD14 tagger)",
                         description="Captions the images of a folder (and its kohya N_name sub-folders) with a local "
@@ -294,8 +294,8 @@ def _add_caption_parser(sub) -> None:
 
 
 def cmd_caption(ns: argparse.Namespace) -> int:
-    from .captioners import BlipOptions, TaggerOptions, check_model, load_captioner
-    from .captions import CaptionFormat, caption_folder
+    from ..training.captioners import BlipOptions, TaggerOptions, check_model, load_captioner
+    from ..training.captions import CaptionFormat, caption_folder
 
     check_model(ns.captioner, ns.model)  # a missing file fails before any image is read
     cls = BlipOptions if ns.captioner == "blip" else TaggerOptions
@@ -317,7 +317,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from .runner import load_variants, parse_assignment, run_workflow
+    from .workflow_runner import load_variants, parse_assignment, run_workflow
     from .workflow import load_workflow
 
     # A bad file or option fails before ComfyUI boots (node names are checked once it has).
@@ -329,11 +329,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
         if ns.output_directory or ns.base_directory or ns.cpu:
             raise ValueError("--base-directory, --output-directory and --cpu are the server's own options; "
                              "start it with them")
-        from ..nodes.comfy_client import ServerHost
+        from .comfy_client import ServerHost
 
         host = ServerHost(ns.server, timeout=ns.timeout)
     else:
-        from ..nodes.headless import boot
+        from .headless import boot
 
         try:
             host = boot(ns.comfyui, base_directory=ns.base_directory, output_directory=ns.output_directory,
@@ -389,7 +389,7 @@ def _error_message(e: BaseException, ns: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .interrupt import Interrupted, raise_on_signals
+    from ..training.interrupt import Interrupted, raise_on_signals
 
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)

@@ -1,8 +1,8 @@
 """Run a saved ComfyUI workflow headless, once or once per variant: ``lora-workbench run``.
 
 Host-free like ``workflow.py``: a *host* runs API prompts and knows its node definitions. Two
-hosts exist, both in ``nodes/``: ComfyUI booted in this process (``nodes.headless``) and a running
-ComfyUI server reached over HTTP (``nodes.comfy_client``). Everything a user types on the command
+hosts exist, both in ``app/``: ComfyUI booted in this process (``app.headless``) and a running
+ComfyUI server reached over HTTP (``app.comfy_client``). Everything a user types on the command
 line is handled here:
 
 - the workflow file in either format (a UI workflow is converted with ``ui_to_api`` against the
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from ..nodes.comfy import events as lw_events
 from .workflow import WorkflowError, is_api_format, load_workflow, ui_to_api
 
 Message = tuple[str, dict]  # (event, data) as ComfyUI sends it to its client
@@ -260,17 +261,17 @@ class ProgressPrinter:
         elif event == "executed" and data.get("node") is not None and str(data["node"]) != self.current:
             # A node whose output came from the cache mid-run: ComfyUI reports only its result.
             self.write(f"  cached: {self._name(data['node'])}")
-        elif event == "lw.train.step":
+        elif event == lw_events.TRAIN_STEP:
             step, total = int(data.get("step", 0)), int(data.get("total", 0)) or 1
             every = max(1, total // self.max_step_lines)
             if step == 1 or step == total or step % every == 0:
                 self.write(f"       step {step}/{total}  loss {float(data.get('loss', 0)):.4f}  "
                            f"lr {float(data.get('lr', 0)):.2e}")
-        elif event == "lw.train.memory":
+        elif event == lw_events.TRAIN_MEMORY:
             self.write(f"       {data.get('text')}")
-        elif event == "lw.train.preview":
+        elif event == lw_events.TRAIN_PREVIEW:
             self.write(f"       preview at step {data.get('step')}")
-        elif event == "lw.train.saved":
+        elif event == lw_events.TRAIN_SAVED:
             self.write(f"       saved step {data.get('step')}: {data.get('path')}")
         elif event == "execution_error":
             self._finish()
