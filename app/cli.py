@@ -73,7 +73,7 @@ def _pick(ns: argparse.Namespace, cls, skip: set[str] = frozenset()) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..training.config import CHOICES, TrainConfig
-    from ..training.dataset import DatasetConfig
+    from ..training.data.dataset import DatasetConfig
 
     p = argparse.ArgumentParser(prog="lora-workbench", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -157,14 +157,14 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from ..training.config import TrainConfig
-    from ..training.dataset import DatasetConfig
+    from ..training.data.dataset import DatasetConfig
     from ..training.interrupt import Interrupted
     from .folder_training import TqdmCallbacks, train_folder
-    from ..training.single_file import load_model
-    from ..training.state import read_state_info
-    from ..training.train import TrainCallbacks
+    from ..training.model.single_file import load_model
+    from ..training.train.state import read_state_info
+    from ..training.train.trainer import TrainCallbacks
 
-    from ..training.distributed import current
+    from ..training.train.distributed import current
 
     options = _pick(ns, TrainConfig, {"extra", "optimizer_args"})
     if ns.resume and "output_name" not in options:
@@ -235,7 +235,7 @@ def _stopped(e, cb, ns: argparse.Namespace) -> str:
         return (f"stopped by {e.signame} at step {step}/{cb.total}: state saved in {folder}{kept}; "
                 f"continue with: {resume_command(ns.argv, folder)}")
     if getattr(cb, "task", None) == "class images" and ns.class_dir:
-        from ..training.class_images import existing_class_images
+        from ..training.train.class_images import existing_class_images
 
         n = len(existing_class_images(Path(ns.class_dir)))
         return (f"stopped by {e.signame} while generating class images: the {n} finished ones are kept in "
@@ -259,15 +259,15 @@ def _parse_kv(items: list[str]) -> dict:
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-    from ..training.lora_io import describe_lora
+    from ..training.lora.files import describe_lora
 
     print(describe_lora(ns.file))
     return 0
 
 
 def _add_caption_parser(sub) -> None:
-    from ..training.captioners import CAPTIONERS, BlipOptions, TaggerOptions
-    from ..training.captions import CaptionFormat
+    from ..training.data.captioners import CAPTIONERS, BlipOptions, TaggerOptions
+    from ..training.data.caption_files import CaptionFormat
 
     ca = sub.add_parser("caption", help="write a caption .txt beside every image of a folder (BLIP or a WD14 tagger)",
                         description="Captions the images of a folder (and its kohya N_name sub-folders) with a local "
@@ -294,8 +294,8 @@ def _add_caption_parser(sub) -> None:
 
 
 def cmd_caption(ns: argparse.Namespace) -> int:
-    from ..training.captioners import BlipOptions, TaggerOptions, check_model, load_captioner
-    from ..training.captions import CaptionFormat, caption_folder
+    from ..training.data.captioners import BlipOptions, TaggerOptions, check_model, load_captioner
+    from ..training.data.caption_files import CaptionFormat, caption_folder
 
     check_model(ns.captioner, ns.model)  # a missing file fails before any image is read
     cls = BlipOptions if ns.captioner == "blip" else TaggerOptions

@@ -38,12 +38,12 @@ def make_demo_images(folder: Path, n: int = 8, size: int = 64, seed: int = 0) ->
 
 
 def run_demo(out: Path, steps: int = 100) -> Path:
-    from ..training.backend import DiffusersBackend
+    from ..training.model.backend import DiffusersBackend
     from ..training.config import TrainConfig
-    from ..training.dataset import DatasetConfig
-    from ..training.lora_io import describe_lora
+    from ..training.data.dataset import DatasetConfig
+    from ..training.lora.files import describe_lora
     from .folder_training import train_folder
-    from ..training.tiny import save_tiny_pipeline
+    from ..training.model.tiny import save_tiny_pipeline
 
     out = Path(out).expanduser()
     log.info("LoRA Workbench demo: writing everything under %s", out)

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ..training.backend import Backend
+from ..training.model.backend import Backend
 from ..training.config import TrainConfig
-from ..training.dataset import DatasetConfig, scan_folder
-from ..training.distributed import Dist
-from ..training.state import read_state_info, state_dir_for
-from ..training.train import TrainCallbacks, Trainer, TrainResult
+from ..training.data.dataset import DatasetConfig, scan_folder
+from ..training.train.distributed import Dist
+from ..training.train.state import read_state_info, state_dir_for
+from ..training.train.trainer import TrainCallbacks, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 51
     output name, and may replace only files carrying its run id. Also refuses a nearly full disk.
     Everything here reads file headers only, so it runs before any model loads.
     """
-    from ..training.lora_io import written_by
+    from ..training.lora.files import written_by
 
     out_dir = Path(out_dir)
     path = out_dir / f"{name}.safetensors"
@@ -167,7 +167,7 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
         backend = load_backend()
         class_records = None
         if class_dir is not None:
-            from ..training.class_images import diffusers_renderer, existing_class_images, generate_class_images
+            from ..training.train.class_images import diffusers_renderer, existing_class_images, generate_class_images
 
             if len(existing_class_images(class_dir)) < tcfg.num_class_images:
                 if not hasattr(backend, "vae"):
@@ -186,7 +186,7 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
     finally:
         if isinstance(cb, TqdmCallbacks):
             cb.close()
-    from ..training.lora_io import save_lora, written_by
+    from ..training.lora.files import save_lora, written_by
 
     path = None
     if dist.is_main:

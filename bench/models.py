@@ -79,7 +79,7 @@ def diffusers_components(size: str, tokenizer_dir: Path, seed: int = 0, kl_vae: 
     from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from lora_workbench.training.tiny import tiny_vocab_size, write_tiny_tokenizer
+    from lora_workbench.training.model.tiny import tiny_vocab_size, write_tiny_tokenizer
 
     torch.manual_seed(seed)
     v = tiny_vocab_size()

@@ -223,8 +223,8 @@ class NodeWorker:
 # ---- the standalone engine -----------------------------------------------------------------------
 class EngineWorker:
     def __init__(self, size: str):
-        from lora_workbench.training.backend import DiffusersBackend
-        from lora_workbench.training.dataset import DatasetConfig, scan_folder
+        from lora_workbench.training.model.backend import DiffusersBackend
+        from lora_workbench.training.data.dataset import DatasetConfig, scan_folder
 
         self.size = SIZES[size]
         self.tmp = Path(tempfile.mkdtemp(prefix="lw_bench_engine_"))
@@ -239,7 +239,7 @@ class EngineWorker:
 
     def train(self, variant: dict, steps: int, seed: int):
         from lora_workbench.training.config import TrainConfig
-        from lora_workbench.training.train import TrainCallbacks, Trainer
+        from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
 
         clock, trainable = StepClock(), []
 
@@ -285,8 +285,8 @@ class UseWorker:
         import folder_paths
 
         from lora_workbench.nodes.comfy.backend import ComfyBackend
-        from lora_workbench.training import network
-        from lora_workbench.training.lora_io import save_lora
+        from lora_workbench.training.lora import network
+        from lora_workbench.training.lora.files import save_lora
 
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
         self.names = []

@@ -15,10 +15,10 @@ from contextlib import ExitStack, contextmanager
 
 from comfy_api.latest import io, ui
 
-from ..training.captioners import (BLIP_EXAMPLE, WD14_EXAMPLE, WD14_MODEL, WD14_TAGS, BlipCaptioner,
-                                   MissingModelError, check_model, load_captioner, options_for)
-from ..training.captions import CaptionEdit, CaptionFormat, caption_folder, edit_caption_folder, edit_captions
-from ..training.dataset import _array_to_pil, _split_batch
+from ..training.data.captioners import (BLIP_EXAMPLE, WD14_EXAMPLE, WD14_MODEL, WD14_TAGS, BlipCaptioner,
+                                        MissingModelError, check_model, load_captioner, options_for)
+from ..training.data.caption_files import CaptionEdit, CaptionFormat, caption_folder, edit_caption_folder, edit_captions
+from ..training.data.dataset import _array_to_pil, _split_batch
 from .comfy.paths import input_folder
 
 MODEL_FOLDERS = {"blip": "blip", "wd14_tagger": "wd14"}  # models/<folder> -> captioner kind

@@ -8,7 +8,7 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
-from ..training.plot import label_grid
+from ..training.train.plot import label_grid
 # The grid applies each LoRA exactly as Apply LoRA Stack does.
 from .comfy.loras import NONE, LoraUse, apply_loras, lora_path
 

@@ -9,8 +9,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..training.fsutil import unique_path
-from ..training.lora_io import save_lora
-from ..training.plot import loss_plot
+from ..training.lora.files import save_lora
+from ..training.train.plot import loss_plot
 from .comfy.paths import lora_target_path, loras_dir
 from .types import Lora, LossHistory, LossPayload
 

@@ -19,8 +19,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..training.fsutil import atomic_write, unique_path
-from ..training.lora_io import SAVE_DTYPES, LoraWeights, load_lora
-from ..training.merge import concat_merge, resize_lora, svd_merge
+from ..training.lora.files import SAVE_DTYPES, LoraWeights, load_lora
+from ..training.lora.merge import concat_merge, resize_lora, svd_merge
 from .comfy import host as comfy_host
 from .comfy.loras import APPLIED_KEY, NONE, apply_loras, load_lora_file, lora_names, lora_path, model_family, stack_uses
 from .comfy.paths import checkpoint_target_path

@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..training.prompt_syntax import parse_lora_tags
+from ..training.lora.prompt_syntax import parse_lora_tags
 from .comfy.loras import NONE, LoraUse, apply_loras, lora_names, stack_uses
 from .types import LoraStack
 

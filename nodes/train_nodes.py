@@ -10,10 +10,10 @@ import numpy as np
 from comfy_api.latest import io
 
 from ..training.config import PRESETS, SCHEDULERS, TrainConfig
-from ..training.lora_io import lora_state_dict, save_lora
+from ..training.lora.files import lora_state_dict, save_lora
 from ..training.fsutil import unique_path
-from ..training.state import load_state
-from ..training.train import TrainCallbacks, Trainer
+from ..training.train.state import load_state
+from ..training.train.trainer import TrainCallbacks, Trainer
 from .comfy import events
 from .comfy import host as comfy_host
 from .comfy.datasets import class_records

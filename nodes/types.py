@@ -7,7 +7,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from ..training.dataset import DatasetConfig, ImageRecord
+from ..training.data.dataset import DatasetConfig, ImageRecord
 
 Dataset = io.Custom("LW_DATASET")
 ClassImages = io.Custom("LW_CLASS_IMAGES")

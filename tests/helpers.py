@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from lora_workbench.training.backend import DiffusersBackend
-from lora_workbench.training.dataset import DatasetConfig
-from lora_workbench.training.tiny import build_tiny_components
+from lora_workbench.training.model.backend import DiffusersBackend
+from lora_workbench.training.data.dataset import DatasetConfig
+from lora_workbench.training.model.tiny import build_tiny_components
 
 
 def make_images(folder: Path, n: int = 4, size: int = 32, seed: int = 0, captions: bool = True) -> Path:
@@ -46,8 +46,8 @@ def fixed_eval_loss(backend, records, dcfg, n_noise=4, seed=123):
     """Mean denoising loss over fixed (noise, timestep) draws: comparable before and after training.
 
     Each image gets its own size conditioning (SDXL; a no-op for SD1)."""
-    from lora_workbench.training.dataset import load_pixels
-    from lora_workbench.training.schedules import add_noise, target_for
+    from lora_workbench.training.data.dataset import load_pixels
+    from lora_workbench.training.train.schedules import add_noise, target_for
 
     g = torch.Generator().manual_seed(seed)
     alphas = backend.alphas_cumprod()

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from lora_workbench.training import unet_keys as uk
-from lora_workbench.training.block_weights import (OTHER, SD1_BLOCKS, SD1_LORA_BLOCKS, SDXL_BLOCKS,
-                                                   SDXL_LORA_BLOCKS, BlockWeightError, apply_block_weights,
-                                                   block_of, parse_block_weights)
-from lora_workbench.training.lora_io import LoraModule, LoraWeights
-from lora_workbench.training.prompt_syntax import parse_lora_tags
+from lora_workbench.training.model import keys as uk
+from lora_workbench.training.lora.block_weights import (OTHER, SD1_BLOCKS, SD1_LORA_BLOCKS, SDXL_BLOCKS,
+                                                        SDXL_LORA_BLOCKS, BlockWeightError, apply_block_weights,
+                                                        block_of, parse_block_weights)
+from lora_workbench.training.lora.files import LoraModule, LoraWeights
+from lora_workbench.training.lora.prompt_syntax import parse_lora_tags
 
 # LBW's DEF_WEIGHT_PRESET (scripts/lora_block_weight.py), as its users read it.
 LBW_PRESETS = """\

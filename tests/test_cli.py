@@ -2,10 +2,10 @@
 
 import pytest
 
-from lora_workbench.training.class_images import diffusers_renderer, existing_class_images, generate_class_images
+from lora_workbench.training.train.class_images import diffusers_renderer, existing_class_images, generate_class_images
 from lora_workbench.app.cli import main
-from lora_workbench.training.lora_io import load_lora, model_hash
-from lora_workbench.training.tiny import save_tiny_pipeline
+from lora_workbench.training.lora.files import load_lora, model_hash
+from lora_workbench.training.model.tiny import save_tiny_pipeline
 
 from helpers import make_images, tiny_backend
 

@@ -11,9 +11,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lora_workbench.app.cli import main
-from lora_workbench.training.lora_io import load_lora
-from lora_workbench.training.state import load_state
-from lora_workbench.training.tiny import save_tiny_pipeline
+from lora_workbench.training.lora.files import load_lora
+from lora_workbench.training.train.state import load_state
+from lora_workbench.training.model.tiny import save_tiny_pipeline
 
 from helpers import make_images
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from lora_workbench.training.lora_io import load_lora
-from lora_workbench.training.tiny import save_tiny_pipeline
+from lora_workbench.training.lora.files import load_lora
+from lora_workbench.training.model.tiny import save_tiny_pipeline
 
 from helpers import make_images
 

@@ -31,8 +31,8 @@ def test_loras_and_states_get_the_umask_mode(tmp_path, umask):
     import torch
 
     from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.dataset import scan_folder
-    from lora_workbench.training.train import Trainer
+    from lora_workbench.training.data.dataset import scan_folder
+    from lora_workbench.training.train.trainer import Trainer
 
     from helpers import make_images, tiny_backend, tiny_dataset_cfg
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.dataset import scan_folder
-from lora_workbench.training.lora_io import load_lora, save_lora
-from lora_workbench.training.tiny import build_tiny_components
-from lora_workbench.training.train import Trainer
+from lora_workbench.training.data.dataset import scan_folder
+from lora_workbench.training.lora.files import load_lora, save_lora
+from lora_workbench.training.model.tiny import build_tiny_components
+from lora_workbench.training.train.trainer import Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 

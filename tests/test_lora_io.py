@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_workbench.training import unet_keys as uk
-from lora_workbench.training.lora_io import (
-    LoraFormatError, LoraModule, LoraWeights, describe_lora, detect_arch, kohya_metadata, legacy_hash, load_lora,
-    lora_state_dict, model_hash, save_lora,
-)
+from lora_workbench.training.model import keys as uk
+from lora_workbench.training.lora.files import (
+                                                LoraFormatError, LoraModule, LoraWeights, describe_lora, detect_arch, kohya_metadata, legacy_hash, load_lora,
+                                                lora_state_dict, model_hash, save_lora,
+                                                )
 
 # (component, module path, in, out, kernel). Only the in-dims of attn2.to_k and q_proj are the real
 # ones (the architecture is detected from them); the rest are small to keep the tests fast.

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_workbench.training import memory as M
-from lora_workbench.training.backend import DiffusersBackend, SDXLDiffusersBackend
+from lora_workbench.training.train import memory as M
+from lora_workbench.training.model.backend import DiffusersBackend, SDXLDiffusersBackend
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.dataset import scan_folder
-from lora_workbench.training.train import Trainer
+from lora_workbench.training.data.dataset import scan_folder
+from lora_workbench.training.train.trainer import Trainer
 
 from helpers import make_images, tiny_dataset_cfg
 
@@ -35,7 +35,7 @@ def _vae_f8():
 def _text(hidden, layers, heads, projection=False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_workbench.training.tiny import tiny_vocab_size
+    from lora_workbench.training.model.tiny import tiny_vocab_size
 
     v = tiny_vocab_size()
     cfg = CLIPTextConfig(vocab_size=v, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1,
@@ -49,7 +49,7 @@ def scaled_sd15(tmp_path) -> DiffusersBackend:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from lora_workbench.training.tiny import TINY_SCHEDULER, write_tiny_tokenizer
+    from lora_workbench.training.model.tiny import TINY_SCHEDULER, write_tiny_tokenizer
 
     torch.manual_seed(0)
     k = SCALE
@@ -64,7 +64,7 @@ def scaled_sdxl(tmp_path) -> SDXLDiffusersBackend:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from lora_workbench.training.tiny import TINY_SCHEDULER, write_tiny_tokenizer
+    from lora_workbench.training.model.tiny import TINY_SCHEDULER, write_tiny_tokenizer
 
     torch.manual_seed(0)
     k = SCALE

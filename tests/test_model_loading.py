@@ -6,8 +6,8 @@ import logging
 import torch
 from diffusers import UNet2DConditionModel
 
-from lora_workbench.training.backend import DiffusersBackend
-from lora_workbench.training.tiny import save_tiny_pipeline
+from lora_workbench.training.model.backend import DiffusersBackend
+from lora_workbench.training.model.tiny import save_tiny_pipeline
 
 
 def test_a_diffusers_folder_loads_in_the_requested_dtype(tmp_path, monkeypatch):

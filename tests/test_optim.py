@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lora_workbench.training.optim import OPTIMIZERS, OptimizerUnavailable, make_optimizer, optimizer_label
+from lora_workbench.training.train.optim import OPTIMIZERS, OptimizerUnavailable, make_optimizer, optimizer_label
 
 
 def quadratic(n: int = 64, seed: int = 0, device: str = "cpu"):
@@ -129,7 +129,7 @@ def test_prodigy_raises_its_step_size_on_a_toy_problem():
 def test_prodigy_warns_about_a_small_lr(caplog):
     pytest.importorskip("prodigyopt")
     p = torch.nn.Parameter(torch.zeros(2))
-    with caplog.at_level(logging.WARNING, logger="lora_workbench.training.optim"):
+    with caplog.at_level(logging.WARNING, logger="lora_workbench.training.train.optim"):
         make_optimizer("prodigy", [p], lr=1e-4)
     assert "use lr 1.0" in caplog.text
 

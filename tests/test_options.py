@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.dataset import DatasetError, scan_folder
-from lora_workbench.training.lora_io import load_lora
-from lora_workbench.training.train import Trainer
+from lora_workbench.training.data.dataset import DatasetError, scan_folder
+from lora_workbench.training.lora.files import load_lora
+from lora_workbench.training.train.trainer import Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 
@@ -78,7 +78,7 @@ def test_each_loss_option_changes_the_run(data, opt):
 def test_dora_trains_magnitudes_and_saves_dora_scale(tmp_path, data):
     dcfg, records = data
     res = Trainer(tiny_backend(), records, dcfg, TrainConfig(steps=3, lr=1e-2, use_dora=True)).run()
-    from lora_workbench.training.lora_io import save_lora
+    from lora_workbench.training.lora.files import save_lora
 
     path = save_lora(tmp_path / "d.safetensors", res.lora, dtype="fp32")
     back = load_lora(path)

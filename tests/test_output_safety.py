@@ -4,12 +4,12 @@ import hashlib
 
 import pytest
 
-from lora_workbench.training import single_file
+from lora_workbench.training.model import single_file
 from lora_workbench.app.cli import main
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.app.folder_training import train_folder
-from lora_workbench.training.tiny import save_tiny_pipeline
-from lora_workbench.training.train import TrainCallbacks
+from lora_workbench.training.model.tiny import save_tiny_pipeline
+from lora_workbench.training.train.trainer import TrainCallbacks
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 

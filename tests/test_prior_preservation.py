@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from lora_workbench.training import network
+from lora_workbench.training.lora import network
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.dataset import load_pixels, scan_folder
-from lora_workbench.training.schedules import add_noise
-from lora_workbench.training.train import Trainer
+from lora_workbench.training.data.dataset import load_pixels, scan_folder
+from lora_workbench.training.train.schedules import add_noise
+from lora_workbench.training.train.trainer import Trainer
 
 from helpers import tiny_backend, tiny_dataset_cfg
 

@@ -4,13 +4,13 @@ warning of our own making."""
 import logging
 import warnings
 
-from lora_workbench.training import class_images
-from lora_workbench.training.class_images import diffusers_renderer
+from lora_workbench.training.train import class_images
+from lora_workbench.training.train.class_images import diffusers_renderer
 from lora_workbench.app.cli import main
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.dataset import scan_folder
+from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.app.folder_training import TqdmCallbacks, train_folder
-from lora_workbench.training.train import TrainCallbacks, Trainer
+from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from lora_workbench.training.prompt_syntax import (FORMS, LoraNotFound, LoraTag, PromptSyntaxError,
-                                                   parse_lora_tags, resolve_lora_name)
+from lora_workbench.training.lora.prompt_syntax import (FORMS, LoraNotFound, LoraTag, PromptSyntaxError,
+                                                        parse_lora_tags, resolve_lora_name)
 
 
 def one(tag):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.dataset import scan_folder
-from lora_workbench.training.state import ResumeError, load_state
-from lora_workbench.training.train import TrainCallbacks, Trainer
+from lora_workbench.training.data.dataset import scan_folder
+from lora_workbench.training.train.state import ResumeError, load_state
+from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 

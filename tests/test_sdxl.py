@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_workbench.training import unet_keys as uk
-from lora_workbench.training.backend import DiffusersBackend, SDXLCond, SDXLDiffusersBackend
+from lora_workbench.training.model import keys as uk
+from lora_workbench.training.model.backend import DiffusersBackend, SDXLCond, SDXLDiffusersBackend
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.dataset import load_pixels, scan_folder, size_conditioning
-from lora_workbench.training.lora_io import load_lora, save_lora
-from lora_workbench.training.tiny_sdxl import build_tiny_sdxl_components, save_tiny_sdxl_pipeline, tiny_sdxl_pipeline
-from lora_workbench.training.train import Trainer
+from lora_workbench.training.data.dataset import load_pixels, scan_folder, size_conditioning
+from lora_workbench.training.lora.files import load_lora, save_lora
+from fixtures.tiny_sdxl_pipeline import build_tiny_sdxl_components, save_tiny_sdxl_pipeline, tiny_sdxl_pipeline
+from lora_workbench.training.train.trainer import Trainer
 
 from helpers import fixed_eval_loss, make_images, tiny_dataset_cfg
 
@@ -171,7 +171,7 @@ def test_sdxl_diffusers_folder_loads_as_sdxl_and_previews(tmp_path):
     be = DiffusersBackend.from_pretrained(folder)
     assert isinstance(be, SDXLDiffusersBackend) and be.arch == "sdxl"
     assert be.latent_factor == 4 and set(be.roots()) == {"unet", "te1", "te2"}
-    from lora_workbench.training.preview import sample_preview
+    from lora_workbench.training.train.preview import sample_preview
 
     img = sample_preview(be, PROMPT, steps=2, width=32, height=32, latent_factor=be.latent_factor)
     assert img.shape == (1, 32, 32, 3) and torch.isfinite(img).all()
@@ -209,7 +209,7 @@ def test_diffusers_format_sdxl_lora_reads_back_as_the_same_kohya_modules(tmp_pat
 
 
 def test_class_images_render_with_the_sdxl_pipeline(tmp_path):
-    from lora_workbench.training.class_images import diffusers_renderer, generate_class_images
+    from lora_workbench.training.train.class_images import diffusers_renderer, generate_class_images
 
     made = generate_class_images(diffusers_renderer(tiny_sdxl_backend(), 32, steps=2), "a photo of a ball", 2,
                                  tmp_path / "cls")

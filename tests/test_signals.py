@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_workbench.training import class_images
-from lora_workbench.training.class_images import existing_class_images
+from lora_workbench.training.train import class_images
+from lora_workbench.training.train.class_images import existing_class_images
 from lora_workbench.app.cli import main
 from lora_workbench.training.interrupt import Interrupted, raise_on_signals, signals_held
-from lora_workbench.training.tiny import save_tiny_pipeline
+from lora_workbench.training.model.tiny import save_tiny_pipeline
 
 from helpers import make_images
 

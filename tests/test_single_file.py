@@ -15,24 +15,24 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_workbench.training.backend import DiffusersBackend, ModelLoadError
-from lora_workbench.training.single_file import (
-    CLIP_L_REPO,
-    SHIPPED_CONFIGS,
-    build_components,
-    detect_prediction_type,
-    load_model,
-    load_single_file,
-)
-from lora_workbench.training.tiny import (
-    TINY_SCHEDULER,
-    TINY_TEXT,
-    TINY_UNET,
-    TINY_VAE,
-    tiny_vocab_size,
-    write_tiny_tokenizer,
-)
-from lora_workbench.training.unet_keys import layout_from_diffusers_config, unet_diffusers_to_ldm
+from lora_workbench.training.model.backend import DiffusersBackend, ModelLoadError
+from lora_workbench.training.model.single_file import (
+                                                       CLIP_L_REPO,
+                                                       SHIPPED_CONFIGS,
+                                                       build_components,
+                                                       detect_prediction_type,
+                                                       load_model,
+                                                       load_single_file,
+                                                       )
+from lora_workbench.training.model.tiny import (
+                                                TINY_SCHEDULER,
+                                                TINY_TEXT,
+                                                TINY_UNET,
+                                                TINY_VAE,
+                                                tiny_vocab_size,
+                                                write_tiny_tokenizer,
+                                                )
+from lora_workbench.training.model.keys import layout_from_diffusers_config, unet_diffusers_to_ldm
 
 from helpers import make_images
 
@@ -263,7 +263,7 @@ def test_sd2_prediction_type_heuristic():
 
 
 def test_load_model_dispatches_on_file_or_folder(tiny, tmp_path):
-    from lora_workbench.training.tiny import save_tiny_pipeline
+    from lora_workbench.training.model.tiny import save_tiny_pipeline
 
     assert load_model(tiny.path, tokenizer=tiny.tokenizer, config_dir=tiny.config).model_name == "tiny.safetensors"
     folder = save_tiny_pipeline(tmp_path / "pipe")
@@ -461,7 +461,7 @@ def _train_args(images, tiny, out, *extra):
 
 def test_cli_trains_a_lora_from_a_single_file(tiny, tmp_path):
     from lora_workbench.app.cli import main
-    from lora_workbench.training.lora_io import load_lora
+    from lora_workbench.training.lora.files import load_lora
 
     images = make_images(tmp_path / "img", n=2)
     assert main(_train_args(images, tiny, tmp_path / "out", "--rank", "4")) == 0

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from lora_workbench.training import network
-from lora_workbench.training.backend import DiffusersBackend
+from lora_workbench.training.lora import network
+from lora_workbench.training.model.backend import DiffusersBackend
 from lora_workbench.training.config import ConfigError, TrainConfig
-from lora_workbench.training.dataset import scan_folder
-from lora_workbench.training.schedules import add_noise, target_for
-from lora_workbench.training.train import TrainCallbacks, Trainer, TrainingError
+from lora_workbench.training.data.dataset import scan_folder
+from lora_workbench.training.train.schedules import add_noise, target_for
+from lora_workbench.training.train.trainer import TrainCallbacks, Trainer, TrainingError
 
 from helpers import fixed_eval_loss, make_images, tiny_backend, tiny_dataset_cfg
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from lora_workbench.training import unet_keys as uk
+from lora_workbench.training.model import keys as uk
 
 SD15_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

@@ -37,9 +37,11 @@ import comfy.model_sampling
 import comfy.sdxl_clip
 import comfy.supported_models
 
-from ...training import network, unet_keys
-from ...training.backend import Backend, SDXLCond
-from ...training.network import LoraTarget
+from ...training.lora import network
+
+from ...training.model import keys as unet_keys
+from ...training.model.backend import Backend, SDXLCond
+from ...training.lora.network import LoraTarget
 from . import host as comfy_host
 
 log = logging.getLogger(__name__)
@@ -343,7 +345,7 @@ class ComfyBackend(Backend):
 
     def memory_shape(self):
         """The model's shape for the memory estimate, read from ComfyUI's ``unet_config`` and modules."""
-        from ...training import memory
+        from ...training.train import memory
 
         cfg = self.model.model.model_config.unet_config
         lay = self.layout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...training.dataset import DatasetConfig, records_from_images, scan_folder
+from ...training.data.dataset import DatasetConfig, records_from_images, scan_folder
 from ..types import ClassImagesPayload
 
 

@@ -23,9 +23,9 @@ import os
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass
 
-from ...training.block_weights import BlockWeightError, BlockWeights, apply_block_weights, parse_block_weights
-from ...training.lora_io import detect_arch, load_lora, lora_state_dict
-from ...training.prompt_syntax import resolve_lora_name
+from ...training.lora.block_weights import BlockWeightError, BlockWeights, apply_block_weights, parse_block_weights
+from ...training.lora.files import detect_arch, load_lora, lora_state_dict
+from ...training.lora.prompt_syntax import resolve_lora_name
 
 log = logging.getLogger(__name__)
 

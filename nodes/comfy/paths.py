@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...training.dataset import DatasetError
+from ...training.data.dataset import DatasetError
 
 
 def loras_dir() -> str:

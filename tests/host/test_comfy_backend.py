@@ -67,7 +67,7 @@ def comfy_cond(clip, text: str) -> torch.Tensor:
 def make_dataset(folder, n: int = 2):
     from PIL import Image, ImageDraw
 
-    from lora_workbench.training.dataset import DatasetConfig, scan_folder
+    from lora_workbench.training.data.dataset import DatasetConfig, scan_folder
 
     rng = random.Random(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def test_layout_names_agree_with_comfyui_own_map(comfy_host, which):
     from tiny_sd15 import UNET_CONFIG
 
     from lora_workbench.nodes.comfy.backend import layout_from_unet_config
-    from lora_workbench.training import unet_keys
+    from lora_workbench.training.model import keys as unet_keys
 
     config = SD15_UNET_CONFIG if which == "sd15" else UNET_CONFIG
     layout = layout_from_unet_config(config)
@@ -163,7 +163,7 @@ def test_predict_equals_comfyui_apply_model(comfy_host, tiny_sd15_checkpoint, sa
     import nodes
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training.schedules import add_noise
+    from lora_workbench.training.train.schedules import add_noise
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     if sampling == "v_prediction":  # ComfyUI's ModelSamplingDiscrete node: an object patch on model_sampling
@@ -215,9 +215,9 @@ def test_trained_lora_loads_in_lora_loader_and_reproduces_the_engine(
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.lora_io import lora_state_dict, save_lora
-    from lora_workbench.training.schedules import add_noise
-    from lora_workbench.training.train import Trainer
+    from lora_workbench.training.lora.files import lora_state_dict, save_lora
+    from lora_workbench.training.train.schedules import add_noise
+    from lora_workbench.training.train.trainer import Trainer
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     backend = ComfyBackend(model, clip, vae, model_name=tiny_sd15_checkpoint.name)
@@ -286,7 +286,7 @@ def test_trained_lora_loads_in_lora_loader_and_reproduces_the_engine(
 def test_base_model_untouched_after_a_run_that_raises(comfy_host, tiny_sd15_checkpoint, tmp_path):
     from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.train import TrainCallbacks, Trainer
+    from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
 
     class FailAtStep2(TrainCallbacks):
         def on_step(self, step, total, loss, lr):
@@ -312,7 +312,7 @@ def test_base_model_untouched_after_a_run_that_raises(comfy_host, tiny_sd15_chec
 # ---- 4. ComfyUI's module machinery under the LoRA layers -------------------------------------------
 def random_lora_for(backend, preset: str, seed: int = 5):
     """A LoRA with random (non-zero) weights on a preset's UNet layers, as a kohya state dict."""
-    from lora_workbench.training.lora_io import LoraModule, LoraWeights, lora_state_dict
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights, lora_state_dict
 
     g = torch.Generator().manual_seed(seed)
     unet = backend.roots()["unet"]
@@ -330,8 +330,8 @@ def test_lowvram_weight_patches_still_apply_through_lora_layers(comfy_host, tiny
     import comfy.sd
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training import network
-    from lora_workbench.training.schedules import add_noise
+    from lora_workbench.training.lora import network
+    from lora_workbench.training.train.schedules import add_noise
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     plain = ComfyBackend(model, clip, vae)
@@ -359,8 +359,8 @@ def test_lowvram_weight_patches_still_apply_through_lora_layers(comfy_host, tiny
 
 def test_gradient_checkpointing_gives_the_same_gradients(comfy_host, tiny_sd15_checkpoint):
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training import network
-    from lora_workbench.training.schedules import add_noise
+    from lora_workbench.training.lora import network
+    from lora_workbench.training.train.schedules import add_noise
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     backend = ComfyBackend(model, clip, vae)

@@ -32,7 +32,7 @@ def random_xl_lora(comfy_host, xl) -> str:
     """A random rank-4 LoRA on the tiny SDXL's own kohya names (UNet attention + both encoders), under
     models/loras: its name as LoraLoader lists it."""
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training.lora_io import LoraModule, LoraWeights, kohya_metadata, save_lora
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights, kohya_metadata, save_lora
 
     backend = ComfyBackend(*xl)
     roots = backend.roots()
@@ -78,7 +78,7 @@ def comfy_raw_output(model, x0, noise, t, context, y) -> torch.Tensor:
 def make_dataset(folder, n: int = 2):
     from comfy_harness import make_photos
 
-    from lora_workbench.training.dataset import DatasetConfig, scan_folder
+    from lora_workbench.training.data.dataset import DatasetConfig, scan_folder
 
     make_photos(folder, n=n, size=64, caption="a photo of a ball")
     dcfg = DatasetConfig(path=str(folder), trigger="sks", resolution=64, bucket_step=64, min_bucket_side=64)
@@ -96,7 +96,7 @@ def test_tiny_checkpoint_is_an_sdxl_family_model_with_comfyui_own_names(xl):
     from tiny_sdxl import UNET_CONFIG
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training import unet_keys
+    from lora_workbench.training.model import keys as unet_keys
 
     model, clip, vae = xl
     assert isinstance(model.model, comfy.model_base.SDXL)
@@ -115,7 +115,7 @@ def test_predict_and_conditioning_equal_comfyui_sdxl_sampling(xl):
     """The backend's context, pooled output and ``y`` are ComfyUI's (CLIPTextEncodeSDXL + extra_conds),
     and its prediction is ``apply_model``'s, for a given original size, crop and target size."""
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training.schedules import add_noise
+    from lora_workbench.training.train.schedules import add_noise
 
     model, clip, vae = xl
     backend = ComfyBackend(model, clip, vae)
@@ -140,9 +140,9 @@ def test_train_5_steps_save_and_lora_loader_loads_every_key(comfy_host, xl, tmp_
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.lora_io import load_lora, save_lora
-    from lora_workbench.training.schedules import add_noise
-    from lora_workbench.training.train import Trainer
+    from lora_workbench.training.lora.files import load_lora, save_lora
+    from lora_workbench.training.train.schedules import add_noise
+    from lora_workbench.training.train.trainer import Trainer
 
     model, clip, vae = xl
     backend = ComfyBackend(model, clip, vae, model_name="tiny_sdxl.safetensors")

@@ -22,7 +22,7 @@ ROW_DEFAULTS = {"lora": "None", "enabled": True, "model_strength": 1.0, "clip_st
 
 # ---- LoRA files ------------------------------------------------------------------------------------
 def _random_lora(targets, shapes, seed: int, metadata: dict, keep=lambda name: True):
-    from lora_workbench.training.lora_io import LoraModule, LoraWeights
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights
 
     g = torch.Generator().manual_seed(seed)
     modules = {}
@@ -43,7 +43,7 @@ def loras(comfy_host, tiny_sd15_checkpoint) -> dict[str, str]:
     import safetensors.torch
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training.lora_io import kohya_metadata, save_lora
+    from lora_workbench.training.lora.files import kohya_metadata, save_lora
 
     with torch.inference_mode():
         model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd15_checkpoint.name)[:3]
@@ -312,7 +312,7 @@ def test_grid_renders_every_lora_and_strength_into_a_labelled_grid(comfy_host, r
 
 
 def test_svd_merge_at_full_rank_matches_the_exact_concat_merge(comfy_host, run_prompt, loras):
-    from lora_workbench.training.lora_io import load_lora
+    from lora_workbench.training.lora.files import load_lora
 
     stack = _stack([{"lora": loras["a"]}, {"lora": loras["b"], "model_strength": 0.5, "clip_strength": 0.25}])
     prompt = {"s": stack}

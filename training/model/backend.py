@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import unet_keys as uk
-from .network import LoraTarget, kohya_name_fn, select_text_encoder_targets, select_unet_targets
+from . import keys as uk
+from ..lora.network import LoraTarget, kohya_name_fn, select_text_encoder_targets, select_unet_targets
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class DiffusersBackend(Backend):
             self.text_encoder.gradient_checkpointing_enable()
 
     def memory_shape(self):
-        from .memory import shape_from_diffusers
+        from ..train.memory import shape_from_diffusers
 
         encoders = [self.text_encoder] + ([self.text_encoder_2] if hasattr(self, "text_encoder_2") else [])
         return shape_from_diffusers(self.unet, encoders, self.vae, self.model_name or self.arch.upper())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import Backend
+from ..model.backend import Backend
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .lora_io import LoraModule, LoraWeights
+from .files import LoraModule, LoraWeights
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .lora_io import HASH_KEYS, LoraModule, LoraWeights
+from .files import HASH_KEYS, LoraModule, LoraWeights
 
 logger = logging.getLogger(__name__)
 

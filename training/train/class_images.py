@@ -13,7 +13,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .fsutil import atomic_write
+from ..fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from .dataset import dataset_fingerprint, dataset_summary, tag_frequency
-from .lora_io import kohya_metadata
-from .optim import optimizer_label
+from ..data.dataset import dataset_fingerprint, dataset_summary, tag_frequency
+from .files import kohya_metadata
+from ..train.optim import optimizer_label
 
 if TYPE_CHECKING:
-    from .train import Trainer
+    from ..train.trainer import Trainer
 
 
 def training_metadata(trainer: "Trainer", steps_done: int) -> dict[str, str]:

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .fsutil import umask_mode
-from .lora_io import LoraWeights, load_lora, save_lora
+from ..config import TrainConfig
+from ..fsutil import umask_mode
+from ..lora.files import LoraWeights, load_lora, save_lora
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from . import unet_keys as uk
-from .lora_io import LoraModule, LoraWeights
+from ..model import keys as uk
+from .files import LoraModule, LoraWeights
 
 OTHER = "OTHER"  # modules outside LBW's blocks: always weight 1
 

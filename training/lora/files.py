@@ -27,8 +27,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from . import unet_keys as uk
-from .fsutil import FileExistsNoOverwrite, atomic_write
+from ..model import keys as uk
+from ..fsutil import FileExistsNoOverwrite, atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -101,7 +101,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) format
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # random bytes, a truncated file: damaged, not "objects"
-            from .lora_io import unpickling_reason
+            from ..lora.files import unpickling_reason
 
             raise _unreadable(path, unpickling_reason(e)) from e
         raise ModelLoadError(
@@ -348,11 +348,11 @@ def build_components(state_dict: Mapping[str, torch.Tensor], arch: str, config_d
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
-    )
+                                                     convert_ldm_clip_checkpoint,
+                                                     convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint,
+                                                     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config_dir = Path(config_dir)

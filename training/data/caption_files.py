@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from .captioners import CaptionError, comma_list, tag_key
 from .dataset import IMAGE_EXTENSIONS, TRIGGER_PLACEHOLDER, _list_images, _to_rgb
-from .fsutil import atomic_write, unique_path
+from ..fsutil import atomic_write, unique_path
 
 logger = logging.getLogger(__name__)
 

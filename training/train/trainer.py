@@ -24,14 +24,14 @@ from typing import Any
 import torch
 
 from . import losses as L
-from . import network
-from .backend import Backend
-from .config import TrainConfig
-from .dataset import (BucketBatchSampler, DatasetConfig, DatasetError, ImageDataset, ImageRecord, build_caption,
-                      dataset_fingerprint, load_pixels, size_conditioning)
+from ..lora import network
+from ..model.backend import Backend
+from ..config import TrainConfig
+from ..data.dataset import (BucketBatchSampler, DatasetConfig, DatasetError, ImageDataset, ImageRecord, build_caption,
+                            dataset_fingerprint, load_pixels, size_conditioning)
 from .distributed import Dist
-from .interrupt import signals_held
-from .lora_io import LoraWeights, save_lora, written_by
+from ..interrupt import signals_held
+from ..lora.files import LoraWeights, save_lora, written_by
 from .optim import make_optimizer
 from .schedules import add_noise, make_lr_scheduler, target_for
 from .state import TrainingState, check_compatible, load_state, save_state, state_dir_for
@@ -467,7 +467,7 @@ class Trainer:
 
     # ---- output --------------------------------------------------------------------------------
     def metadata(self, steps_done: int) -> dict[str, str]:
-        from .metadata import training_metadata
+        from ..lora.metadata import training_metadata
 
         return training_metadata(self, steps_done)
 

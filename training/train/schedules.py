@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):

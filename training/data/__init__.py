@@ -1,0 +1,1 @@
+"""Training data: image folders, buckets, captions and their trigger/tag rules, caption files, captioners."""
