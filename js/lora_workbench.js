@@ -12,11 +12,18 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXTENSION = "LoraWorkbench.Frontend";
+// The messages Train LoRA / Resume Training send while they run (nodes/train_nodes.py sends them).
+const TRAIN_EVENTS = Object.freeze({
+  step: "lw.train.step", preview: "lw.train.preview", memory: "lw.train.memory", saved: "lw.train.saved",
+});
+// ComfyUI's own text widget for a node's progress text (the frontend's useNodeProgressText).
+const HOST_PROGRESS_TEXT = "$$node-text-preview";
 const TRAIN_NODES = new Set(["LW_TrainLoRA", "LW_ResumeTraining"]);
 const STACK_NODE = "LW_LoraStack";
 const NONE = "None";
 const SMOOTHING = 0.9;
 const INFO_TTL_MS = 30000;
+const STACK_MIN_WIDTH = 400; // room for a LoRA name beside the strengths and buttons
 
 // ---------------------------------------------------------------------------------------------- helpers
 function el(tag, props = {}, ...children) {
@@ -53,14 +60,31 @@ function redraw(node) {
   app.graph?.setDirtyCanvas?.(true, true);
 }
 
-/** Grow the node to fit its widgets (never shrink what the user sized). */
+/** Size the node to its widgets: as tall as they need (our views are sized to their content, so any
+ * more would only be empty), and at least as wide as they need and as the user made it. */
 function fit(node) {
   const size = node.computeSize?.();
   if (!size) return;
-  if (node.size[0] < size[0] || node.size[1] < size[1]) {
-    node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
-  }
+  const width = Math.max(node.size[0], size[0], node.lwMinWidth ?? 0);
+  if (width !== node.size[0] || Math.abs(size[1] - node.size[1]) > 1) node.setSize([width, size[1]]);
   redraw(node);
+}
+
+/** The height ``root``'s children take (display: none ones left out), or ``fallback()`` while the view
+ * is not laid out (not yet attached, or the node collapsed). */
+function contentHeight(root, fallback) {
+  let total = 0;
+  let shown = 0;
+  for (const child of root.children) {
+    if (getComputedStyle(child).display === "none") continue;
+    total += child.offsetHeight;
+    shown += 1;
+  }
+  if (!total) return fallback();
+  const style = getComputedStyle(root);
+  const gap = parseFloat(style.rowGap) || 0;
+  const padding = (parseFloat(style.paddingTop) || 0) + (parseFloat(style.paddingBottom) || 0);
+  return Math.ceil(total + gap * (shown - 1) + padding);
 }
 
 function safely(what, fn) {
@@ -73,13 +97,18 @@ function safely(what, fn) {
   };
 }
 
-function addView(node, name, element, minHeight) {
+/** A DOM widget as tall as ``height()`` says: no taller (the canvas would stretch it over the node's
+ * free height, Nodes 2.0 over its grid row) and no shorter. */
+function addView(node, name, element, height) {
+  // The canvas draws the element inside the widget's margin (Nodes 2.0 has no such margin).
+  const outer = () => height() + 2 * (view.margin ?? 0);
   const view = node.addDOMWidget(name, name, element, {
     serialize: false,
     hideOnZoom: false,
     getValue: () => undefined,
     setValue: () => {},
-    getMinHeight: minHeight,
+    getMinHeight: outer,
+    getMaxHeight: outer,
   });
   view.serialize = false; // not in widgets_values: the saved workflow stays what the node defines
   return view;
@@ -88,10 +117,12 @@ function addView(node, name, element, minHeight) {
 const STYLE = `
 .lw-view { display: flex; flex-direction: column; gap: 4px; width: 100%; height: 100%; box-sizing: border-box;
   font: 11px sans-serif; color: var(--input-text, #ddd); overflow: hidden; }
-.lw-train-status, .lw-preview-caption, .lw-saved, .lw-memory { white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
-  opacity: 0.85; min-height: 14px; }
-.lw-loss-chart { width: 100%; height: 150px; flex: none; border-radius: 4px; background: #151515; }
-.lw-train-preview { flex: 1 1 auto; min-height: 0; width: 100%; object-fit: contain; border-radius: 4px; }
+.lw-view > * { flex: none; }
+.lw-train-status, .lw-preview-caption, .lw-saved, .lw-memory { white-space: normal; overflow-wrap: anywhere;
+  line-height: 14px; opacity: 0.85; }
+.lw-memory:empty, .lw-saved:empty, .lw-preview-caption:empty { display: none; }
+.lw-loss-chart { width: 100%; height: 150px; border-radius: 4px; background: #151515; }
+.lw-train-preview { height: 128px; width: 100%; object-fit: contain; border-radius: 4px; }
 .lw-train-preview:not([src]) { display: none; }
 .lw-stack-rows { display: flex; flex-direction: column; gap: 3px; }
 .lw-stack-row { display: grid; grid-template-columns: 18px 1fr 52px 52px 18px 18px 18px; gap: 3px; align-items: center; }
@@ -105,10 +136,9 @@ const STYLE = `
 .lw-stack-row button:disabled, .lw-stack-add:disabled { opacity: 0.35; cursor: default; }
 .lw-stack-add { height: 22px; padding: 0 8px; align-self: flex-start; }
 .lw-stack-head { display: grid; grid-template-columns: 18px 1fr 52px 52px 60px; gap: 3px; opacity: 0.6; }
-.lw-triggers { grid-column: 2 / -1; font-size: 10px; opacity: 0.75; min-height: 12px; white-space: nowrap;
-  overflow: hidden; text-overflow: ellipsis; }
-.lw-trigger-line { font-size: 11px; opacity: 0.8; white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
-  padding: 0 6px; }
+.lw-triggers { grid-column: 2 / -1; font-size: 10px; line-height: 12px; opacity: 0.75; min-height: 12px;
+  overflow-wrap: anywhere; }
+.lw-trigger-line { font-size: 11px; line-height: 14px; opacity: 0.8; overflow-wrap: anywhere; padding: 0 6px; }
 `;
 
 // ---------------------------------------------------------------------------------------------- LoRA info
@@ -217,11 +247,11 @@ function addTrainView(node) {
   const preview = el("img", { className: "lw-train-preview", alt: "latest training preview" });
   const caption = el("div", { className: "lw-preview-caption" });
   const root = el("div", { className: "lw-view lw-train-view" }, status, memory, canvas, saved, preview, caption);
-  const state = { points: [], total: 0, canvas, status, memory, saved, preview, caption, previewUrl: null,
+  const state = { node, points: [], total: 0, canvas, status, memory, saved, preview, caption, previewUrl: null,
                   previewStep: null };
   node.lwTrain = state;
-  addView(node, "lw_train_view", root, () => 346);
-  preview.addEventListener("load", () => { preview.dataset.loaded = "1"; });
+  addView(node, "lw_train_view", root, () => contentHeight(root, () => 190));
+  preview.addEventListener("load", safely("preview", () => { preview.dataset.loaded = "1"; fit(node); }));
   if (typeof ResizeObserver === "function") new ResizeObserver(safely("loss chart", () => drawChart(state))).observe(canvas);
   drawChart(state);
 }
@@ -233,6 +263,7 @@ function resetTrainView(state) {
   state.saved.textContent = "";
   state.memory.textContent = "";
   drawChart(state);
+  fit(state.node);
 }
 
 function showPreview(state, blob) {
@@ -255,7 +286,7 @@ function listenForTraining() {
     const state = graphNode(executingId)?.lwTrain;
     if (state) resetTrainView(state);
   }));
-  api.addEventListener("lw.train.step", safely("lw.train.step", ({ detail }) => {
+  api.addEventListener(TRAIN_EVENTS.step, safely(TRAIN_EVENTS.step, ({ detail }) => {
     const node = graphNode(detail?.node);
     const state = node?.lwTrain;
     if (!state) return;
@@ -267,22 +298,39 @@ function listenForTraining() {
     drawChart(state);
     redraw(node);
   }));
-  api.addEventListener("lw.train.preview", safely("lw.train.preview", ({ detail }) => {
+  api.addEventListener(TRAIN_EVENTS.preview, safely(TRAIN_EVENTS.preview, ({ detail }) => {
     const state = graphNode(detail?.node)?.lwTrain;
     if (!state) return;
     state.previewStep = detail.step;
     state.previewPrompt = detail.prompt ?? "";
   }));
-  api.addEventListener("lw.train.memory", safely("lw.train.memory", ({ detail }) => {
+  api.addEventListener(TRAIN_EVENTS.memory, safely(TRAIN_EVENTS.memory, ({ detail }) => {
     const state = graphNode(detail?.node)?.lwTrain;
-    if (state) state.memory.textContent = detail.text ?? "";
+    if (!state) return;
+    state.memory.textContent = detail.text ?? "";
+    fit(state.node);
   }));
-  api.addEventListener("lw.train.saved", safely("lw.train.saved", ({ detail }) => {
+  // The node also sends its memory estimate as progress text, which ComfyUI shows in a text widget of
+  // its own: on our nodes the view's memory line shows it already, so take that widget out again (as
+  // ComfyUI does when a run starts) once ComfyUI's listener has added it.
+  api.addEventListener("progress_text", safely("progress_text", ({ detail }) => {
+    const node = graphNode(detail?.nodeId);
+    if (!node?.lwTrain) return;
+    setTimeout(safely("progress_text", () => {
+      const index = node.widgets?.findIndex((w) => w.name === HOST_PROGRESS_TEXT) ?? -1;
+      if (index < 0) return;
+      node.widgets[index].onRemove?.();
+      node.widgets.splice(index, 1);
+      fit(node);
+    }), 0);
+  }));
+  api.addEventListener(TRAIN_EVENTS.saved, safely(TRAIN_EVENTS.saved, ({ detail }) => {
     const state = graphNode(detail?.node)?.lwTrain;
     if (!state) return;
     const file = String(detail.path ?? "").split(/[\\/]/).pop();
     state.saved.textContent = `saved at step ${detail.step}: ${file}`;
     state.saved.title = detail.path ?? "";
+    fit(state.node);
   }));
   // The image comes with the progress update after lw.train.preview: with its node id from
   // frontends that announce preview metadata, else as a bare blob while the node executes.
@@ -299,6 +347,12 @@ function listenForTraining() {
 }
 
 // ---------------------------------------------------------------------------------------------- LoRA Stack
+/** A LoRA's name as the row shows it: without the extension nearly every file has (the full name is
+ * the option's tooltip). */
+function loraLabel(name) {
+  return String(name).replace(/\.safetensors$/i, "");
+}
+
 function comboValues(w) {
   const values = w?.options?.values;
   const list = typeof values === "function" ? values() : values;
@@ -314,13 +368,17 @@ function addStackEditor(node) {
     });
   }
   if (!slots.length || slots.some((s) => !s.enabled || !s.model || !s.clip)) return; // not the inputs we know
-  // The editor shows these: hidden, and no height in the node's layout (which lays out hidden widgets too).
+  // The editor shows these: hidden on the canvas (w.hidden, and no height in the layout, which older
+  // frontends give hidden widgets too) and in Nodes 2.0 (which reads options.hidden).
   for (const s of slots) {
     for (const w of Object.values(s)) {
       w.hidden = true;
+      w.options ??= {};
+      w.options.hidden = true; // in place: Nodes 2.0 keeps a reference to this object
       w.computeSize = () => [0, -4];
     }
   }
+  node.lwMinWidth = STACK_MIN_WIDTH;
 
   const read = (i) => ({ lora: slots[i].lora.value, enabled: slots[i].enabled.value !== false,
                          model: slots[i].model.value, clip: slots[i].clip.value });
@@ -386,12 +444,16 @@ function addStackEditor(node) {
 
   function render() {
     const rows = api_.rows();
+    const lookups = [];
     list.replaceChildren(...rows.map((row, i) => {
-      const select = el("select", { className: "lw-lora-select", title: "LoRA file (models/loras)",
+      const select = el("select", { className: "lw-lora-select",
                                     onchange: safely("pick", (e) => api_.update(i, { lora: e.target.value })) },
-                        ...comboValues(slots[i].lora).map((v) => el("option", { value: v, textContent: v })));
-      if (![...select.options].some((o) => o.value === row.lora)) select.append(el("option", { value: row.lora, textContent: `${row.lora} (missing)` }));
+                        ...comboValues(slots[i].lora).map((v) => el("option", { value: v, textContent: loraLabel(v), title: v })));
+      if (![...select.options].some((o) => o.value === row.lora)) {
+        select.append(el("option", { value: row.lora, textContent: `${loraLabel(row.lora)} (missing)`, title: row.lora }));
+      }
       select.value = row.lora;
+      select.title = `${row.lora} (models/loras)`;
       const triggers = el("div", { className: "lw-triggers" });
       const line = el("div", { className: `lw-stack-row${row.enabled ? "" : " lw-off"}`, dataset: { row: String(i + 1) } },
         el("input", { type: "checkbox", className: "lw-enabled", checked: row.enabled, title: "on / off (keeps the settings)",
@@ -406,16 +468,17 @@ function addStackEditor(node) {
         el("button", { className: "lw-remove", textContent: "✕", title: "remove",
                        onclick: safely("remove", () => api_.remove(i)) }),
         triggers);
-      showTriggers(triggers, row.lora);
+      lookups.push(showTriggers(triggers, row.lora));
       return line;
     }));
     addButton.disabled = rows.length >= slots.length;
     root.dataset.rows = String(rows.length);
     fit(node);
+    Promise.all(lookups).then(safely("fit", () => fit(node))); // trigger words may take a second line
   }
 
   addButton.addEventListener("click", safely("add", () => api_.add()));
-  addView(node, "lw_stack_editor", root, () => 52 + Math.max(1, count()) * 40);
+  addView(node, "lw_stack_editor", root, () => contentHeight(root, () => 40 + count() * 40));
   node.lwRender = render;
   render();
 }
@@ -425,8 +488,9 @@ function addTriggerLine(node) {
   const picker = widget(node, "lora_name");
   if (!picker) return;
   const line = el("div", { className: "lw-trigger-line" });
-  addView(node, "lw_trigger_words", line, () => 18);
-  const update = () => showTriggers(line, picker.value);
+  const box = el("div", { className: "lw-view" }, line);
+  addView(node, "lw_trigger_words", box, () => Math.max(18, contentHeight(box, () => 18)));
+  const update = () => showTriggers(line, picker.value).then(safely("fit", () => fit(node)));
   const original = picker.callback;
   picker.callback = function (...args) {
     const result = original?.apply(this, args);

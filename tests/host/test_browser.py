@@ -8,6 +8,11 @@ Selenium, against a ComfyUI server on 127.0.0.1 with the pack in ``custom_nodes`
   the prompt ComfyUI received carries exactly those rows, and the trigger words show under them.
 - every example workflow, loaded in the editor with this frontend, queues exactly the prompt
   ``ui_to_api`` gives, and saves back the widget values it was loaded with.
+- stack_and_merge lays out with no node over another and every group title clear.
+
+Each test runs in the classic canvas and, on frontends that offer it as a setting, in Nodes 2.0
+(``Comfy.VueNodes.Enabled``), where nodes and their widgets are DOM elements. Workflow persistence
+(``Comfy.Workflow.Persist``) is off, so a reload does not restore the last workflow over the one a test loads.
 
 Needs ``chromium``, ``chromium-driver`` (apt) and ``selenium`` (pip); skipped with one line otherwise.
 Selenium Manager never downloads anything here: the driver's path is given.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -34,6 +40,20 @@ LORAS = {"character": "lw_examples/character.safetensors", "style": "lw_examples
 SERVER_WAIT_SECONDS = 240
 example_loras = test_example_workflows.example_loras  # fixture: small LoRAs with trigger phrases, for the tiny model
 RUN_WAIT_SECONDS = 900
+# Nodes 2.0 became a user setting after frontend 1.27 (1.27.10 declares Comfy.VueNodes.Enabled "hidden;
+# toggle via Experimental keybinding"): from 1.28 on, every test runs with it off and on.
+NODES_2_FROM = (1, 28)
+BADGE_HEIGHT = 24  # the node-source badge ("lora-workbench") the canvas draws above a node's title bar
+
+
+def _frontend_version() -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in metadata.version("comfyui-frontend-package").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+MODES = ["classic", "nodes2"] if _frontend_version() >= NODES_2_FROM else ["classic"]
 
 
 def _missing() -> str | None:
@@ -89,12 +109,22 @@ def browser():
         driver.quit()
 
 
+@pytest.fixture(params=MODES)
+def mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def editor(browser, server):
-    """The editor freshly opened on the server, our extension loaded."""
+def editor(browser, server, mode):
+    """The editor freshly opened on the server in ``mode`` (classic canvas or Nodes 2.0), our extension loaded."""
+    _post(server.url + "/settings", {"Comfy.VueNodes.Enabled": mode == "nodes2", "Comfy.Workflow.Persist": False})
     browser.get(server.url)
     WebDriverWait(browser, 120, 0.5).until(lambda d: d.execute_script(
         "return !!(window.comfyAPI?.app?.app?.graph && document.getElementById('lora-workbench-style'))"))
+    settings = js(browser, "const s = app.extensionManager.setting;"
+                           "return [s.get('Comfy.VueNodes.Enabled'), s.get('Comfy.Workflow.Persist')];")
+    assert settings == [mode == "nodes2", False], settings
+    browser.lw_mode = mode
     browser.get_log("browser")  # start each test with an empty console log
     return browser
 
@@ -129,6 +159,12 @@ def js(driver, body: str, *args):
 def load(driver, workflow: dict) -> None:
     js(driver, "await app.loadGraphData(args[0]);"
                "document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());", workflow)
+    if getattr(driver, "lw_mode", "classic") == "nodes2":  # every node drawn as a DOM element
+        WebDriverWait(driver, 30, 0.2).until(lambda d: d.execute_script(
+            "const app = window.comfyAPI.app.app;"
+            "return app.graph.nodes.every(n => document.querySelector(`[data-node-id=\"${n.id}\"]`));"),
+            message="Nodes 2.0 did not draw the workflow's nodes as DOM elements")
+    time.sleep(0.5)  # views size themselves on the next frames
 
 
 def set_widgets(driver, node_id, values: dict) -> None:
@@ -150,6 +186,33 @@ def show_node(driver, node_id, scale=1.0) -> None:
         app.canvas.ds.offset = [120 / args[1] - node.pos[0], 110 / args[1] - node.pos[1]];
         app.canvas.setDirty(true, true); app.canvas.draw(true, true);""", node_id, scale)
     time.sleep(0.5)  # DOM widgets follow the canvas on the next frames
+
+
+def view_fit(driver, node_id, widget_name) -> dict:
+    """How one of our views sits on its node, in graph units: ``view`` its height, ``content`` the height
+    its visible parts need, ``below`` the node's height left under it (the node's own footer and badge
+    in Nodes 2.0)."""
+    return js(driver, """
+        const node = app.graph.getNodeById(args[0]);
+        const el = node.widgets.find(w => w.name === args[1]).element;
+        const scale = app.canvas.ds.scale;
+        const shown = [...el.children].filter(c => getComputedStyle(c).display !== 'none');
+        const gap = parseFloat(getComputedStyle(el).rowGap) || 0;
+        const content = shown.reduce((t, c) => t + c.offsetHeight, 0) + gap * Math.max(0, shown.length - 1);
+        const r = el.getBoundingClientRect();
+        const vue = document.querySelector(`[data-node-id="${node.id}"]`);
+        const canvasTop = app.canvas.canvas.getBoundingClientRect().top;
+        const below = vue ? (vue.getBoundingClientRect().bottom - r.bottom) / scale
+            : node.pos[1] + node.size[1] - ((r.bottom - canvasTop) / scale - app.canvas.ds.offset[1]);
+        return {view: el.offsetHeight, content, below, visible: r.height > 0};""", node_id, widget_name)
+
+
+def assert_sized_to_content(driver, node_id, widget_name, below=40) -> dict:
+    fit = view_fit(driver, node_id, widget_name)
+    assert fit["visible"], fit
+    assert abs(fit["view"] - fit["content"]) <= 4, f"the view is not as tall as its content: {fit}"
+    assert -2 <= fit["below"] <= below, f"the node is taller than what it shows: {fit}"
+    return fit
 
 
 def queue(driver, server) -> set:
@@ -196,8 +259,13 @@ def test_training_shows_a_live_loss_chart_and_previews(editor, server, tiny_sd15
     for node_id in by_type["EmptyLatentImage"]:
         set_widgets(editor, node_id, {"batch_size": 1})
     train_id = by_type["LW_TrainLoRA"][0]
-    set_widgets(editor, train_id, {"steps": steps, "preview_every": preview_every, "save_every": 4})
+    # Its own output name in each mode: the server would otherwise answer the second mode's run from its cache.
+    output_name = f"sks_person_{editor.lw_mode}"
+    set_widgets(editor, train_id, {"steps": steps, "preview_every": preview_every, "save_every": 4,
+                                   "output_name": output_name})
     show_node(editor, train_id, scale=0.9)
+    before_run = assert_sized_to_content(editor, train_id, "lw_train_view")
+    assert before_run["view"] < 260, before_run  # status and an empty chart: no room kept for what is not there
 
     chart = editor.find_element(By.CSS_SELECTOR, ".lw-loss-chart")
     assert chart.get_attribute("data-points") == "0"
@@ -233,10 +301,30 @@ def test_training_shows_a_live_loss_chart_and_previews(editor, server, tiny_sd15
     caption = editor.find_element(By.CSS_SELECTOR, ".lw-preview-caption").get_attribute("textContent")
     assert caption.startswith("preview at step 6"), caption
     saved = editor.find_element(By.CSS_SELECTOR, ".lw-saved").get_attribute("textContent")
-    assert saved.startswith("saved at step 4: sks_person-step000004"), saved  # save_every 4
+    assert saved.startswith(f"saved at step 4: {output_name}-step000004"), saved  # save_every 4
+
+    # The memory estimate shows once on the page, whole: wrapped, not cut off.
+    time.sleep(0.5)
+    memory = editor.execute_script("""
+        const shown = [];
+        const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+        while (walker.nextNode()) {
+            const el = walker.currentNode.parentElement;
+            if (walker.currentNode.textContent.includes('expected peak memory') && el.getClientRects().length)
+                shown.push(el.className);
+        }
+        for (const t of document.querySelectorAll('textarea, input'))
+            if ((t.value ?? '').includes('expected peak memory') && t.getClientRects().length) shown.push(t.tagName);
+        const line = document.querySelector('.lw-memory');
+        return {shown, text: line.textContent, sw: line.scrollWidth, cw: line.clientWidth,
+                sh: line.scrollHeight, ch: line.clientHeight};""")
+    assert memory["text"].startswith("expected peak memory ~"), memory
+    assert memory["shown"] == ["lw-memory"], memory
+    assert memory["sw"] <= memory["cw"] and memory["sh"] <= memory["ch"], memory
+    assert_sized_to_content(editor, train_id, "lw_train_view", below=10_000)  # ComfyUI's own preview may follow
 
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "train_then_generate.png"
+    shot = ARTIFACTS / f"train_then_generate_{editor.lw_mode}.png"
     show_node(editor, train_id, scale=0.9)
     editor.save_screenshot(str(shot))
     print(f"screenshot: {shot}")
@@ -310,8 +398,23 @@ def test_lora_stack_editor_rows_reach_the_queued_prompt(editor, server, tiny_sd1
         lambda d: row(3).find_element(By.CSS_SELECTOR, ".lw-triggers").text == "trigger: chrctr",
         message="the trigger words of the picked LoRA did not show")
     assert row(2).find_element(By.CSS_SELECTOR, ".lw-triggers").text == "trigger: wtrclr"
+    # The node is as tall as its rows, and each LoRA's name shows whole (the full file name as a tooltip).
+    time.sleep(0.5)
+    fit = assert_sized_to_content(editor, 2, "lw_stack_editor")
+    assert fit["view"] < 60 + 3 * 45, fit
+    names = editor.execute_script("""
+        const ctx = document.createElement('canvas').getContext('2d');
+        return [...document.querySelectorAll('.lw-stack-editor .lw-lora-select')].map(s => {
+            ctx.font = getComputedStyle(s).font;
+            const label = s.selectedOptions[0].textContent;
+            return {label, title: s.title, text: Math.ceil(ctx.measureText(label).width), room: s.clientWidth - 22};
+        });""")
+    assert [n["label"] for n in names] == ["lw_examples/lighting", "lw_examples/style", "lw_examples/character"], names
+    for name, full in zip(names, (LORAS["lighting"], LORAS["style"], LORAS["character"])):
+        assert name["text"] <= name["room"], f"the LoRA name is cut off: {name}"
+        assert full in name["title"], name
     ARTIFACTS.mkdir(exist_ok=True)
-    editor.save_screenshot(str(ARTIFACTS / "lora_stack_editor.png"))
+    editor.save_screenshot(str(ARTIFACTS / f"lora_stack_editor_{editor.lw_mode}.png"))
 
     before = queue(editor, server)
     entry = wait_for_run(editor, server, before, seconds=300)
@@ -328,7 +431,7 @@ def test_lora_stack_editor_rows_reach_the_queued_prompt(editor, server, tiny_sd1
     (preview,) = [k for k, n in queued.items() if n["class_type"] == "PreviewAny"]
     assert entry["outputs"][preview]["text"] == ["wtrclr, chrctr"]  # the rows that are on, in their order
     time.sleep(1)  # the Preview Any node shows its text
-    editor.save_screenshot(str(ARTIFACTS / "lora_stack_editor_queued.png"))
+    editor.save_screenshot(str(ARTIFACTS / f"lora_stack_editor_queued_{editor.lw_mode}.png"))
     assert_no_errors_of_ours(editor)
 
 
@@ -344,6 +447,45 @@ def test_examples_queue_what_ui_to_api_converts(editor, server, path):
     assert exported["output"] == ui_to_api(workflow, _get(server.url + "/object_info"))
     saved = {n["id"]: n.get("widgets_values") for n in exported["workflow"]["nodes"]}
     for node in workflow["nodes"]:
-        if node.get("widgets_values") is not None:
-            assert saved[node["id"]] == node["widgets_values"], node["type"]
+        if node.get("widgets_values") is not None:  # newer editors leave out an empty list
+            assert (saved[node["id"]] or []) == node["widgets_values"], node["type"]
+    assert_no_errors_of_ours(editor)
+
+
+def test_stack_and_merge_lays_out_clear(editor, server):
+    """No node over another, each node inside its group, and each group's title clear of the nodes and
+    their source badges, as the editor lays the example out (node sizes as drawn, in either mode)."""
+    workflow = json.loads((REPO_ROOT / "example_workflows" / "stack_and_merge.json").read_text())
+    load(editor, workflow)
+    show_node(editor, workflow["nodes"][0]["id"], scale=0.6)
+    layout = js(editor, """
+        const scale = app.canvas.ds.scale, [ox, oy] = app.canvas.ds.offset;
+        const canvasBox = app.canvas.canvas.getBoundingClientRect();
+        const nodes = app.graph.nodes.map(n => {
+            const el = document.querySelector(`[data-node-id="${n.id}"]`);
+            if (!el) return {id: n.id, title: n.title, box: Array.from(n.getBounding())};
+            const r = el.getBoundingClientRect();  // Nodes 2.0: the node as drawn, title bar included
+            return {id: n.id, title: n.title, box: [(r.left - canvasBox.left) / scale - ox,
+                    (r.top - canvasBox.top) / scale - oy, r.width / scale, r.height / scale]};
+        });
+        const groups = (app.graph.groups ?? app.graph._groups).map(g => ({title: g.title,
+            box: Array.from(g._bounding ?? g.bounding), titleHeight: g.titleHeight ?? g.font_size * 1.4}));
+        return {nodes, groups};""")
+    nodes, groups = layout["nodes"], layout["groups"]
+
+    def overlap(a, b):
+        return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+    clashes = [(a["title"], b["title"]) for i, a in enumerate(nodes) for b in nodes[i + 1:]
+               if overlap(a["box"], b["box"])]
+    assert not clashes, f"nodes drawn over each other ({editor.lw_mode}): {clashes}\n{layout}"
+    for node in nodes:
+        x, y, w, h = node["box"]
+        (group,) = [g for g in groups if overlap(g["box"], [x + w / 2, y + h / 2, 0.1, 0.1])] or [None]
+        assert group, f"{node['title']} is in no group: {node}"
+        gx, gy, gw, gh = group["box"]
+        assert gx <= x and x + w <= gx + gw and y + h <= gy + gh, f"{node['title']} sticks out of {group}: {node}"
+        assert y - BADGE_HEIGHT >= gy + group["titleHeight"], f"{node['title']} covers the title of {group}: {node}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    editor.save_screenshot(str(ARTIFACTS / f"stack_and_merge_{editor.lw_mode}.png"))
     assert_no_errors_of_ours(editor)
