@@ -12,7 +12,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXTENSION = "LoraWorkbench.Frontend";
-// The messages Train LoRA / Resume Training send while they run (nodes/train_nodes.py sends them).
+// The messages Train LoRA / Resume Training send while they run: the names of nodes/comfy/events.py
+// (a test keeps the two the same).
 const TRAIN_EVENTS = Object.freeze({
   step: "lw.train.step", preview: "lw.train.preview", memory: "lw.train.memory", saved: "lw.train.saved",
 });

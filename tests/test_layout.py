@@ -85,3 +85,18 @@ def test_engine_never_imports_the_app_or_the_nodes():
         if hits:
             offenders[str(py.relative_to(ROOT))] = sorted(hits)
     assert not offenders, f"training/ imports the layers above it: {offenders}"
+
+
+def test_event_names_are_defined_once_and_the_frontend_uses_the_same():
+    import re
+
+    from lora_workbench.nodes.comfy import events
+
+    js = (ROOT / "js" / "lora_workbench.js").read_text(encoding="utf-8")
+    block = re.search(r"const TRAIN_EVENTS = Object\.freeze\(\{(.*?)\}\);", js, re.S)
+    assert block, "js/lora_workbench.js has no TRAIN_EVENTS constant"
+    assert set(re.findall(r'"(lw\.[\w.]+)"', block.group(1))) == set(events.ALL)
+    assert js.count('"lw.') == len(events.ALL), "an event name is spelled outside TRAIN_EVENTS in the JS"
+    spelled = [str(p.relative_to(ROOT)) for folder in ("training", "app", "nodes") for p in (ROOT / folder).rglob("*.py")
+               if '"lw.train.' in p.read_text(encoding="utf-8") and p.name != "events.py"]
+    assert not spelled, f"event names spelled outside nodes/comfy/events.py: {spelled}"
