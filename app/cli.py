@@ -156,6 +156,7 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from .cli_messages import last_good, stopped_message
     from ..training.config import TrainConfig
     from ..training.data.dataset import DatasetConfig
     from ..training.interrupt import Interrupted
@@ -186,10 +187,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                     dist=dist, keep_state=ns.keep_state)
     except Interrupted as e:
         if dist.is_main:
-            print(f"lora-workbench train: {_stopped(e, cb, ns)}", file=sys.stderr)
+            print(f"lora-workbench train: {stopped_message(e, cb, ns)}", file=sys.stderr)
         return e.exit_code
     except BaseException:
-        ns.last_good = _last_good(cb, ns)  # for the error boundary in main()
+        ns.last_good = last_good(cb, ns)  # for the error boundary in main()
         raise
     finally:
         if isinstance(cb, TqdmCallbacks):
@@ -200,47 +201,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
               f"{sum(result.losses[-k:]) / k:.4f} (mean of first/last {k})")
         print(f"saved {path}")
     return 0
-
-
-def resume_command(argv: list[str], state: Path) -> str:
-    """The command line that continues ``argv``'s run from ``state``, ready to paste into a shell."""
-    import shlex
-
-    args, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--resume":
-            skip = True
-        elif not a.startswith("--resume="):
-            args.append(a)
-    return shlex.join(["lora-workbench", *args, "--resume", str(state)])
-
-
-def _last_good(cb, ns: argparse.Namespace) -> str | None:
-    """'the last good state is X (step N); continue with: ...' if this run saved one."""
-    state = getattr(cb, "last_state", None)
-    if state is None:
-        return None
-    folder, step = state
-    return f"the last good state is {folder} (step {step}); continue with: {resume_command(ns.argv, folder)}"
-
-
-def _stopped(e, cb, ns: argparse.Namespace) -> str:
-    """One line for a run stopped by SIGINT/SIGTERM: what was kept and how to go on."""
-    state, lora = getattr(cb, "last_state", None), getattr(cb, "last_lora", None)
-    if state is not None:
-        folder, step = state
-        kept = f"; LoRA so far in {lora[0]}" if lora is not None and lora[1] == step else ""
-        return (f"stopped by {e.signame} at step {step}/{cb.total}: state saved in {folder}{kept}; "
-                f"continue with: {resume_command(ns.argv, folder)}")
-    if getattr(cb, "task", None) == "class images" and ns.class_dir:
-        from ..training.train.class_images import existing_class_images
-
-        n = len(existing_class_images(Path(ns.class_dir)))
-        return (f"stopped by {e.signame} while generating class images: the {n} finished ones are kept in "
-                f"{ns.class_dir}; run the same command again to make the rest and train")
-    return f"stopped by {e.signame} before the first training step finished; nothing to resume"
 
 
 def _parse_kv(items: list[str]) -> dict:
@@ -352,42 +312,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _disk_full(e: BaseException) -> bool:
-    import errno
-
-    text = str(e)
-    return getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "code: 28" in text \
-        or "file write failed" in text  # torch.save's wording for a failed write
-
-
-def _error_message(e: BaseException, ns: argparse.Namespace) -> str | None:
-    """One line for an error a user can act on; None for a bug (shown with its traceback)."""
-    import pickle
-    import shutil
-
-    from safetensors import SafetensorError
-
-    if _disk_full(e):
-        where = Path(getattr(e, "filename", None) or getattr(ns, "out", None) or ".")
-        folder = where if where.is_dir() else where.parent
-        try:
-            free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        return f"disk full: could not write to {folder} ({free}); free some space or choose another --out folder"
-    if isinstance(e, pickle.UnpicklingError):
-        return f"cannot read a pickle file: {str(e).splitlines()[0]}; use a .safetensors file"
-    if isinstance(e, SafetensorError):
-        return f"cannot read or write a .safetensors file ({e}); it may be damaged or incomplete"
-    if isinstance(e, OSError) and not isinstance(e, (FileExistsError, FileNotFoundError)) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else str(e)
-    if isinstance(e, (ValueError, RuntimeError, OSError)):
-        return str(e)  # our errors say what is wrong and how to fix it
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .cli_messages import error_message
 
     from ..training.interrupt import Interrupted, raise_on_signals
 
@@ -412,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lora-workbench {ns.command}: stopped by {e.signame}", file=sys.stderr)
             return e.exit_code
         except Exception as e:  # noqa: BLE001 - the one error boundary: known errors get one line
-            message = _error_message(e, ns)
+            message = error_message(e, ns)
             if message is None or ns.debug:
                 raise
             print(f"lora-workbench {ns.command}: error: {message}", file=sys.stderr)

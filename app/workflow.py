@@ -32,9 +32,11 @@ import datetime as _dt
 import json
 import random
 import re
-from dataclasses import dataclass, field
-from itertools import zip_longest
+from dataclasses import dataclass
 from pathlib import Path
+
+from .editor_text import dynamic_prompt, format_date, js_str
+from .widgets import Widget, build_widgets, declared_inputs, migrate_values, ordered_inputs
 
 MODE_NEVER = 2  # "muted" in the editor
 MODE_BYPASS = 4
@@ -44,8 +46,6 @@ FRONTEND_ONLY = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}) 
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "BOOLEAN", "STRING", "MARKDOWN", "COMBO", "IMAGEUPLOAD", "FILEUPLOAD",
                           "COLOR", "IMAGECOMPARE", "TREESELECT", "MULTISELECT", "CHART", "GALLERIA",
                           "SELECTBUTTON", "TEXTAREA"})
-SEED_NAMES = ("seed", "noise_seed")  # INTs that get a control_after_generate widget without asking
-UPLOAD_OPTIONS = ("image_upload", "video_upload", "animated_image_upload")
 # Nodes whose filename_prefix gets %...% replacements (Comfy.SaveImageExtraOutput).
 SAVE_NODES = frozenset({"SaveImage", "SaveAnimatedWEBP", "SaveWEBM", "SaveAudio", "SaveGLB", "SaveAnimatedPNG",
                         "CLIPSave", "VAESave", "ModelSave", "LoraSave", "SaveLatent"})
@@ -92,121 +92,6 @@ def load_workflow(path: str | Path) -> dict:
     return data
 
 
-# ---- node definitions -> the widgets and sockets the editor builds ------------------------------------
-@dataclass(frozen=True)
-class _Input:
-    name: str
-    type: str  # socket type; "COMBO" for lists of choices
-    options: dict
-    optional: bool
-
-
-@dataclass
-class _Widget:
-    name: str
-    value: object
-    options: dict = field(default_factory=dict)
-    kind: str = "value"  # value | control | filter | upload | toggle | button: only "value" reaches the prompt
-
-    @property
-    def to_prompt(self) -> bool:
-        return self.kind == "value"
-
-
-def _as_input(name: str, spec, optional: bool) -> _Input:
-    spec = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    options = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if isinstance(spec[0], list):
-        return _Input(name, "COMBO", {**options, "options": spec[0]}, optional)
-    if spec[0] == "COMBO":
-        return _Input(name, "COMBO", {**options, "options": options.get("options") or []}, optional)
-    return _Input(name, str(spec[0]), options, optional)
-
-
-def _declared_inputs(class_def: dict) -> dict[str, _Input]:
-    """Inputs in definition order, as the frontend's node definition has them (hidden ones aside)."""
-    section = class_def.get("input") or {}
-    required, optional = section.get("required") or {}, section.get("optional") or {}
-    out = {name: _as_input(name, spec, False) for name, spec in required.items()}
-    media = next((i for i in out.values() if i.type == "COMBO" and any(i.options.get(k) for k in UPLOAD_OPTIONS)),
-                 None)
-    if media is not None:  # Comfy.UploadImage adds an upload button input after the required ones
-        out["upload"] = _Input("upload", "IMAGEUPLOAD", {**media.options, "imageInputName": media.name}, False)
-    for name, spec in optional.items():
-        inp = _as_input(name, spec, True)
-        if inp.options.get("defaultInput"):  # deprecated spelling of forceInput on optional inputs
-            inp = _Input(name, inp.type, {**inp.options, "forceInput": True}, True)
-        out[name] = inp
-    return out
-
-
-def _ordered(class_def: dict, declared: dict[str, _Input]) -> list[_Input]:
-    """getOrderedInputSpecs: input_order's required, then its optional, then the rest."""
-    order = class_def.get("input_order")
-    if not order:
-        return list(declared.values())
-    first = [declared[n] for n in order.get("required") or [] if n in declared and not declared[n].optional]
-    first += [declared[n] for n in order.get("optional") or [] if n in declared and declared[n].optional]
-    seen = {i.name for i in first}
-    return first + [i for i in declared.values() if i.name not in seen]
-
-
-def _widget_type(inp: _Input, widget_types) -> str | None:
-    kind = inp.options.get("widgetType") or inp.type
-    return None if kind not in widget_types or inp.options.get("forceInput") else kind
-
-
-def _default(kind: str, options: dict):
-    if kind in ("INT", "FLOAT"):
-        return 0 if options.get("default") is None else options["default"]
-    if kind == "BOOLEAN":
-        return bool(options.get("default") or False)
-    if kind in ("STRING", "MARKDOWN", "TEXTAREA"):
-        return options.get("default") or ""
-    if kind == "COMBO":
-        if options.get("multi_select"):
-            return []
-        if options.get("default"):
-            return options["default"]
-        return options["options"][0] if options.get("options") else None
-    return options.get("default")
-
-
-def _build_widgets(ordered: list[_Input], widget_types) -> list[_Widget]:
-    widgets = []
-    for inp in ordered:
-        kind = _widget_type(inp, widget_types)
-        if kind is None:
-            continue
-        if kind == "IMAGEUPLOAD":  # the upload button: stored in the workflow, never in the prompt
-            widgets.append(_Widget(inp.name, "image", inp.options, kind="upload"))
-            continue
-        widgets.append(_Widget(inp.name, _default(kind, inp.options), {**inp.options, "widget_type": kind}))
-        control = inp.options.get("control_after_generate")
-        if kind == "INT" and (control if control is not None else inp.name in SEED_NAMES):
-            widgets.append(_Widget("control_after_generate", "randomize", kind="control"))
-        elif kind == "COMBO" and not inp.options.get("multi_select"):
-            if inp.options.get("remote"):
-                widgets.append(_Widget("Auto-refresh after generation", False, kind="toggle"))
-                if inp.options["remote"].get("refresh_button"):
-                    widgets.append(_Widget("refresh", "refresh", kind="button"))
-            if control:
-                widgets.append(_Widget("control_after_generate", "randomize", kind="control"))
-                widgets.append(_Widget("control_filter_list", "", kind="filter"))
-    return widgets
-
-
-def _migrate_values(declared: dict[str, _Input], widgets: list[_Widget], values: list) -> list:
-    """Drop values that workflows from before frontend 1.16 stored for forceInput inputs."""
-    names = {w.name for w in widgets}
-    originals = [i for i in declared.values() if i.name in names or i.options.get("forceInput")]
-    count = sum(2 if (i.options.get("control_after_generate") or i.name in SEED_NAMES) else 1 for i in originals)
-    if count != len(values):
-        return values
-    # lodash's zip pads the shorter list, so values past the inputs are kept
-    return [v for i, v in zip_longest(originals, values) if not (i and i.options.get("forceInput"))]
-
-
 # ---- the graph --------------------------------------------------------------------------------------------
 @dataclass
 class _Node:
@@ -216,11 +101,11 @@ class _Node:
     mode: int
     title: str
     class_def: dict | None
-    widgets: list[_Widget]
+    widgets: list[Widget]
     inputs: list[dict]  # the editor's live input slots: name, type, link
     outputs: list[dict]
 
-    def widget(self, name: str) -> _Widget | None:
+    def widget(self, name: str) -> Widget | None:
         return next((w for w in self.widgets if w.name == name), None)
 
     @property
@@ -247,22 +132,22 @@ def _make_node(raw: dict, object_info: dict, widget_types) -> _Node:
         title = raw.get("title") or ("Primitive" if node_type == "PrimitiveNode" else node_type)
         values = raw.get("widgets_values")
         names = VIRTUAL_WIDGETS.get(node_type, ())
-        widgets = ([_Widget(names[i] if i < len(names) else f"widget_{i}", v) for i, v in enumerate(values)]
+        widgets = ([Widget(names[i] if i < len(names) else f"widget_{i}", v) for i, v in enumerate(values)]
                    if isinstance(values, list) else [])
         inputs = [{"name": i.get("name"), "type": i.get("type"), "link": i.get("link")} for i in saved_inputs]
         return _Node(raw, str(raw["id"]), node_type, raw.get("mode", 0), title, None, widgets, inputs,
                      raw.get("outputs") or [])
 
-    declared = _declared_inputs(class_def)
-    ordered = _ordered(class_def, declared)
-    widgets = _build_widgets(ordered, widget_types)
+    declared = declared_inputs(class_def)
+    ordered = ordered_inputs(class_def, declared)
+    widgets = build_widgets(ordered, widget_types)
     values = raw.get("widgets_values")
     if isinstance(values, dict):  # some packs store widget values by name
         for w in widgets:
             if w.name in values:
                 w.value = values[w.name]
     elif isinstance(values, list):
-        for w, v in zip(widgets, _migrate_values(declared, widgets, values)):
+        for w, v in zip(widgets, migrate_values(declared, widgets, values)):
             w.value = v
 
     # Live slots as the editor has them after loading: sockets, then one per widget, then inputs
@@ -394,13 +279,13 @@ class _Graph:
             part = m.group(1)
             split = part.split(".")
             if len(split) != 2:
-                return _format_date(split[0][5:], now) if split[0].startswith("date:") else m.group(0)
+                return format_date(split[0][5:], now) if split[0].startswith("date:") else m.group(0)
             node = next((n for n in self.nodes.values() if _sr_name(n) == split[0]), None) \
                 or next((n for n in self.nodes.values() if n.title == split[0]), None)
             widget = node.widget(split[1]) if node else None
             if widget is None:
                 return m.group(0)
-            return re.sub(r'[/?<>\\:*|"\x00-\x1f\x7f]', "_", _js_str(widget.value))
+            return re.sub(r'[/?<>\\:*|"\x00-\x1f\x7f]', "_", js_str(widget.value))
 
         return re.sub(r"%([^%]+)%", replace, text)
 
@@ -421,75 +306,6 @@ def _compatible(a, b) -> bool:
     if "," not in a and "," not in b:
         return a == b
     return any(_compatible(x, y) for x in a.split(",") for y in b.split(","))
-
-
-def _js_str(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def _format_date(fmt: str, now: _dt.datetime) -> str:
-    parts = {"d": now.day, "M": now.month, "h": now.hour, "m": now.minute, "s": now.second}
-
-    def token(m):
-        t = m.group(0)
-        if t == "yy":
-            return str(now.year)[2:]
-        if t == "yyyy":
-            return str(now.year)
-        if t[0] in parts:
-            return str(parts[t[0]]).zfill(len(t))
-        return t
-
-    return re.sub(r"dd?|MM?|hh?|mm?|ss?|yyy?y?", token, fmt)
-
-
-def dynamic_prompt(text: str, rng: random.Random) -> str:
-    """The frontend's dynamic prompts: strip // and /* */ comments, pick one of {a|b|c} (nested too)."""
-    text = re.sub(r"/\*[\s\S]*?\*/|//.*", "", text)
-    pos = 0
-
-    def choice_block() -> str:
-        nonlocal pos
-        options, current, depth = [], "", 0
-        while pos < len(text):
-            ch = text[pos]
-            pos += 1
-            if ch == "\\":
-                current += "\\" + (text[pos] if pos < len(text) else "")
-                pos += 1
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                if not depth:
-                    break
-                depth -= 1
-            elif ch == "|" and not depth:
-                options.append(current)
-                current = ""
-                continue
-            current += ch
-        options.append(current)
-        return dynamic_prompt(options[rng.randrange(len(options))], rng)
-
-    out = ""
-    while pos < len(text):
-        ch = text[pos]
-        pos += 1
-        if ch == "\\":
-            out += "\\" + (text[pos] if pos < len(text) else "")
-            pos += 1
-        elif ch == "{":
-            out += choice_block()
-        else:
-            out += ch
-    return re.sub(r"\\([{}|])", r"\1", out)
 
 
 # ---- the conversion ------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from lora_workbench.app.editor_text import dynamic_prompt
 from lora_workbench.app.workflow import (
     MissingNodeError,
     WorkflowError,
-    dynamic_prompt,
     is_api_format,
     load_workflow,
     ui_to_api,
