@@ -72,8 +72,7 @@ def _pick(ns: argparse.Namespace, cls, skip: set[str] = frozenset()) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..training.config import CHOICES, TrainConfig
-    from ..training.data.dataset import DatasetConfig
+    from ..training.config import CHOICES, DatasetConfig, TrainConfig
 
     p = argparse.ArgumentParser(prog="lora-workbench", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra optimizer option, e.g. d_coef=1.0 for prodigy (repeatable)")
     # The old spelling (it was accepted and ignored): kept working for saved commands, not shown.
     tr.add_argument("--optimizer-args", dest="optimizer_arg", action="append", help=argparse.SUPPRESS)
-    _add_dataclass_options(tr, TrainConfig, skip={"extra"}, choices=CHOICES)
+    _add_dataclass_options(tr, TrainConfig, skip=set(), choices=CHOICES)
     _add_dataclass_options(tr, DatasetConfig, skip={"path"})
 
     ins = sub.add_parser("inspect", help="show a LoRA file's modules and metadata")
@@ -157,8 +156,7 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .cli_messages import last_good, stopped_message
-    from ..training.config import TrainConfig
-    from ..training.data.dataset import DatasetConfig
+    from ..training.config import DatasetConfig, TrainConfig
     from ..training.interrupt import Interrupted
     from .folder_training import TqdmCallbacks, train_folder
     from ..training.model.single_file import load_model
@@ -167,7 +165,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     from ..training.train.distributed import current
 
-    options = _pick(ns, TrainConfig, {"extra", "optimizer_args"})
+    options = _pick(ns, TrainConfig, {"optimizer_args"})
     if ns.resume and "output_name" not in options:
         # A resume continues its own files: the state's name unless another is asked for.
         options["output_name"] = read_state_info(ns.resume)["output_name"] or TrainConfig.output_name
@@ -226,7 +224,9 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 def _add_caption_parser(sub) -> None:
-    from ..training.data.captioners import CAPTIONERS, BlipOptions, TaggerOptions
+    from ..training.data.captioners import CAPTIONERS
+    from ..training.data.blip import BlipOptions
+    from ..training.data.wd14 import TaggerOptions
     from ..training.data.caption_files import CaptionFormat
 
     ca = sub.add_parser("caption", help="write a caption .txt beside every image of a folder (BLIP or a WD14 tagger)",
@@ -254,7 +254,9 @@ def _add_caption_parser(sub) -> None:
 
 
 def cmd_caption(ns: argparse.Namespace) -> int:
-    from ..training.data.captioners import BlipOptions, TaggerOptions, check_model, load_captioner
+    from ..training.data.blip import BlipOptions
+    from ..training.data.wd14 import TaggerOptions
+    from ..training.data.captioners import check_model, load_captioner
     from ..training.data.caption_files import CaptionFormat, caption_folder
 
     check_model(ns.captioner, ns.model)  # a missing file fails before any image is read

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..training.model.backend import Backend
-from ..training.config import TrainConfig
-from ..training.data.dataset import DatasetConfig, scan_folder
+from ..training.config import DatasetConfig, TrainConfig
+from ..training.data.dataset import scan_folder
 from ..training.train.distributed import Dist
 from ..training.train.state import read_state_info, state_dir_for
 from ..training.train.trainer import TrainCallbacks, Trainer, TrainResult

@@ -224,7 +224,8 @@ class NodeWorker:
 class EngineWorker:
     def __init__(self, size: str):
         from lora_workbench.training.model.backend import DiffusersBackend
-        from lora_workbench.training.data.dataset import DatasetConfig, scan_folder
+        from lora_workbench.training.config import DatasetConfig
+        from lora_workbench.training.data.dataset import scan_folder
 
         self.size = SIZES[size]
         self.tmp = Path(tempfile.mkdtemp(prefix="lw_bench_engine_"))

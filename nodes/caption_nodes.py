@@ -15,10 +15,12 @@ from contextlib import ExitStack, contextmanager
 
 from comfy_api.latest import io, ui
 
-from ..training.data.captioners import (BLIP_EXAMPLE, WD14_EXAMPLE, WD14_MODEL, WD14_TAGS, BlipCaptioner,
-                                        MissingModelError, check_model, load_captioner, options_for)
+from ..training.data.blip import BLIP_EXAMPLE, BlipCaptioner
+from ..training.data.wd14 import WD14_EXAMPLE, WD14_MODEL, WD14_TAGS
+from ..training.data.captions import MissingModelError
+from ..training.data.captioners import check_model, load_captioner, options_for
 from ..training.data.caption_files import CaptionEdit, CaptionFormat, caption_folder, edit_caption_folder, edit_captions
-from ..training.data.dataset import _array_to_pil, _split_batch
+from ..training.data.images import array_to_pil, split_batch
 from .comfy.paths import input_folder
 
 MODEL_FOLDERS = {"blip": "blip", "wd14_tagger": "wd14"}  # models/<folder> -> captioner kind
@@ -194,7 +196,7 @@ class CaptionImages(io.ComfyNode):
     @classmethod
     def execute(cls, images, model, trigger_word, prefix, suffix, device, **kw) -> io.NodeOutput:
         kind, path, options, fmt = _setup(model, trigger_word, prefix, suffix, kw)
-        pil = [item if hasattr(item, "convert") else _array_to_pil(item) for item in _split_batch(images)]
+        pil = [item if hasattr(item, "convert") else array_to_pil(item) for item in split_batch(images)]
         progress = _progress(len(pil))
         captions = []
         with _ready(_captioner(kind, path, device), device) as captioner:

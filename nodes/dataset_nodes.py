@@ -7,7 +7,9 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..training.data.dataset import DatasetConfig, DatasetError, load_pixels, records_from_images, scan_folder
+from ..training.config import DatasetConfig, DatasetError
+from ..training.data.buckets import load_pixels
+from ..training.data.dataset import records_from_images, scan_folder
 from .comfy.paths import input_folder
 from .types import ClassImages, ClassImagesPayload, Dataset, DatasetPayload
 
@@ -77,7 +79,7 @@ class LoadImageDataset(io.ComfyNode):
                 images=None, captions="") -> io.NodeOutput:
         import random
 
-        from ..training.data.dataset import build_caption
+        from ..training.data.captions import build_caption
 
         source = "images from the graph" if images is not None else input_folder(folder)
         cfg = DatasetConfig(path=source, trigger=trigger_word.strip(), default_caption=default_caption.strip(),
@@ -91,7 +93,7 @@ class LoadImageDataset(io.ComfyNode):
             records = records_from_images(images, lines, cfg)
         else:
             records = scan_folder(cfg)
-        from ..training.data.dataset import assign_buckets
+        from ..training.data.buckets import assign_buckets
 
         records = assign_buckets(records, cfg)
         rng = random.Random(0)

@@ -7,7 +7,8 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from ..training.data.dataset import DatasetConfig, ImageRecord
+from ..training.config import DatasetConfig
+from ..training.data.images import ImageRecord
 
 Dataset = io.Custom("LW_DATASET")
 ClassImages = io.Custom("LW_CLASS_IMAGES")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lora_workbench.training.model.backend import DiffusersBackend
-from lora_workbench.training.data.dataset import DatasetConfig
+from lora_workbench.training.config import DatasetConfig
 from lora_workbench.training.model.tiny import build_tiny_components
 
 
@@ -46,7 +46,7 @@ def fixed_eval_loss(backend, records, dcfg, n_noise=4, seed=123):
     """Mean denoising loss over fixed (noise, timestep) draws: comparable before and after training.
 
     Each image gets its own size conditioning (SDXL; a no-op for SD1)."""
-    from lora_workbench.training.data.dataset import load_pixels
+    from lora_workbench.training.data.buckets import load_pixels
     from lora_workbench.training.train.schedules import add_noise, target_for
 
     g = torch.Generator().manual_seed(seed)

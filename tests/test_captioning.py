@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_workbench.training.data.captioners import (BlipCaptioner, BlipOptions, CaptionError, MissingModelError,
-                                                     TaggerOptions, WD14Tagger, check_model, load_captioner)
-from lora_workbench.training.data.caption_files import (CaptionEdit, CaptionFormat, caption_folder, edit_caption_folder,
-                                                        edit_captions, place_trigger)
+from lora_workbench.training.data.blip import BlipCaptioner, BlipOptions
+from lora_workbench.training.data.captions import CaptionError, MissingModelError, place_trigger
+from lora_workbench.training.data.wd14 import TaggerOptions, WD14Tagger
+from lora_workbench.training.data.captioners import check_model, load_captioner
+from lora_workbench.training.data.caption_files import (CaptionEdit, CaptionFormat, caption_folder,
+                                                        edit_caption_folder, edit_captions)
 from lora_workbench.app.cli import main
 
 # (name, category, confidence); None: decided by the image (see tagger_weights)

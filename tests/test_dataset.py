@@ -12,23 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_workbench.training.data.dataset import (
-                                                  BucketBatchSampler,
-                                                  DatasetConfig,
-                                                  DatasetError,
-                                                  ImageDataset,
-                                                  ImageRecord,
-                                                  assign_bucket,
-                                                  build_caption,
-                                                  dataset_fingerprint,
-                                                  dataset_summary,
-                                                  fit_to_bucket,
-                                                  load_pixels,
-                                                  make_buckets,
-                                                  records_from_images,
-                                                  scan_folder,
-                                                  tag_frequency,
-                                                  )
+from lora_workbench.training.config import DatasetConfig, DatasetError
+from lora_workbench.training.data.buckets import (BucketBatchSampler, assign_bucket, fit_to_bucket, load_pixels,
+                                                  make_buckets)
+from lora_workbench.training.data.captions import build_caption, tag_frequency
+from lora_workbench.training.data.dataset import (ImageDataset, dataset_fingerprint, dataset_summary,
+                                                  records_from_images, scan_folder)
+from lora_workbench.training.data.images import ImageRecord
 
 
 def save_image(path: Path, size=(512, 512), color=(120, 60, 30), mode="RGB", caption=None, **save_kw):
@@ -444,7 +434,7 @@ def test_readme_dreambooth_caption_trains_as_written(tmp_path):
 
 
 def test_tag_frequency_stores_captions_as_trained():
-    from lora_workbench.training.data.dataset import tag_frequency
+    from lora_workbench.training.data.captions import tag_frequency
 
     cfg = DatasetConfig(path="x", trigger="sks", resolution=32, bucket_step=16, min_bucket_side=16,
                         max_bucket_side=64, shuffle_tags=True, caption_dropout=0.5)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.data.dataset import DatasetError, scan_folder
+from lora_workbench.training.config import DatasetError, TrainConfig
+from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.lora.files import load_lora
 from lora_workbench.training.train.trainer import Trainer
 

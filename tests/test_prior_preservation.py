@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw
 
 from lora_workbench.training.lora import network
 from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.data.dataset import load_pixels, scan_folder
+from lora_workbench.training.data.buckets import load_pixels
+from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.train.schedules import add_noise
 from lora_workbench.training.train.trainer import Trainer
 

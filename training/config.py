@@ -1,9 +1,15 @@
-"""The training configuration: one frozen dataclass, the single source of defaults."""
+"""The configuration of a run: ``TrainConfig`` (how to train) and ``DatasetConfig`` (which images and
+how they become training pairs). Frozen dataclasses, the single source of defaults.
+
+Both validate the same way (:class:`Checks`): every field is checked, then one error lists every bad
+value with its fix, so a form is corrected in one go rather than one field per attempt.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +31,49 @@ class ConfigError(ValueError):
     """A training option has a value the engine cannot use; the message names it and the fix."""
 
 
+class DatasetError(ValueError):
+    """A bad dataset or dataset setting; the message names the problem, the files and the fix."""
+
+
+def listing(names: list[str], limit: int = 10) -> str:
+    """``a, b, c`` - at most ``limit`` names, then ``and N more``: file lists in error messages."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (Python counts ``True`` as 1; a user does not mean a count by it)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Checks:
+    """The validation of one config: every problem collected, then one error that lists them all.
+
+    ``need(ok, name, value, fix)`` notes ``name=value (fix)`` unless ``ok`` and returns ``ok``, so a check
+    that needs a valid field can be skipped; ``raise_if_any()`` raises ``error("invalid <what>: ...")``.
+    """
+
+    def __init__(self, what: str, error: type[ValueError]) -> None:
+        self.what, self.error, self.problems = what, error, []
+
+    def need(self, ok: bool, name: str, value: Any, fix: str) -> bool:
+        if not ok:
+            self.problems.append(f"{name}={value!r} ({fix})")
+        return ok
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise self.error(f"invalid {self.what}: " + "; ".join(self.problems))
+
+
+# Options that older versions wrote into saved states and that are read and dropped: extra (always {}).
+_RETIRED = ("extra",)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """How to train: every option with its default; ``CHOICES`` holds the allowed values of the fixed sets."""
+
     # --- the LoRA network -------------------------------------------------------------------
     rank: int = 16  # LoRA rank (dim), >= 1; 4-64 is typical
     alpha: float = 16.0  # scale = alpha / rank, as in kohya and peft
@@ -87,61 +134,50 @@ class TrainConfig:
     preview_steps: int = 20  # sampling steps of a preview image, >= 1
     preview_seed: int = 0  # seed of the preview image (the same each time, to compare)
 
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into metadata
-
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, fix: str) -> ConfigError:
-            return ConfigError(f"{name}={value!r} is not allowed: {fix}")
-
+        check = Checks("training option", ConfigError)
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, getattr(self, name), f"choose one of {', '.join(str(a) for a in allowed)}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise bad("rank", self.rank, "use a whole number >= 1 (4-64 is typical)")
-        if self.conv_rank is not None and self.conv_rank < 1:
-            raise bad("conv_rank", self.conv_rank, "use a whole number >= 1, or None to follow rank")
-        if self.alpha <= 0:
-            raise bad("alpha", self.alpha, "use a positive number (alpha = rank gives scale 1)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", self.dropout, "use a probability in [0, 1)")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise bad("steps", self.steps, "train for at least 1 step")
-        if self.batch_size < 1:
-            raise bad("batch_size", self.batch_size, "use 1 or more")
-        if self.grad_accum < 1:
-            raise bad("grad_accum", self.grad_accum, "use 1 or more")
-        if not self.lr > 0:
-            raise bad("lr", self.lr, "use a positive learning rate such as 1e-4")
-        if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
-            raise bad("text_encoder_lr", self.text_encoder_lr, "use a learning rate >= 0, or None to follow lr")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise bad("warmup_steps", self.warmup_steps, f"use 0..steps ({self.steps})")
-        if self.max_grad_norm < 0:
-            raise bad("max_grad_norm", self.max_grad_norm, "use 0 (off) or a positive norm such as 1.0")
-        if not self.huber_c > 0:
-            raise bad("huber_c", self.huber_c, "use a positive threshold such as 0.1")
-        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
-            raise bad("min_snr_gamma", self.min_snr_gamma, "use None (off) or a positive gamma such as 5")
-        if self.noise_offset < 0:
-            raise bad("noise_offset", self.noise_offset, "use 0 (off) or a small value such as 0.05")
-        if self.pyramid_noise_iterations < 0 or not 0 < self.pyramid_noise_discount < 1:
-            raise bad("pyramid_noise", (self.pyramid_noise_iterations, self.pyramid_noise_discount),
-                      "use iterations >= 0 and a discount in (0, 1), e.g. 6 and 0.4")
-        if self.prior_loss_weight < 0:
-            raise bad("prior_loss_weight", self.prior_loss_weight, "use a weight >= 0 (1.0 is DreamBooth's)")
-        if self.num_class_images < 0:
-            raise bad("num_class_images", self.num_class_images, "use 0 or a count of class images")
-        if self.text_encoder_train_steps < 0:
-            raise bad("text_encoder_train_steps", self.text_encoder_train_steps, "use 0 (all steps) or a step count")
-        if self.keep_last < 0 or self.save_state_every < 0:
-            raise bad("keep_last/save_state_every", (self.keep_last, self.save_state_every), "use 0 or more")
-        if self.preview_every < 0 or self.preview_steps < 1:
-            raise bad("preview_every/preview_steps", (self.preview_every, self.preview_steps),
-                      "use preview_every >= 0 (0: off) and preview_steps >= 1")
-        if self.save_every < 0:
-            raise bad("save_every", self.save_every, "use 0 (only the final save) or a step count")
-        if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
-            raise bad("output_name", self.output_name, "use a plain file name without path separators")
+            check.need(getattr(self, name) in allowed, name, getattr(self, name),
+                       f"choose one of {', '.join(str(a) for a in allowed)}")
+        check.need(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank,
+                   "use a whole number >= 1; 4-64 is typical")
+        check.need(self.conv_rank is None or self.conv_rank >= 1, "conv_rank", self.conv_rank,
+                   "use a whole number >= 1, or None to follow rank")
+        check.need(self.alpha > 0, "alpha", self.alpha, "use a positive number; alpha = rank gives scale 1")
+        check.need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "use a probability in [0, 1)")
+        steps_ok = check.need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps,
+                              "train for at least 1 step")
+        check.need(self.batch_size >= 1, "batch_size", self.batch_size, "use 1 or more")
+        check.need(self.grad_accum >= 1, "grad_accum", self.grad_accum, "use 1 or more")
+        check.need(self.lr > 0, "lr", self.lr, "use a positive learning rate such as 1e-4")
+        check.need(self.text_encoder_lr is None or self.text_encoder_lr >= 0, "text_encoder_lr",
+                   self.text_encoder_lr, "use a learning rate >= 0, or None to follow lr")
+        check.need(self.warmup_steps >= 0 and (not steps_ok or self.warmup_steps <= self.steps), "warmup_steps",
+                   self.warmup_steps, f"use 0..steps ({self.steps})")
+        check.need(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm,
+                   "use 0 (off) or a positive norm such as 1.0")
+        check.need(self.huber_c > 0, "huber_c", self.huber_c, "use a positive threshold such as 0.1")
+        check.need(self.min_snr_gamma is None or self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma,
+                   "use None (off) or a positive gamma such as 5")
+        check.need(self.noise_offset >= 0, "noise_offset", self.noise_offset,
+                   "use 0 (off) or a small value such as 0.05")
+        check.need(self.pyramid_noise_iterations >= 0 and 0 < self.pyramid_noise_discount < 1, "pyramid_noise",
+                   (self.pyramid_noise_iterations, self.pyramid_noise_discount),
+                   "use iterations >= 0 and a discount in (0, 1), e.g. 6 and 0.4")
+        check.need(self.prior_loss_weight >= 0, "prior_loss_weight", self.prior_loss_weight,
+                   "use a weight >= 0; 1.0 is DreamBooth's")
+        check.need(self.num_class_images >= 0, "num_class_images", self.num_class_images,
+                   "use 0 or a count of class images")
+        check.need(self.text_encoder_train_steps >= 0, "text_encoder_train_steps", self.text_encoder_train_steps,
+                   "use 0 (all steps) or a step count")
+        check.need(self.keep_last >= 0 and self.save_state_every >= 0, "keep_last/save_state_every",
+                   (self.keep_last, self.save_state_every), "use 0 or more")
+        check.need(self.preview_every >= 0 and self.preview_steps >= 1, "preview_every/preview_steps",
+                   (self.preview_every, self.preview_steps), "use preview_every >= 0 (0: off) and preview_steps >= 1")
+        check.need(self.save_every >= 0, "save_every", self.save_every, "use 0 (only the final save) or a step count")
+        check.need(bool(self.output_name) and not any(c in self.output_name for c in '/\\:*?"<>|'), "output_name",
+                   self.output_name, "use a plain file name without path separators")
+        check.raise_if_any()
 
     @property
     def effective_conv_rank(self) -> int:
@@ -159,11 +195,75 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """A config from ``to_dict()`` output (a saved state's or metadata's); an unknown key is an error."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names - set(_RETIRED))
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(names)}")
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k not in _RETIRED}
         if "adam_betas" in d:
             d["adam_betas"] = tuple(d["adam_betas"])
         return cls(**d)
+
+
+
+def default_min_bucket_side(resolution: Any, step: Any) -> Any:
+    """Half the resolution on the bucket grid, at most 256 (256 at 512 px and above, as kohya)."""
+    if not all(is_int(v) and v > 0 for v in (resolution, step)):
+        return resolution  # reported as an invalid setting by DatasetConfig
+    return max(step, min(256, resolution // 2) // step * step)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the images are and how they become (pixels, caption) training pairs."""
+
+    path: str
+    trigger: str = ""  # trigger word: replaces [trigger] in captions, else put first unless already there
+    caption_extensions: tuple = (".txt", ".caption")  # caption sidecar extensions, the first found is read
+    default_caption: str = ""  # used when an image has no caption sidecar
+    repeats: int = 1  # for images not inside an ``N_concept`` sub-folder
+    shuffle_tags: bool = False  # shuffle the caption's comma-separated tags each time an image is seen
+    keep_tokens: int = 0  # first K caption tags never shuffled (a prefixed trigger is kept on top)
+    caption_dropout: float = 0.0  # probability that the whole caption (trigger too) becomes ""
+    tag_separator: str = ","  # what separates tags in a caption
+    resolution: int = 512  # bucket area is resolution**2
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for SD; resolution and sides too)
+    # The smallest bucket side, also the smallest image side accepted (buckets on or off). None: half
+    # the resolution, at most 256 (kohya's default), so small resolutions keep aspect-ratio buckets.
+    min_bucket_side: int | None = None  # smallest bucket side and image side (default: resolution/2, at most 256)
+    max_bucket_side: int = 1024  # largest bucket side
+    enable_buckets: bool = True  # off: every image becomes a resolution x resolution square
+    flip: bool = False  # random horizontal flip augmentation
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", os.fspath(self.path))
+        object.__setattr__(self, "caption_extensions", tuple(self.caption_extensions))
+        if self.min_bucket_side is None:
+            object.__setattr__(self, "min_bucket_side", default_min_bucket_side(self.resolution, self.bucket_step))
+        check = Checks("dataset setting", DatasetError)
+
+        def need(ok: bool, name: str, allowed: str) -> bool:
+            return check.need(ok, name, getattr(self, name), f"allowed: {allowed}")
+
+        need(is_int(self.repeats) and self.repeats >= 1, "repeats", "an integer >= 1")
+        need(is_int(self.keep_tokens) and self.keep_tokens >= 0, "keep_tokens", "an integer >= 0")
+        need(isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout <= 1.0,
+             "caption_dropout", "a number from 0 to 1")
+        need(isinstance(self.tag_separator, str) and self.tag_separator.strip() != "",
+             "tag_separator", "a non-blank string such as ','")
+        exts = self.caption_extensions
+        exts_ok = all(isinstance(e, str) and len(e) > 1 and e.startswith(".") for e in exts)
+        need(exts_ok and len(exts) > 0, "caption_extensions", "extensions like ('.txt', '.caption')")
+        if need(is_int(self.bucket_step) and self.bucket_step > 0, "bucket_step", "an integer > 0, usually 64"):
+            multiple = f"a positive multiple of bucket_step={self.bucket_step}"
+            for name in ("resolution", "min_bucket_side", "max_bucket_side"):
+                v = getattr(self, name)
+                need(is_int(v) and v > 0 and v % self.bucket_step == 0, name, multiple)
+            if not check.problems:
+                need(self.min_bucket_side <= self.max_bucket_side, "min_bucket_side",
+                     f"<= max_bucket_side={self.max_bucket_side}")
+                if self.enable_buckets:  # the square bucket must exist
+                    need(self.min_bucket_side <= self.resolution <= self.max_bucket_side, "resolution",
+                         f"from min_bucket_side={self.min_bucket_side} to max_bucket_side={self.max_bucket_side}")
+        check.raise_if_any()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...training.data.dataset import DatasetConfig, records_from_images, scan_folder
+from ...training.config import DatasetConfig
+from ...training.data.dataset import records_from_images, scan_folder
 from ..types import ClassImagesPayload
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...training.data.dataset import DatasetError
+from ...training.config import DatasetError
 
 
 def loras_dir() -> str:

@@ -67,7 +67,8 @@ def comfy_cond(clip, text: str) -> torch.Tensor:
 def make_dataset(folder, n: int = 2):
     from PIL import Image, ImageDraw
 
-    from lora_workbench.training.data.dataset import DatasetConfig, scan_folder
+    from lora_workbench.training.config import DatasetConfig
+    from lora_workbench.training.data.dataset import scan_folder
 
     rng = random.Random(0)
     folder.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,8 @@ def comfy_raw_output(model, x0, noise, t, context, y) -> torch.Tensor:
 def make_dataset(folder, n: int = 2):
     from comfy_harness import make_photos
 
-    from lora_workbench.training.data.dataset import DatasetConfig, scan_folder
+    from lora_workbench.training.config import DatasetConfig
+    from lora_workbench.training.data.dataset import scan_folder
 
     make_photos(folder, n=n, size=64, caption="a photo of a ball")
     dcfg = DatasetConfig(path=str(folder), trigger="sks", resolution=64, bucket_step=64, min_bucket_side=64)

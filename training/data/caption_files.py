@@ -1,8 +1,8 @@
-"""Caption text and caption files: trigger placement, tidy tags, captioning a folder, bulk edits.
+"""Caption files: the caption a captioner's text becomes, captioning a folder, bulk edits.
 
-A caption is a comma-separated list of tags (a BLIP sentence is one tag). The rules match the
-trainer's (``training.dataset.build_caption``): ``[trigger]`` is replaced by the trigger word,
-otherwise the trigger goes first unless the caption already starts with it.
+The tag and trigger rules are those of ``captions`` (the trainer's): ``[trigger]`` is replaced by the
+trigger word, otherwise :class:`CaptionFormat` puts the trigger first unless the caption already
+starts with it, and :class:`CaptionEdit` unless it holds it anywhere.
 
 :func:`caption_folder` writes one sidecar per image (``name.txt`` beside ``name.png``, kohya
 ``N_concept`` sub-folders included), keeps every existing caption unless asked to overwrite, and
@@ -22,8 +22,8 @@ from typing import Callable
 
 from PIL import Image, ImageOps
 
-from .captioners import CaptionError, comma_list, tag_key
-from .dataset import IMAGE_EXTENSIONS, TRIGGER_PLACEHOLDER, _list_images, _to_rgb
+from .captions import CaptionError, comma_list, dedupe_tags, join_tags, place_trigger, split_tags, tag_key, word_pattern
+from .images import IMAGE_EXTENSIONS, list_images, to_rgb
 from ..fsutil import atomic_write, unique_path
 
 logger = logging.getLogger(__name__)
@@ -32,43 +32,6 @@ CAPTION_EXTENSIONS = (".txt", ".caption")  # what the dataset reads, in its orde
 
 
 # ---------------------------------------------------------------- caption text
-
-
-def split_tags(text: str) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def join_tags(tags: list[str]) -> str:
-    return ", ".join(tags)
-
-
-def dedupe_tags(tags: list[str]) -> list[str]:
-    """Tags without repeats, the first spelling kept (``Long_Hair`` repeats ``long hair``)."""
-    seen, out = set(), []
-    for tag in tags:
-        key = tag_key(tag)
-        if key not in seen:
-            seen.add(key)
-            out.append(tag)
-    return out
-
-
-def _starts_with(caption: str, trigger: str) -> bool:
-    if not caption.lower().startswith(trigger.lower()):
-        return False
-    rest = caption[len(trigger):]
-    return rest == "" or rest[0].isspace() or rest[0] == ","
-
-
-def place_trigger(caption: str, trigger: str) -> str:
-    """``[trigger]`` replaced by ``trigger``; else ``trigger`` put first (if not already there)."""
-    caption, trigger = caption.strip(), trigger.strip()
-    if TRIGGER_PLACEHOLDER in caption:
-        caption = caption.replace(TRIGGER_PLACEHOLDER, trigger)
-        return caption if trigger else join_tags(split_tags(caption))  # no empty tag left behind
-    if not trigger or _starts_with(caption, trigger):
-        return caption
-    return f"{trigger}, {caption}" if caption else trigger
 
 
 @dataclass(frozen=True)
@@ -97,7 +60,7 @@ def find_images(folder, subfolders: bool = True) -> list[Path]:
     folders = [root]
     if subfolders:
         folders += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [image for f in folders for image, _caption in _list_images(f, CAPTION_EXTENSIONS)[0]]
+    return [image for f in folders for image, _caption in list_images(f, CAPTION_EXTENSIONS)[0]]
 
 
 def sidecars(image: Path, extensions=CAPTION_EXTENSIONS) -> list[Path]:
@@ -111,7 +74,7 @@ def read_image(path: Path) -> Image.Image:
         with Image.open(path) as f:
             f.load()  # decodes everything: truncated files raise here
             image = ImageOps.exif_transpose(f)
-        return _to_rgb(image)
+        return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CaptionError(f"{path.name} cannot be read ({e})") from e
 
@@ -274,11 +237,6 @@ def _matches(tag: str, patterns: list[str]) -> bool:
     return False
 
 
-def _word(text: str) -> str:
-    """A regex for ``text`` as a whole word (or words)."""
-    return r"(?<!\w)" + re.escape(text) + r"(?!\w)"
-
-
 @dataclass(frozen=True)
 class CaptionEdit:
     """A bulk change to captions, applied in the order of the fields."""
@@ -308,7 +266,7 @@ class CaptionEdit:
         if self.find:
             text = re.sub(self.find, self.replace, text) if self.regex else text.replace(self.find, self.replace)
         if self.old_trigger.strip():
-            new = re.sub(_word(self.old_trigger.strip()), lambda _m: self.trigger.strip(), text, flags=re.IGNORECASE)
+            new = re.sub(word_pattern(self.old_trigger.strip()), lambda _m: self.trigger.strip(), text, flags=re.IGNORECASE)
             if new != text and not self.trigger.strip():  # removed: no empty tag or double space left
                 new = join_tags([" ".join(t.split()) for t in split_tags(new)])
             text = new
@@ -321,10 +279,7 @@ class CaptionEdit:
             edited = dedupe_tags(edited)
         if edited != tags:  # tags untouched: keep the text as it was written
             text = join_tags(edited)
-        trigger = self.trigger.strip()
-        if trigger and TRIGGER_PLACEHOLDER not in text and re.search(_word(trigger), text, re.IGNORECASE):
-            return text  # already there (e.g. where old_trigger was): not added twice
-        return place_trigger(text, trigger)
+        return place_trigger(text, self.trigger, anywhere=True)  # not added twice (e.g. where old_trigger was)
 
 
 @dataclass

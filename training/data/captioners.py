@@ -1,433 +1,55 @@
-"""Captioners: BLIP (sentences) and WD14-style taggers (booru tags), loaded from local folders only.
+"""Captioners by name: BLIP (sentences, ``blip``) and WD14-style taggers (booru tags, ``wd14``).
 
 Nothing here reaches a model hub: a captioner loads from a folder the user filled (ComfyUI's
 ``models/blip/<name>/`` and ``models/wd14_tagger/<name>/``, or any path from the CLI), and a folder
 that lacks files is an error naming the folder and the files to put there.
 
-* :class:`BlipCaptioner` runs transformers' ``BlipForConditionalGeneration`` (e.g. the files of
-  ``Salesforce/blip-image-captioning-large``): batched, beam or greedy search, optional
-  conditional start text ("a photo of").
-* :class:`WD14Tagger` runs a SmilingWolf-style tagger (``model.onnx`` + ``selected_tags.csv``, or
-  ComfyUI-WD14-Tagger's ``<name>.onnx`` + ``<name>.csv``) with onnxruntime on the CPU or CUDA.
-  onnxruntime is imported only here, so the rest of the package works without it.
-
-Both have ``caption(images, options) -> list[str]`` over RGB PIL images; :func:`load_captioner`
-picks one by name. Trigger words, prefixes and caption files are ``training.captions``' business.
+Both have ``caption(images, options) -> list[str]`` over RGB PIL images. Trigger words, prefixes
+and caption files are ``captions``' and ``caption_files``' business.
 """
 
 from __future__ import annotations
 
-import csv
-import logging
-import re
-from dataclasses import dataclass
-from pathlib import Path
+import dataclasses
+import os
+from typing import Any
 
-import numpy as np
-from PIL import Image
-
-logger = logging.getLogger(__name__)
+from .blip import BlipCaptioner, BlipOptions, find_blip_folder
+from .captions import CaptionError
+from .wd14 import TaggerOptions, WD14Tagger, find_wd14_model
 
 CAPTIONERS = ("blip", "wd14")
 
-BLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
-BLIP_IMAGE_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
-BLIP_TOKENIZER = ("tokenizer.json", "vocab.txt")
-BLIP_EXAMPLE = ("Salesforce/blip-image-captioning-large: config.json, model.safetensors, "
-                "preprocessor_config.json, tokenizer.json, tokenizer_config.json, vocab.txt")
 
-WD14_MODEL, WD14_TAGS = "model.onnx", "selected_tags.csv"
-WD14_EXAMPLE = "SmilingWolf/wd-vit-tagger-v3"
-WD14_DEFAULT_SIZE = 448
-GENERAL, CHARACTER, RATING = 0, 4, 9  # categories of selected_tags.csv
+def _unknown(kind: str) -> CaptionError:
+    return CaptionError(f"unknown captioner {kind!r}; use one of {', '.join(CAPTIONERS)}")
 
-# Tags that are faces made of characters: their underscores are part of the face.
-KAOMOJIS = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3",
-                      "6_9", ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
 
-
-class CaptionError(ValueError):
-    """A captioning problem; the message names the file or setting and the fix."""
-
-
-class MissingModelError(CaptionError):
-    """A model folder or file is not there; the message lists what to put where."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check(bad: list[str], ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        bad.append(f"{name}={value!r} (allowed: {allowed})")
-
-
-def comma_list(items) -> tuple[str, ...]:
-    """('a, b', 'c') or 'a, b, c' -> ('a', 'b', 'c'): comma lists as the CLI and widgets give them."""
-    if isinstance(items, str):
-        items = (items,)
-    return tuple(t.strip() for item in items for t in str(item).split(",") if t.strip())
-
-
-# ---------------------------------------------------------------- BLIP
-
-
-@dataclass(frozen=True)
-class BlipOptions:
-    """How BLIP writes a caption."""
-
-    prompt: str = ""  # conditional start text, e.g. "a photo of"; the caption continues it
-    strip_prompt: bool = False  # drop the start text from the caption
-    num_beams: int = 3  # 1 = greedy
-    max_length: int = 40  # new tokens at most
-    min_length: int = 5  # new tokens at least
-    batch_size: int = 4  # images captioned at once
-
-    def __post_init__(self):
-        bad: list[str] = []
-        _check(bad, _is_int(self.num_beams) and 1 <= self.num_beams <= 64, "num_beams", self.num_beams,
-               "an integer from 1 (greedy) to 64")
-        _check(bad, _is_int(self.max_length) and 1 <= self.max_length <= 512, "max_length", self.max_length,
-               "an integer from 1 to 512")
-        below_max = not _is_int(self.max_length) or self.min_length <= self.max_length
-        _check(bad, _is_int(self.min_length) and self.min_length >= 0 and below_max, "min_length",
-               self.min_length, f"an integer from 0 to max_length={self.max_length}")
-        _check(bad, _is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size,
-               "an integer >= 1")
-        if bad:
-            raise CaptionError("invalid BLIP setting: " + "; ".join(bad))
-
-
-def _hf_snapshot(folder: Path) -> Path:
-    """A Hugging Face cache folder (``models--org--name``) -> its newest snapshot; else ``folder``."""
-    if (folder / "config.json").is_file() or not (folder / "snapshots").is_dir():
-        return folder
-    snaps = [p for p in (folder / "snapshots").iterdir() if (p / "config.json").is_file()]
-    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else folder
-
-
-def find_blip_folder(path) -> Path:
-    """The BLIP model folder at ``path``, checked to hold a model, its processor and tokenizer."""
-    folder = Path(path).expanduser()
-    howto = f"put the files of a BLIP captioning model (e.g. {BLIP_EXAMPLE}) in {folder}"
-    if not folder.is_dir():
-        raise MissingModelError(f"BLIP model folder {folder} does not exist; {howto}")
-    folder = _hf_snapshot(folder)
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    for group in (BLIP_WEIGHTS, BLIP_IMAGE_PROCESSOR, BLIP_TOKENIZER):
-        if not any((folder / name).is_file() for name in group):
-            missing.append(group[0] + (f" (or {group[1]})" if len(group) > 1 else ""))
-    if missing:
-        raise MissingModelError(f"BLIP model folder {folder} is missing {', '.join(missing)}; {howto}")
-    return folder
-
-
-def _torch_device(device):
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _strip_prompt(text: str, prompt: str) -> str:
-    """``text`` without the leading words of ``prompt`` (compared word by word, ignoring case)."""
-    want = re.findall(r"\w+", prompt.lower())
-    words = list(re.finditer(r"\w+", text))
-    if not want or [m.group().lower() for m in words[:len(want)]] != want:
-        return text
-    return text[words[len(want) - 1].end():].lstrip(" ,.:;")
-
-
-class BlipCaptioner:
-    """BLIP image captioning from a local transformers folder, on ``device`` in ``dtype``.
-
-    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere.
-    """
-
-    kind = "blip"
-
-    def __init__(self, path, device=None, dtype=None):
-        import torch
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        self.folder = find_blip_folder(path)
-        self.device = _torch_device(device)
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        try:
-            self.processor = BlipProcessor.from_pretrained(self.folder, local_files_only=True)
-            model = BlipForConditionalGeneration.from_pretrained(self.folder, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CaptionError(f"cannot load the BLIP model in {self.folder} ({e}); the files must be those of "
-                               f"a BLIP captioning model such as {BLIP_EXAMPLE}") from e
-        self.model = model.to(self.device, self.dtype).eval()
-        logger.info("BLIP loaded from %s on %s (%s)", self.folder, self.device, str(self.dtype).split(".")[-1])
-
-    def to(self, device) -> "BlipCaptioner":
-        """Move the model (e.g. to the CPU between runs, so the GPU is free)."""
-        self.device = _torch_device(device)
-        self.model.to(self.device)
-        return self
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
-    def caption(self, images: list[Image.Image], options: BlipOptions | None = None) -> list[str]:
-        """One caption per RGB image, in order."""
-        import torch
-
-        opts = options or BlipOptions()
-        out: list[str] = []
-        for i in range(0, len(images), opts.batch_size):
-            batch = list(images[i:i + opts.batch_size])
-            kwargs = {"images": batch, "return_tensors": "pt"}
-            if opts.prompt.strip():
-                kwargs["text"] = [opts.prompt.strip()] * len(batch)
-            inputs = self.processor(**kwargs)
-            generate = {"pixel_values": inputs["pixel_values"].to(self.device, self.dtype)}
-            if "input_ids" in inputs:
-                generate["input_ids"] = inputs["input_ids"].to(self.device)
-                generate["attention_mask"] = inputs["attention_mask"].to(self.device)
-            with torch.no_grad():
-                ids = self.model.generate(**generate, num_beams=opts.num_beams, max_new_tokens=opts.max_length,
-                                          min_new_tokens=opts.min_length)
-            for text in self.processor.batch_decode(ids, skip_special_tokens=True):
-                text = " ".join(text.split())
-                out.append(_strip_prompt(text, opts.prompt) if opts.strip_prompt else text)
-        return out
-
-
-# ---------------------------------------------------------------- WD14 tagger
-
-
-@dataclass(frozen=True)
-class TaggerOptions:
-    """Which of a tagger's tags make the caption, and how they are written."""
-
-    general_threshold: float = 0.35  # general tags with at least this confidence
-    character_threshold: float = 0.85  # character tags with at least this confidence
-    exclude_tags: tuple[str, ...] = ()  # never written ("long hair" also drops "long_hair")
-    underscores_to_spaces: bool = True  # long_hair -> long hair (kaomoji such as ^_^ stay)
-    escape_parentheses: bool = True  # gloves_(marvel) -> gloves \(marvel\), safe in prompts
-    include_rating: bool = False  # put the most likely rating (general, sensitive ...) first
-    character_tags_first: bool = False  # character tags before general ones (else all by confidence)
-    max_tags: int = 0  # 0 = no limit
-    batch_size: int = 4
-
-    def __post_init__(self):
-        object.__setattr__(self, "exclude_tags", comma_list(self.exclude_tags))
-        bad: list[str] = []
-        for name in ("general_threshold", "character_threshold"):
-            v = getattr(self, name)
-            _check(bad, isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0, name, v,
-                   "a number from 0 to 1")
-        _check(bad, _is_int(self.max_tags) and self.max_tags >= 0, "max_tags", self.max_tags,
-               "an integer >= 0 (0 = no limit)")
-        _check(bad, _is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size,
-               "an integer >= 1")
-        if bad:
-            raise CaptionError("invalid tagger setting: " + "; ".join(bad))
-
-
-def format_tag(name: str, underscores_to_spaces: bool = True, escape_parentheses: bool = True) -> str:
-    if underscores_to_spaces and name not in KAOMOJIS:
-        name = name.replace("_", " ")
-    if escape_parentheses:
-        name = name.replace("(", r"\(").replace(")", r"\)")
-    return name
-
-
-def tag_key(tag: str) -> str:
-    """What makes two spellings the same tag: case, underscores and prompt escapes ignored."""
-    return " ".join(tag.replace("\\(", "(").replace("\\)", ")").replace("_", " ").lower().split())
-
-
-def find_wd14_model(path) -> tuple[Path, Path]:
-    """``(model.onnx, tags.csv)`` for a tagger folder, a ``.onnx`` file, or a name without ``.onnx``."""
-    p = Path(path).expanduser()
-    if not p.exists() and p.suffix != ".onnx" and p.with_name(p.name + ".onnx").is_file():
-        p = p.with_name(p.name + ".onnx")  # ComfyUI-WD14-Tagger's layout, named without the extension
-    if p.is_file():
-        if p.suffix.lower() != ".onnx":
-            raise MissingModelError(f"{p} is not an .onnx file; give a tagger folder (with {WD14_MODEL} and "
-                                    f"{WD14_TAGS}) or a <name>.onnx beside its <name>.csv")
-        tags = next((c for c in (p.with_suffix(".csv"), p.parent / WD14_TAGS) if c.is_file()), None)
-        if tags is None:
-            raise MissingModelError(f"tagger {p} has no tag list: put the tagger's {WD14_TAGS} next to it as "
-                                    f"{p.with_suffix('.csv')}")
-        return p, tags
-    howto = (f"put a WD14 tagger's {WD14_MODEL} and {WD14_TAGS} (e.g. from {WD14_EXAMPLE}) in {p}, or "
-             f"<name>.onnx + <name>.csv in {p.parent}")
-    if not p.is_dir():
-        raise MissingModelError(f"WD14 tagger folder {p} does not exist; {howto}")
-    model = p / WD14_MODEL
-    if not model.is_file():  # one <name>.onnx in the folder will do too
-        onnx = sorted(p.glob("*.onnx"))
-        model = onnx[0] if len(onnx) == 1 else model
-    tags = next((c for c in (p / WD14_TAGS, model.with_suffix(".csv")) if c.is_file()), None)
-    missing = [name for name, ok in ((WD14_MODEL, model.is_file()), (WD14_TAGS, tags is not None)) if not ok]
-    if missing:
-        raise MissingModelError(f"WD14 tagger folder {p} is missing {' and '.join(missing)}; {howto}")
-    return model, tags
-
-
-def read_tags_csv(path: Path) -> tuple[list[str], np.ndarray]:
-    """Tag names and categories, one per model output, from a ``selected_tags.csv``."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise CaptionError(f"cannot read the tag list {path} ({e}); use the tagger's own {WD14_TAGS}") from e
-    if not rows or not {"name", "category"} <= set(rows[0]):
-        raise CaptionError(f"tag list {path} needs the columns tag_id,name,category,count (one row per tag); "
-                           f"use the tagger's own {WD14_TAGS}")
-    try:
-        categories = np.array([int(r["category"]) for r in rows])
-    except (TypeError, ValueError) as e:
-        raise CaptionError(f"tag list {path} has a category that is not a number ({e})") from e
-    return [r["name"] for r in rows], categories
-
-
-def _import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise CaptionError("the WD14 tagger needs onnxruntime: pip install onnxruntime (CPU) or "
-                           "onnxruntime-gpu (CUDA), into the Python that runs LoRA Workbench") from e
-    return onnxruntime
-
-
-def _providers(ort, device) -> list:
-    device = "auto" if device in (None, "") else str(device)
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if device.startswith("cuda") or (device == "auto" and has_cuda):
-        if not has_cuda:
-            raise CaptionError(f"device={device!r} but this onnxruntime has no CUDA ({', '.join(available)}); "
-                               "pip uninstall onnxruntime && pip install onnxruntime-gpu, or use device='cpu'")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    if device not in ("auto", "cpu"):
-        raise CaptionError(f"device={device!r} is not available to the tagger; use 'auto', 'cpu' or 'cuda'")
-    return ["CPUExecutionProvider"]
-
-
-class WD14Tagger:
-    """A SmilingWolf-style ONNX tagger: NHWC float32 BGR 0..255 in, one sigmoid score per tag out."""
-
-    kind = "wd14"
-
-    def __init__(self, path, device="auto"):
-        self.model_path, self.tags_path = find_wd14_model(path)
-        self.names, self.categories = read_tags_csv(self.tags_path)
-        ort = _import_onnxruntime()
-        providers = _providers(ort, device)
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), providers=providers)
-        except Exception as e:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf ...) derive from Exception
-            raise CaptionError(f"onnxruntime cannot load {self.model_path} ({e}); re-download the tagger") from e
-        inp = self.session.get_inputs()[0]
-        shape = list(inp.shape)
-        if len(shape) != 4 or shape[3] != 3:
-            raise CaptionError(f"{self.model_path} takes input of shape {shape}; a WD14 tagger takes "
-                               "[batch, size, size, 3] (NHWC)")
-        self.input_name = inp.name
-        self.size = shape[1] if _is_int(shape[1]) else WD14_DEFAULT_SIZE
-        self.fixed_batch = shape[0] if _is_int(shape[0]) else None
-        n_out = self.session.get_outputs()[0].shape[-1]
-        if _is_int(n_out) and n_out != len(self.names):
-            raise CaptionError(f"{self.tags_path} lists {len(self.names)} tags but {self.model_path} scores "
-                               f"{n_out}; the two files come from different taggers")
-        logger.info("WD14 tagger %s loaded (%d tags, %dpx, %s)", self.model_path, len(self.names), self.size,
-                    self.session.get_providers()[0])
-
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        """[size, size, 3] float32 BGR 0..255: padded to a square with white, then resized."""
-        image = image.convert("RGB")
-        side = max(image.size)
-        square = Image.new("RGB", (side, side), (255, 255, 255))
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        if side != self.size:
-            square = square.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return np.asarray(square, dtype=np.float32)[:, :, ::-1]
-
-    def scores(self, images: list[Image.Image], batch_size: int = 4) -> np.ndarray:
-        """[N, tags] confidences in 0..1."""
-        step = self.fixed_batch or batch_size
-        out = []
-        for i in range(0, len(images), step):
-            batch = np.stack([self.prepare(im) for im in images[i:i + step]])
-            n = len(batch)
-            if self.fixed_batch and n < step:  # a model exported for a fixed batch: pad the last one
-                batch = np.concatenate([batch, np.repeat(batch[-1:], step - n, axis=0)])
-            out.append(self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0][:n])
-        return np.concatenate(out) if out else np.zeros((0, len(self.names)), dtype=np.float32)
-
-    def tags(self, images: list[Image.Image], options: TaggerOptions | None = None) -> list[list[tuple[str, float]]]:
-        """Per image: the chosen ``(tag, confidence)``, most confident first (rating first if asked)."""
-        opts = options or TaggerOptions()
-        excluded = {tag_key(t) for t in opts.exclude_tags}
-        cats = self.categories
-        result = []
-        for row in self.scores(images, opts.batch_size):
-            chosen = []
-            for cat, threshold in ((CHARACTER, opts.character_threshold), (GENERAL, opts.general_threshold)):
-                for i in np.flatnonzero((cats == cat) & (row >= threshold)):
-                    chosen.append((cat, float(row[i]), i))
-            chosen.sort(key=lambda c: (c[0] != CHARACTER if opts.character_tags_first else 0, -c[1]))
-            tags = []
-            for _cat, score, i in chosen:
-                if tag_key(self.names[i]) in excluded:
-                    continue
-                tags.append((format_tag(self.names[i], opts.underscores_to_spaces, opts.escape_parentheses), score))
-            if opts.max_tags:
-                tags = tags[:opts.max_tags]
-            ratings = np.flatnonzero(cats == RATING)
-            if opts.include_rating and len(ratings):
-                best = ratings[np.argmax(row[ratings])]
-                tags.insert(0, (format_tag(self.names[best], opts.underscores_to_spaces, opts.escape_parentheses),
-                                float(row[best])))
-            result.append(tags)
-        return result
-
-    def caption(self, images: list[Image.Image], options: TaggerOptions | None = None) -> list[str]:
-        """One comma-separated tag list per image, in order."""
-        return [", ".join(t for t, _ in tags) for tags in self.tags(images, options)]
-
-
-# ---------------------------------------------------------------- choosing one
-
-
-def check_model(kind: str, path) -> None:
+def check_model(kind: str, path: str | os.PathLike) -> None:
     """Raise :class:`MissingModelError` (naming the files and where they go) unless ``path`` holds a model."""
     if kind == "blip":
         find_blip_folder(path)
     elif kind == "wd14":
         find_wd14_model(path)
     else:
-        raise CaptionError(f"unknown captioner {kind!r}; use one of {', '.join(CAPTIONERS)}")
+        raise _unknown(kind)
 
 
-def load_captioner(kind: str, path, device=None):
-    """A :class:`BlipCaptioner` (``kind='blip'``) or :class:`WD14Tagger` (``'wd14'``) from ``path``."""
+def load_captioner(kind: str, path: str | os.PathLike, device: str | None = None) -> BlipCaptioner | WD14Tagger:
+    """A :class:`BlipCaptioner` (``kind='blip'``) or :class:`WD14Tagger` (``'wd14'``) from ``path``.
+
+    ``device`` None: CUDA when there is one, else the CPU."""
     if kind == "blip":
         return BlipCaptioner(path, device=device)
     if kind == "wd14":
         return WD14Tagger(path, device=device or "auto")
-    raise CaptionError(f"unknown captioner {kind!r}; use one of {', '.join(CAPTIONERS)}")
+    raise _unknown(kind)
 
 
-def options_for(kind: str, **values):
-    """The options dataclass of ``kind`` with the given fields set (other keys are ignored)."""
-    import dataclasses
-
+def options_for(kind: str, **values: Any) -> BlipOptions | TaggerOptions:
+    """The options dataclass of ``kind`` with the given fields set (other keys and None values are ignored)."""
     cls = {"blip": BlipOptions, "wd14": TaggerOptions}.get(kind)
     if cls is None:
-        raise CaptionError(f"unknown captioner {kind!r}; use one of {', '.join(CAPTIONERS)}")
+        raise _unknown(kind)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names and v is not None})

@@ -7,7 +7,8 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from ..data.dataset import dataset_fingerprint, dataset_summary, tag_frequency
+from ..data.dataset import dataset_fingerprint, dataset_summary
+from ..data.captions import tag_frequency
 from .files import kohya_metadata
 from ..train.optim import optimizer_label
 

@@ -26,9 +26,11 @@ import torch
 from . import losses as L
 from ..lora import network
 from ..model.backend import Backend
-from ..config import TrainConfig
-from ..data.dataset import (BucketBatchSampler, DatasetConfig, DatasetError, ImageDataset, ImageRecord, build_caption,
-                            dataset_fingerprint, load_pixels, size_conditioning)
+from ..config import DatasetConfig, DatasetError, TrainConfig
+from ..data.buckets import BucketBatchSampler, load_pixels, size_conditioning
+from ..data.dataset import ImageDataset, dataset_fingerprint
+from ..data.images import ImageRecord
+from ..data.captions import build_caption
 from .distributed import Dist
 from ..interrupt import signals_held
 from ..lora.files import LoraWeights, save_lora, written_by
