@@ -217,7 +217,7 @@ def _parse_kv(items: list[str]) -> dict:
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-    from ..training.lora.files import describe_lora
+    from ..training.lora.describe import describe_lora
 
     print(describe_lora(ns.file))
     return 0

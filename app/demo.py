@@ -40,7 +40,7 @@ def make_demo_images(folder: Path, n: int = 8, size: int = 64, seed: int = 0) ->
 def run_demo(out: Path, steps: int = 100) -> Path:
     from ..training.model.backend import DiffusersBackend
     from ..training.config import DatasetConfig, TrainConfig
-    from ..training.lora.files import describe_lora
+    from ..training.lora.describe import describe_lora
     from .folder_training import train_folder
     from ..training.model.tiny import save_tiny_pipeline
 

@@ -19,17 +19,19 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..training.fsutil import atomic_write, unique_path
-from ..training.lora.files import SAVE_DTYPES, LoraWeights, load_lora
+from ..training.config import SAVE_DTYPES
+from ..training.lora.files import LoraWeights, torch_dtype
+from ..training.lora.formats import load_lora
 from ..training.lora.merge import concat_merge, resize_lora, svd_merge
+from ..training.model.archs import ARCH_TABLE
 from .comfy import host as comfy_host
-from .comfy.loras import APPLIED_KEY, NONE, apply_loras, load_lora_file, lora_names, lora_path, model_family, stack_uses
+from .comfy.families import model_family
+from .comfy.loras import APPLIED_KEY, NONE, apply_loras, load_lora_file, lora_names, lora_path, stack_uses
 from .comfy.paths import checkpoint_target_path
 from .types import Lora, LoraStack
 
 log = logging.getLogger(__name__)
 
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                  "sdxl": "stable-diffusion-xl-v1-base"}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -141,15 +143,15 @@ class MergeLorasToCheckpoint(io.ComfyNode):
         merged = list(model.get_attachment(APPLIED_KEY) or ())
         family, config_name = model_family(model)
         log.info("merging %d LoRAs into a checkpoint at %s (%s)", len(merged), target, dtype)
-        sd = _cast(checkpoint_state_dict(model, clip, vae), SAVE_DTYPES[dtype])
+        sd = _cast(checkpoint_state_dict(model, clip, vae), torch_dtype(dtype))
         metadata = {
             "lw_merged_loras": json.dumps(merged),
             "lw_base_model": config_name,
             "modelspec.title": target.stem,
             "modelspec.predict_key": "v" if "v_pred" in sd else "epsilon",
         }
-        if family in MODELSPEC_ARCH:
-            metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCH[family],
+        if family in ARCH_TABLE:
+            metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCH_TABLE[family].modelspec,
                              "modelspec.implementation": "sgm"})
         def write_and_check(tmp):
             comfy.utils.save_torch_file(sd, tmp, metadata=metadata)

@@ -7,34 +7,32 @@ safetensors header is read (a few KB, cached by path + size + mtime), never the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 
-from .comfy.loras import NONE, trigger_words
+from ..training.lora.metadata import trigger_words
+from .comfy.loras import NONE
 
 log = logging.getLogger(__name__)
 
 ROUTE = "/lora_workbench/lora_info"
-MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _CACHE: dict[tuple, dict] = {}
 
 
 def read_metadata(path: str) -> dict[str, str]:
-    """The ``__metadata__`` of a .safetensors file's header ({} for other files or no metadata)."""
+    """The ``__metadata__`` of a .safetensors file's header ({} for other files or no metadata).
+
+    ``safe_open`` reads the header only (the tensors are mapped, never read) and refuses a header over
+    its 100 MB limit; a file it cannot read is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
     if not path.endswith(".safetensors"):
         return {}
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file: it is {len(head)} bytes long")
-        (size,) = struct.unpack("<Q", head)
-        if size > MAX_HEADER:
-            raise ValueError(f"{path} is not a safetensors file: its header claims {size} bytes")
-        header = json.loads(f.read(size))
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def lora_info(name: str) -> dict | None:

@@ -63,3 +63,10 @@ def fixed_eval_loss(backend, records, dcfg, n_noise=4, seed=123):
             total += torch.nn.functional.mse_loss(pred, target_for("epsilon", x0, noise, alphas, t)).item()
             n += 1
     return total / n
+
+
+def unet_diffusers_to_ldm(arch) -> dict[str, str]:
+    """diffusers UNet module path -> LDM path: the inverse of ``keys.unet_ldm_to_diffusers`` (tests only)."""
+    from lora_workbench.training.model.keys import unet_ldm_to_diffusers
+
+    return {v: k for k, v in unet_ldm_to_diffusers(arch).items()}

@@ -4,7 +4,8 @@ import pytest
 
 from lora_workbench.training.train.class_images import diffusers_renderer, existing_class_images, generate_class_images
 from lora_workbench.app.cli import main
-from lora_workbench.training.lora.files import load_lora, model_hash
+from lora_workbench.training.lora.files import model_hash
+from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.tiny import save_tiny_pipeline
 
 from helpers import make_images, tiny_backend

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lora_workbench.app.cli import main
-from lora_workbench.training.lora.files import load_lora
+from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.train.state import load_state
 from lora_workbench.training.model.tiny import save_tiny_pipeline
 

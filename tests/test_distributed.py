@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lora_workbench.training.lora.files import load_lora
+from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.tiny import save_tiny_pipeline
 
 from helpers import make_images

@@ -5,7 +5,8 @@ import torch
 
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
-from lora_workbench.training.lora.files import load_lora, save_lora
+from lora_workbench.training.lora.files import save_lora
+from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.tiny import build_tiny_components
 from lora_workbench.training.train.trainer import Trainer
 

@@ -12,10 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_workbench.training.model import keys as uk
-from lora_workbench.training.lora.files import (
-                                                LoraFormatError, LoraModule, LoraWeights, describe_lora, detect_arch, kohya_metadata, legacy_hash, load_lora,
-                                                lora_state_dict, model_hash, save_lora,
-                                                )
+from lora_workbench.training.lora.describe import describe_lora
+from lora_workbench.training.lora.files import LoraFormatError, LoraModule, LoraWeights, legacy_hash, lora_state_dict, model_hash, save_lora
+from lora_workbench.training.lora.formats import detect_arch, load_lora
+from lora_workbench.training.lora.metadata import kohya_metadata
+
+from helpers import unet_diffusers_to_ldm
 
 # (component, module path, in, out, kernel). Only the in-dims of attn2.to_k and q_proj are the real
 # ones (the architecture is detected from them); the rest are small to keep the tests fast.
@@ -206,7 +208,7 @@ def to_old_diffusers(lora):
 
 def to_comfy(lora):
     clip = {"te": "clip_l", "te1": "clip_l", "te2": "clip_g"}
-    to_ldm = uk.unet_diffusers_to_ldm(lora.arch)
+    to_ldm = unet_diffusers_to_ldm(lora.arch)
     sd = {}
     for component, path, m in split(lora):
         key = f"diffusion_model.{to_ldm[path]}" if component == "unet" else f"text_encoders.{clip[component]}.transformer.{path}"
@@ -265,7 +267,7 @@ def test_comfy_ldm_dict_loads_to_the_same_kohya_lora(sd1, sdxl):
 
 
 def test_sd1_ldm_kohya_names_are_remapped_to_diffusers_names(sd1):
-    to_ldm = uk.unet_diffusers_to_ldm("sd1")
+    to_ldm = unet_diffusers_to_ldm("sd1")
     sd = {}
     for component, path, m in split(sd1):
         name = "lora_unet_" + to_ldm[path].replace(".", "_") if component == "unet" else uk.kohya_te_name(path)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from lora_workbench.training.lora.files import LoraModule, LoraWeights, load_lora, save_lora
+from lora_workbench.training.lora.files import LoraModule, LoraWeights, save_lora
+from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.lora.merge import MergeError, concat_merge, resize_lora, svd_merge
 
 # Real SD1 kohya names (so a saved file loads back), tiny shapes.

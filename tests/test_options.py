@@ -5,7 +5,7 @@ import torch
 
 from lora_workbench.training.config import DatasetError, TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
-from lora_workbench.training.lora.files import load_lora
+from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.train.trainer import Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg

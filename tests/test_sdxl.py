@@ -11,7 +11,8 @@ from lora_workbench.training.model.backend import DiffusersBackend, SDXLCond, SD
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.data.buckets import load_pixels, size_conditioning
 from lora_workbench.training.data.dataset import scan_folder
-from lora_workbench.training.lora.files import load_lora, save_lora
+from lora_workbench.training.lora.files import save_lora
+from lora_workbench.training.lora.formats import load_lora
 from fixtures.tiny_sdxl_pipeline import build_tiny_sdxl_components, save_tiny_sdxl_pipeline, tiny_sdxl_pipeline
 from lora_workbench.training.train.trainer import Trainer
 

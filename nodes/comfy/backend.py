@@ -35,7 +35,6 @@ from torch import nn
 import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.sdxl_clip
-import comfy.supported_models
 
 from ...training.lora import network
 
@@ -43,14 +42,10 @@ from ...training.model import keys as unet_keys
 from ...training.model.backend import Backend, SDXLCond
 from ...training.lora.network import LoraTarget
 from . import host as comfy_host
+from .families import trainable_family
 
 log = logging.getLogger(__name__)
 
-# ComfyUI model config class -> our arch name. Exact classes: SD15_instructpix2pix and
-# SDXL_instructpix2pix (subclasses of SD15 / SDXL) need an image concat input the engine does not feed.
-_sm = comfy.supported_models
-SUPPORTED_CONFIGS = {_sm.SD15: "sd1", _sm.SDXL: "sdxl", _sm.SSD1B: "sdxl", _sm.Segmind_Vega: "sdxl",
-                     _sm.KOALA_700M: "sdxl", _sm.KOALA_1B: "sdxl"}
 TE_ROOTS = {"sd1": {"te": "clip_l"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"}}  # component -> ComfyUI encoder
 PREDICTIONS = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
 
@@ -61,11 +56,11 @@ class UnsupportedModelError(ValueError):
 
 # ---- reading the model ---------------------------------------------------------------------------
 def check_supported(model, model_name: str = "") -> str:
-    """The arch ("sd1") of a ComfyUI MODEL, or an error naming the model and what is supported."""
-    config = model.model.model_config
-    arch = SUPPORTED_CONFIGS.get(type(config))
+    """The arch ("sd1") of a ComfyUI MODEL, or an error naming the model and what is supported
+    (``families.MODEL_CONFIGS``: exact classes, so InstructPix2Pix subclasses are refused)."""
+    arch = trainable_family(model)
     if arch is None:
-        family = type(config).__name__
+        family = type(model.model.model_config).__name__
         shown = f"{model_name!r} ({family})" if model_name else f"this {family} model"
         raise UnsupportedModelError(
             f"{shown} cannot be trained yet: LoRA Workbench trains SD1.x models (ComfyUI's SD15) and SDXL "

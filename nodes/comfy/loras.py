@@ -17,22 +17,25 @@ so a stack gives exactly the image a chain of LoraLoader nodes gives. What this 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 from ...training.lora.block_weights import BlockWeightError, BlockWeights, apply_block_weights, parse_block_weights
-from ...training.lora.files import detect_arch, load_lora, lora_state_dict
+from ...training.lora.files import lora_state_dict
+from ...training.lora.formats import detect_arch, load_lora
+from ...training.lora.metadata import trigger_words
 from ...training.lora.prompt_syntax import resolve_lora_name
+from ...training.model.archs import ARCH_TABLE, UNKNOWN
+from .families import model_family
 
 log = logging.getLogger(__name__)
 
 NONE = "None"
 APPLIED_KEY = "lw_applied_loras"  # ModelPatcher attachment: tuple of AppliedLora dicts
 CACHE_SIZE = 8  # LoRA files kept in memory (a 6-row SDXL stack is ~1 GB)
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
+FAMILY_LABELS = {**{a.name: a.label for a in ARCH_TABLE.values()}, UNKNOWN: "an unknown model"}
 
 
 class LoraArchMismatch(ValueError):
@@ -54,7 +57,7 @@ class LoraFile:
     path: str
     state_dict: dict
     metadata: dict
-    arch: str  # lora_io.detect_arch: "sd1", "sd2", "sdxl" or "unknown"
+    arch: str  # lora.formats.detect_arch: "sd1", "sd2", "sdxl" or "unknown"
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -101,42 +104,12 @@ def load_lora_file(path: str) -> LoraFile:
     return loaded
 
 
-def trigger_words(metadata: dict, top_tags: int = 3) -> list[str]:
-    """``modelspec.trigger_phrase``, else the ``top_tags`` most frequent training-caption tags."""
-    phrase = (metadata.get("modelspec.trigger_phrase") or "").strip()
-    if phrase:
-        return [phrase]
-    try:
-        freq = json.loads(metadata.get("ss_tag_frequency") or "{}")
-    except json.JSONDecodeError:
-        log.debug("ss_tag_frequency is not JSON; no trigger words")
-        return []
-    total: Counter = Counter()
-    for tags in freq.values() if isinstance(freq, dict) else ():
-        if isinstance(tags, dict):
-            for tag, count in tags.items():
-                if str(tag).strip():
-                    total[str(tag).strip()] += int(count)
-    return [tag for tag, _ in total.most_common(top_tags)]
-
-
 # ---- the model -------------------------------------------------------------------------------------
-def model_family(model) -> tuple[str | None, str]:
-    """("sd1" / "sd2" / "sdxl" or None, ComfyUI's model config class name) of a MODEL."""
-    import comfy.supported_models as sm
-
-    config = model.model.model_config
-    for cls, arch in ((sm.SD15, "sd1"), (sm.SD20, "sd2"), (sm.SDXL, "sdxl")):
-        if isinstance(config, cls):
-            return arch, type(config).__name__
-    return None, type(config).__name__
-
-
 def check_lora_fits(name: str, lora: LoraFile, model, clip) -> None:
     """Raise ``LoraArchMismatch`` when the LoRA cannot patch this model (instead of ComfyUI's
     "lora key not loaded" warnings and an unchanged image)."""
     family, config_name = model_family(model)
-    if family is not None and lora.arch in ("sd1", "sd2", "sdxl"):
+    if family is not None and lora.arch in ARCH_TABLE:
         if lora.arch != family:
             raise LoraArchMismatch(
                 f"LoRA {name!r} was made for {FAMILY_LABELS[lora.arch]} (read from its keys and layer widths) but "

@@ -54,7 +54,8 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
     import nodes
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training.lora.files import LoraModule, LoraWeights, kohya_metadata, save_lora
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights, save_lora
+    from lora_workbench.training.lora.metadata import kohya_metadata
 
     with torch.inference_mode():
         model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd15_checkpoint.name)[:3]
@@ -165,7 +166,7 @@ def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_pr
     import folder_paths
     from PIL import Image
 
-    from lora_workbench.training.lora.files import load_lora
+    from lora_workbench.training.lora.formats import load_lora
 
     ckpt = _checkpoint(name, request)
     prompt = _for_cpu(converted[name], ckpt.name, example_loras, _photos(tmp_path / "photos"))

@@ -72,7 +72,7 @@ def test_train_then_generate_graph_runs_headless(comfy_host, run_prompt, tiny_sd
     loras = comfy_host.base_directory / "models" / "loras"
     saved = sorted(p.relative_to(loras).as_posix() for p in loras.rglob("*.safetensors"))
     assert "lora_workbench/host_lora.safetensors" in saved and "saved/host_lora.safetensors" in saved
-    from lora_workbench.training.lora.files import load_lora
+    from lora_workbench.training.lora.formats import load_lora
 
     lora = load_lora(loras / "saved" / "host_lora.safetensors")
     assert lora.metadata["modelspec.trigger_phrase"] == "sks"

@@ -32,7 +32,8 @@ def random_xl_lora(comfy_host, xl) -> str:
     """A random rank-4 LoRA on the tiny SDXL's own kohya names (UNet attention + both encoders), under
     models/loras: its name as LoraLoader lists it."""
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training.lora.files import LoraModule, LoraWeights, kohya_metadata, save_lora
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights, save_lora
+    from lora_workbench.training.lora.metadata import kohya_metadata
 
     backend = ComfyBackend(*xl)
     roots = backend.roots()
@@ -141,7 +142,8 @@ def test_train_5_steps_save_and_lora_loader_loads_every_key(comfy_host, xl, tmp_
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.lora.files import load_lora, save_lora
+    from lora_workbench.training.lora.files import save_lora
+    from lora_workbench.training.lora.formats import load_lora
     from lora_workbench.training.train.schedules import add_noise
     from lora_workbench.training.train.trainer import Trainer
 

@@ -43,7 +43,8 @@ def loras(comfy_host, tiny_sd15_checkpoint) -> dict[str, str]:
     import safetensors.torch
 
     from lora_workbench.nodes.comfy.backend import ComfyBackend
-    from lora_workbench.training.lora.files import kohya_metadata, save_lora
+    from lora_workbench.training.lora.files import save_lora
+    from lora_workbench.training.lora.metadata import kohya_metadata
 
     with torch.inference_mode():
         model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd15_checkpoint.name)[:3]
@@ -312,7 +313,7 @@ def test_grid_renders_every_lora_and_strength_into_a_labelled_grid(comfy_host, r
 
 
 def test_svd_merge_at_full_rank_matches_the_exact_concat_merge(comfy_host, run_prompt, loras):
-    from lora_workbench.training.lora.files import load_lora
+    from lora_workbench.training.lora.formats import load_lora
 
     stack = _stack([{"lora": loras["a"]}, {"lora": loras["b"], "model_strength": 0.5, "clip_strength": 0.25}])
     prompt = {"s": stack}

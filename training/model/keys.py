@@ -20,24 +20,16 @@ looking them up among the known module names, never by guessing where the dots w
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping, Union
 
-logger = logging.getLogger(__name__)
-
-ARCHS = ("sd1", "sd2", "sdxl")
+from .archs import ARCHS
 
 # LDM ResBlock child -> diffusers ResnetBlock2D child.
-RESNET_NAMES = (
-    ("in_layers.0", "norm1"),
-    ("in_layers.2", "conv1"),
-    ("emb_layers.1", "time_emb_proj"),
-    ("out_layers.0", "norm2"),
-    ("out_layers.3", "conv2"),
-)
+RESNET_NAMES = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                ("out_layers.0", "norm2"), ("out_layers.3", "conv2"))
 RESNET_SKIP = ("skip_connection", "conv_shortcut")  # only when in_channels != out_channels
 
 # Children of a SpatialTransformer / Transformer2DModel (same names on both sides).
@@ -252,11 +244,6 @@ def unet_ldm_to_diffusers(arch: ArchOrLayout) -> dict[str, str]:
 @lru_cache(maxsize=None)
 def _diffusers_to_ldm(layout: UNetLayout) -> dict[str, str]:
     return {v: k for k, v in _ldm_to_diffusers(layout).items()}
-
-
-def unet_diffusers_to_ldm(arch: ArchOrLayout) -> dict[str, str]:
-    """The inverse of :func:`unet_ldm_to_diffusers`."""
-    return dict(_diffusers_to_ldm(get_layout(arch)))
 
 
 def to_diffusers_path(ldm_path: str, arch: ArchOrLayout) -> str | None:

@@ -119,7 +119,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # ---- what is it? ----------------------------------------------------------------------------------
-def detect_arch(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> str:
+def checkpoint_arch(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> str:
     """``"sd1"`` or ``"sd2"`` from tensor names and shapes; a ModelLoadError naming anything else."""
     keys = list(shapes)
 
@@ -404,11 +404,11 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu"
     path = Path(path)
     source = str(path)
     shapes = read_shapes(path)  # safetensors: the header only, so a wrong file fails in milliseconds
-    arch = detect_arch(shapes, source) if shapes is not None else None
+    arch = checkpoint_arch(shapes, source) if shapes is not None else None
     tok_dir = find_tokenizer(tokenizer)
     state_dict = read_state_dict(path)
     if arch is None:  # .ckpt: the whole file had to be read to see its names
-        arch = detect_arch({k: tuple(v.shape) for k, v in state_dict.items()}, source)
+        arch = checkpoint_arch({k: tuple(v.shape) for k, v in state_dict.items()}, source)
     config_dir = Path(config_dir) if config_dir is not None else SHIPPED_CONFIGS[arch]
     log.info("loading %s checkpoint %s (configs %s, tokenizer %s)", arch.upper(), path.name, config_dir, tok_dir)
     parts = build_components(state_dict, arch, config_dir, source, dtype=weight_dtype)

@@ -21,7 +21,8 @@ import torch
 
 from ..config import TrainConfig
 from ..fsutil import umask_mode
-from ..lora.files import LoraWeights, load_lora, save_lora
+from ..lora.files import LoraWeights, save_lora
+from ..lora.formats import load_lora
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,266 @@
+"""Reading LoRA state dicts in any common key format into kohya names (:func:`load_lora`).
+
+Formats: kohya (``lora_unet_*.lora_down.weight``), diffusers/peft in the new (``unet.*.lora_A.weight``)
+and old attention-processor styles (``attn1.processor.to_q_lora.down.weight``), and ComfyUI/LDM
+(``diffusion_model.*``, ``text_encoders.clip_l.transformer.*``). Every format comes out in the same
+kohya names (see ``model.keys``), so the deltas are comparable whatever wrote the file.
+:func:`detect_arch` names the model family from key names and layer widths (``model.archs``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from ..model import keys as uk
+from ..model.archs import ARCH_TABLE, UNKNOWN
+from .files import LoraFormatError, LoraModule, LoraWeights, read_lora_file
+
+logger = logging.getLogger(__name__)
+
+# Key suffix -> role, tried in order. "processor" marks diffusers' old attention-processor style
+# (``attn1.processor.to_q_lora.down.weight``), whose module names need rewriting.
+_SUFFIXES = (
+    (".lora_down.weight", "down", ""), (".lora_up.weight", "up", ""),
+    (".lora_A.weight", "down", ""), (".lora_B.weight", "up", ""),
+    (".lora_A.default.weight", "down", ""), (".lora_B.default.weight", "up", ""),
+    (".lora_linear_layer.down.weight", "down", ""), (".lora_linear_layer.up.weight", "up", ""),
+    (".lora.down.weight", "down", ""), (".lora.up.weight", "up", ""),
+    ("_lora.down.weight", "down", "processor"), ("_lora.up.weight", "up", "processor"),
+    (".lora_magnitude_vector.weight", "dora", ""), (".lora_magnitude_vector", "dora", ""),
+    (".dora_scale", "dora", ""), (".alpha", "alpha", ""),
+)
+_LYCORIS = re.compile(r"\.(hada_|lokr_|lora_mid\.|oft_|a1\.weight$|[wb]_norm$|diff$|diff_b$)")
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out",
+               "time_embedding.", "add_embedding.")
+_COMFY_TE = {"clip_l": "te", "clip_h": "te", "clip_g": "te2"}
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    for suffix, role, style in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role, style
+    return None
+
+
+def _rewrite_processor(path: str) -> str:
+    """Old diffusers attention-processor names -> module names."""
+    path = path.replace(".processor.to_out", ".to_out.0").replace(".processor.to_", ".to_")
+    m = re.fullmatch(r"(.*\.self_attn)\.to_(q|k|v|out)", path)
+    if m:  # old text-encoder style: self_attn.to_q_lora -> self_attn.q_proj
+        path = f"{m.group(1)}.{m.group(2)}_proj"
+    return path
+
+
+def _locate(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolver) -> tuple[str, str | None]:
+    """(component, module path) of a raw module prefix; path None = keep the kohya name verbatim."""
+    te = ARCH_TABLE[arch].te_components[0] if arch in ARCH_TABLE else "te"
+    if prefix.startswith("lora_"):
+        component = LoraWeights.component_of(prefix)
+        if component == "other":
+            raise uk.ModuleNameError(prefix)
+        if arch == UNKNOWN:
+            return component, None
+        try:
+            component, path = resolver.parse(prefix)
+        except uk.ModuleNameError:
+            logger.warning("LoRA module %s is not in the %s layout; keeping its name as is", prefix, arch)
+            return component, None
+        return (te if component == "te" else component), path
+    if prefix.startswith("diffusion_model."):
+        if arch == UNKNOWN:
+            raise uk.ModuleNameError(f"{prefix}: LDM names need a known architecture (sd1/sd2/sdxl)")
+        ldm = prefix[len("diffusion_model."):]
+        path = uk.to_diffusers_path(ldm, arch)
+        if path is None:
+            raise uk.ModuleNameError(f"{prefix}: not a module of the {arch} UNet")
+        return "unet", path
+    m = re.match(r"text_encoders\.(clip_[lgh])\.transformer\.(.+)", prefix)
+    if m:
+        component = _COMFY_TE[m.group(1)]
+        return (te if component == "te" else component), m.group(2)
+    for head, component in (("text_encoder_2.", "te2"), ("text_encoder.", te)):
+        if prefix.startswith(head):
+            path = prefix[len(head):]
+            return component, _rewrite_processor(path) if style else path
+    for head in ("unet.", "base_model.model.", ""):
+        if prefix.startswith(head) and prefix[len(head):].startswith(_UNET_ROOTS):
+            path = prefix[len(head):]
+            return "unet", _rewrite_processor(path) if style else path
+    raise uk.ModuleNameError(prefix)
+
+
+def _canonical(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolver) -> str:
+    component, path = _locate(prefix, style, arch, resolver)
+    if path is None:
+        return prefix
+    if component == "unet" and arch == UNKNOWN:
+        return "lora_unet_" + path.replace(".", "_")  # kohya's SD1 convention: diffusers names
+    return uk.kohya_name(component, path, arch)
+
+
+def _down_in_dims(sd: Mapping[str, Tensor], needle) -> set[int]:
+    dims = set()
+    for k, v in sd.items():
+        split = _split_key(k)
+        if split and split[1] == "down" and needle(split[0].replace(".", "_")) and v.dim() >= 2:
+            dims.add(int(v.shape[1]))
+    return dims
+
+
+def detect_arch(state_dict: Mapping[str, Tensor]) -> str:
+    """The family of a LoRA state dict: "sd1", "sd2", "sdxl" (``model.archs``) or "unknown", from its key
+    names and the cross-attention / CLIP widths its down weights take as input."""
+    keys = list(state_dict)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")) for k in keys):
+        return "sdxl"
+    if any("label_emb" in k or "add_embedding" in k for k in keys):
+        return "sdxl"
+    ctx = _down_in_dims(state_dict, lambda p: re.search(r"attn2_(processor_)?to_[kv]", p) is not None)
+    for arch in sorted(ARCH_TABLE.values(), key=lambda a: -a.context_dim):
+        if arch.context_dim in ctx:
+            return arch.name
+    te = _down_in_dims(state_dict, lambda p: re.search(r"self_attn_(q_proj|to_q)", p) is not None)
+    for arch in sorted(ARCH_TABLE.values(), key=lambda a: -a.te_width):
+        if arch.te_width in te:
+            return arch.name
+    if ctx or te:  # widths seen, none of SD's: a custom (e.g. tiny test) model, whatever its names say
+        return UNKNOWN
+    joined = "\n".join(k.replace(".", "_") for k in keys)
+    if re.search(r"transformer_blocks_[1-9]", joined):  # depth > 1 exists only in SDXL
+        return "sdxl"
+    if re.search(r"input_blocks_(1|2)_1_|input_blocks_1[01]_|output_blocks_(9|1[01])_|down_blocks_(0_attentions|3_)"
+                 r"|up_blocks_3_", joined):  # attention at full resolution / a 4th level: SD1-family
+        return "sd1"
+    return UNKNOWN
+
+
+def _peft_alpha_config(metadata: Mapping[str, str]) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata`` (peft LoraConfig per component) -> {component prefix: config}."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraFormatError(f"lora_adapter_metadata is not valid JSON: {e}") from e
+    out: dict[str, dict] = {}
+    for k, v in flat.items():
+        head, _, key = k.partition(".")
+        if head not in ("unet", "text_encoder", "text_encoder_2"):  # peft's own save: no component prefix
+            head, key = "", k
+        out.setdefault(head, {})[key] = v
+    return out
+
+
+def _peft_alpha(prefix: str, rank: int, configs: dict[str, dict]) -> float | None:
+    head = next((h for h in ("text_encoder_2", "text_encoder", "unet") if prefix.startswith(h + ".")), "")
+    cfg = configs.get(head)
+    if not cfg:
+        return None
+    path = prefix[len(head) + 1:] if head else prefix
+    alpha = cfg.get("lora_alpha")
+    for pattern, a in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", path):
+            alpha = a
+            break
+    if alpha is None:
+        return None
+    # rsLoRA scales by alpha/sqrt(r); kohya's alpha/r gives the same scale with alpha * sqrt(r).
+    return float(alpha) * rank ** 0.5 if cfg.get("use_rslora") else float(alpha)
+
+
+def _alpha_value(t: Tensor) -> float:
+    """The alpha a writer meant: 0.3 stored as fp32 reads back as 0.3, not 0.30000001192092896
+    (shortest decimal that gives the same value in the stored dtype)."""
+    import numpy as np
+
+    t = t.detach().cpu().reshape(-1)[0]
+    np_type = {torch.float16: np.float16, torch.float32: np.float32}.get(t.dtype)
+    if np_type is None:
+        return float(t.double().item())
+    return float(str(np_type(t.item())))
+
+
+def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], metadata: Mapping[str, str] | None = None,
+              known_modules: Iterable[str] | None = None) -> LoraWeights:
+    """Read a LoRA (file or state dict) in kohya, diffusers/peft or ComfyUI/LDM format into kohya names.
+
+    ``metadata`` adds to (and overrides) a file's metadata. ``known_modules`` lists extra module paths
+    (diffusers UNet / HF text encoder) for UNets that are not SD1/SD2/SDXL, e.g. tiny test models.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        sd, meta = read_lora_file(Path(path_or_state_dict))
+    else:
+        sd, meta = dict(path_or_state_dict), {}
+    meta.update(metadata or {})
+    arch = detect_arch(sd)
+    resolver = uk.KohyaNameResolver(None if arch == UNKNOWN else arch, known_modules)
+    peft_cfg = _peft_alpha_config(meta)
+
+    parts: dict[str, dict[str, Tensor]] = {}
+    raw_prefix: dict[str, str] = {}
+    unknown: list[str] = []
+    reasons: list[str] = []
+    for key, tensor in sd.items():
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        prefix, role, style = split
+        try:
+            name = _canonical(prefix, style, arch, resolver)
+        except uk.ModuleNameError as e:
+            unknown.append(key)
+            reasons.append(str(e))
+            continue
+        slot = parts.setdefault(name, {})
+        if role in slot:
+            raise LoraFormatError(f"two keys give the {role} of module {name}, the second is {key!r}")
+        slot[role] = tensor
+        raw_prefix.setdefault(name, prefix)
+    if unknown:
+        hint = " (LyCORIS LoHa/LoKr/Tucker/OFT weights are not plain LoRA)" if any(
+            _LYCORIS.search(k) for k in unknown) else ""
+        why = f" First problem: {reasons[0]}." if reasons else ""
+        raise LoraFormatError(
+            f"{len(unknown)} of {len(sd)} keys are not LoRA weights this loader knows{hint}, e.g. {unknown[:5]}; "
+            "expected kohya (lora_unet_*.lora_down.weight), diffusers/peft (unet.*.lora_A.weight) or ComfyUI "
+            f"(diffusion_model.*.lora_down.weight) keys.{why}"
+        )
+
+    modules: dict[str, LoraModule] = {}
+    for name in sorted(parts):
+        slot = parts[name]
+        if "down" not in slot or "up" not in slot:
+            if set(slot) <= {"alpha"}:
+                logger.warning("LoRA has an alpha for %s but no weights; ignored", name)
+                continue
+            raise LoraFormatError(f"module {name} has {sorted(slot)} but needs both down and up weights")
+        down, up = slot["down"], slot["up"]
+        if down.dim() == 4 and up.dim() == 2:  # some writers squeeze the 1x1 up conv
+            up = up[:, :, None, None]
+        if "alpha" in slot:
+            alpha = _alpha_value(slot["alpha"])
+        else:
+            alpha = _peft_alpha(raw_prefix[name], int(down.shape[0]), peft_cfg)
+            alpha = float(down.shape[0]) if alpha is None else alpha
+        dora = slot.get("dora")
+        if dora is not None and dora.dim() == 1:  # peft magnitude [out] -> kohya [out, 1, ...]
+            dora = dora.reshape(-1, *([1] * (down.dim() - 1)))
+        try:
+            modules[name] = LoraModule(down, up, alpha, dora)
+        except LoraFormatError as e:
+            raise LoraFormatError(f"module {name}: {e}") from e
+    if not modules:
+        raise LoraFormatError("no LoRA modules found (the state dict is empty or has only alphas)")
+    logger.debug("loaded LoRA: %d modules, arch %s", len(modules), arch)
+    return LoraWeights(modules, meta, arch)
+
