@@ -9,14 +9,19 @@ search, optional conditional start text ("a photo of"). A folder that lacks file
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from ..config import Checks, is_int
 from .captions import CaptionError, MissingModelError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ def _hf_snapshot(folder: Path) -> Path:
     return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else folder
 
 
-def find_blip_folder(path) -> Path:
+def find_blip_folder(path: str | os.PathLike) -> Path:
     """The BLIP model folder at ``path``, checked to hold a model, its processor and tokenizer."""
     folder = Path(path).expanduser()
     howto = f"put the files of a BLIP captioning model (e.g. {BLIP_EXAMPLE}) in {folder}"
@@ -79,7 +84,7 @@ def find_blip_folder(path) -> Path:
     return folder
 
 
-def _torch_device(device):
+def _torch_device(device: str | torch.device | None) -> torch.device:
     import torch
 
     if device in (None, "", "auto"):
@@ -104,7 +109,8 @@ class BlipCaptioner:
 
     kind = "blip"
 
-    def __init__(self, path, device=None, dtype=None):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -120,7 +126,7 @@ class BlipCaptioner:
         self.model = model.to(self.device, self.dtype).eval()
         logger.info("BLIP loaded from %s on %s (%s)", self.folder, self.device, str(self.dtype).split(".")[-1])
 
-    def to(self, device) -> "BlipCaptioner":
+    def to(self, device: str | torch.device) -> BlipCaptioner:
         """Move the model (e.g. to the CPU between runs, so the GPU is free)."""
         self.device = _torch_device(device)
         self.model.to(self.device)
@@ -128,6 +134,7 @@ class BlipCaptioner:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the model's weights take (what moving it frees)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def caption(self, images: list[Image.Image], options: BlipOptions | None = None) -> list[str]:

@@ -14,21 +14,28 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .captions import CaptionError, comma_list, dedupe_tags, join_tags, place_trigger, split_tags, tag_key, word_pattern
-from .images import IMAGE_EXTENSIONS, list_images, to_rgb
+from .images import IMAGE_EXTENSIONS, UNREADABLE, list_images, read_file, to_rgb
 from ..fsutil import atomic_write, unique_path
 
 logger = logging.getLogger(__name__)
 
 CAPTION_EXTENSIONS = (".txt", ".caption")  # what the dataset reads, in its order
+
+
+class Captioner(Protocol):
+    """What :func:`caption_folder` needs: one caption per RGB image, in order."""
+
+    def caption(self, images: list[Image.Image], options: Any) -> list[str]: ...
 
 
 # ---------------------------------------------------------------- caption text
@@ -52,7 +59,7 @@ class CaptionFormat:
 # ---------------------------------------------------------------- images and sidecars
 
 
-def find_images(folder, subfolders: bool = True) -> list[Path]:
+def find_images(folder: str | os.PathLike, subfolders: bool = True) -> list[Path]:
     """The images of ``folder`` (and its sub-folders, one level, as the dataset reads them), sorted."""
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -63,7 +70,7 @@ def find_images(folder, subfolders: bool = True) -> list[Path]:
     return [image for f in folders for image, _caption in list_images(f, CAPTION_EXTENSIONS)[0]]
 
 
-def sidecars(image: Path, extensions=CAPTION_EXTENSIONS) -> list[Path]:
+def sidecars(image: Path, extensions: tuple[str, ...] = CAPTION_EXTENSIONS) -> list[Path]:
     """The caption files an image already has."""
     return [p for p in (image.with_suffix(e) for e in extensions) if p.is_file()]
 
@@ -71,11 +78,8 @@ def sidecars(image: Path, extensions=CAPTION_EXTENSIONS) -> list[Path]:
 def read_image(path: Path) -> Image.Image:
     """RGB, EXIF rotation applied, transparency on white; a broken file raises ``CaptionError``."""
     try:
-        with Image.open(path) as f:
-            f.load()  # decodes everything: truncated files raise here
-            image = ImageOps.exif_transpose(f)
-        return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return to_rgb(read_file(path))
+    except UNREADABLE as e:
         raise CaptionError(f"{path.name} cannot be read ({e})") from e
 
 
@@ -150,7 +154,8 @@ class CaptionReport:
         return _table(rows, limit)
 
 
-def caption_folder(folder, captioner, options=None, fmt: CaptionFormat = CaptionFormat(), overwrite: bool = False,
+def caption_folder(folder: str | os.PathLike, captioner: Captioner | Callable[[], Captioner], options: Any = None,
+                   fmt: CaptionFormat = CaptionFormat(), overwrite: bool = False,
                    extension: str = ".txt", subfolders: bool = True, batch_size: int | None = None,
                    progress: Callable[[int, int], None] | None = None) -> CaptionReport:
     """Caption every image of ``folder`` that has no caption (all of them with ``overwrite``).
@@ -313,7 +318,7 @@ def edit_captions(captions: list[str], edit: CaptionEdit) -> tuple[list[str], Ed
     return out, report
 
 
-def edit_caption_folder(folder, edit: CaptionEdit, dry_run: bool = False, make_backup: bool = True,
+def edit_caption_folder(folder: str | os.PathLike, edit: CaptionEdit, dry_run: bool = False, make_backup: bool = True,
                         subfolders: bool = True) -> EditReport:
     """``edit`` applied to the caption file of every image in ``folder`` (``.txt``, else ``.caption``).
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from ..config import DatasetConfig, DatasetError, listing
 from .buckets import assign_buckets, load_pixels, repeat_starts
 from .captions import build_caption
-from .images import IMAGE_EXTENSIONS, ImageRecord, list_images, split_batch
+from .images import IMAGE_EXTENSIONS, UNREADABLE, ImageBatch, ImageRecord, list_images, read_file, split_batch
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,8 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
             n_files += 1
             rel = str(image_path.relative_to(root))
             try:
-                with Image.open(image_path) as f:
-                    f.load()  # decodes everything: truncated files raise here
-                    width, height = ImageOps.exif_transpose(f).size
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                width, height = read_file(image_path).size
+            except UNREADABLE as e:
                 unreadable.append(f"{rel} ({e})")
                 continue
             if min(width, height) < cfg.min_bucket_side:
@@ -163,7 +161,8 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
     return records
 
 
-def records_from_images(images, captions, cfg: DatasetConfig, concept: str = "images") -> list[ImageRecord]:
+def records_from_images(images: ImageBatch, captions: str | list[str], cfg: DatasetConfig,
+                        concept: str = "images") -> list[ImageRecord]:
     """Records for in-memory images: PIL images, or a float [N,H,W,3] batch in 0..1 (ComfyUI IMAGE).
 
     ``captions`` holds one caption for all images or exactly one per image; an empty caption falls
@@ -227,11 +226,13 @@ class ImageDataset:
         return self._length
 
     def record_index(self, index: int) -> int:
+        """Which record dataset index ``index`` (one of its repeats) shows."""
         if not 0 <= index < self._length:
             raise IndexError(f"dataset index {index} out of range 0..{self._length - 1}")
         return bisect.bisect_right(self._starts, index) - 1
 
     def get(self, index: int, epoch_seed: int) -> dict:
+        """``{pixels, caption, meta, record_index}`` of ``index`` as seen in the epoch of ``epoch_seed``."""
         i = self.record_index(index)
         record = self.records[i]
         rng = random.Random(f"{epoch_seed}:{index}")

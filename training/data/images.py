@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from PIL import Image, ImageOps
 from ..config import DatasetError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+# A ComfyUI IMAGE batch [N, H, W, 3] in 0..1, or a list of PIL images / [H, W, 3] arrays or tensors.
+ImageBatch = Union[torch.Tensor, np.ndarray, Sequence[Union[Image.Image, np.ndarray, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class ImageRecord:
 
     @property
     def name(self) -> str:
+        """The file name, or a label for an in-memory image (for messages)."""
         return os.path.basename(self.path) if self.path else f"<in-memory {self.width}x{self.height}>"
 
 
@@ -59,6 +63,19 @@ def list_images(folder: Path, caption_exts: tuple[str, ...]) -> tuple[list[tuple
     return paired, sorted(orphans)
 
 
+# What a broken, truncated or hostile (decompression bomb) image file raises while it is read.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_file(path: str | os.PathLike) -> Image.Image:
+    """The image in ``path`` fully decoded (a truncated file raises here), EXIF rotation applied.
+
+    A file that cannot be read raises one of :data:`UNREADABLE`."""
+    with Image.open(path) as f:
+        f.load()
+        return ImageOps.exif_transpose(f)  # a copy, safe after close
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB; transparency composited on white, 16-bit grey scaled (not clipped) to 8 bits."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -79,8 +96,7 @@ def array_to_pil(array: np.ndarray) -> Image.Image:
 def open_image(record: ImageRecord) -> Image.Image:
     """The record's image as RGB (file or in-memory), EXIF orientation applied."""
     if record.image is None:
-        with Image.open(record.path) as f:
-            image = ImageOps.exif_transpose(f)  # always a loaded copy, safe after close
+        image = read_file(record.path)
     elif isinstance(record.image, Image.Image):
         image = ImageOps.exif_transpose(record.image)
     else:
@@ -88,7 +104,7 @@ def open_image(record: ImageRecord) -> Image.Image:
     return to_rgb(image)
 
 
-def split_batch(images) -> list:
+def split_batch(images: ImageBatch) -> list[Image.Image | np.ndarray]:
     """A ComfyUI IMAGE batch [N,H,W,3] or a list of PIL images / [H,W,3] arrays -> list of items.
 
     Items are PIL images or float32 [H, W, 3] arrays (values not checked here); a bad shape raises

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class TaggerOptions:
 
 
 def format_tag(name: str, underscores_to_spaces: bool = True, escape_parentheses: bool = True) -> str:
+    """A tagger's tag name as written in a caption: ``long_hair`` -> ``long hair`` (kaomoji kept),
+    ``(`` -> ``\\(`` so a prompt does not read it as emphasis."""
     if underscores_to_spaces and name not in KAOMOJIS:
         name = name.replace("_", " ")
     if escape_parentheses:
@@ -66,7 +69,7 @@ def format_tag(name: str, underscores_to_spaces: bool = True, escape_parentheses
     return name
 
 
-def find_wd14_model(path) -> tuple[Path, Path]:
+def find_wd14_model(path: str | os.PathLike) -> tuple[Path, Path]:
     """``(model.onnx, tags.csv)`` for a tagger folder, a ``.onnx`` file, or a name without ``.onnx``."""
     p = Path(path).expanduser()
     if not p.exists() and p.suffix != ".onnx" and p.with_name(p.name + ".onnx").is_file():
@@ -141,7 +144,7 @@ class WD14Tagger:
 
     kind = "wd14"
 
-    def __init__(self, path, device="auto"):
+    def __init__(self, path: str | os.PathLike, device: str | None = "auto") -> None:
         self.model_path, self.tags_path = find_wd14_model(path)
         self.names, self.categories = read_tags_csv(self.tags_path)
         ort = _import_onnxruntime()
