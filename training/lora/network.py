@@ -143,28 +143,40 @@ def extract(roots: dict[str, nn.Module], targets: list[LoraTarget], metadata: di
 
 
 def load_into(roots: dict[str, nn.Module], targets: list[LoraTarget], lora: LoraWeights) -> None:
-    """Copy a ``LoraWeights`` into injected layers (resume, tests). Every target must be present."""
+    """Copy a ``LoraWeights`` into injected layers (resume, tests). Every target must be present, with
+    the rank it was injected with; the LoRA's own alpha is kept (see below)."""
+    from peft import set_peft_model_state_dict
+
     by_path = {(t.component, t.path): t for t in targets}
     missing = [t.kohya_name for t in targets if t.kohya_name not in lora.modules]
     if missing:
         raise ValueError(f"the LoRA lacks {len(missing)} trained modules, e.g. {missing[:3]}; "
                          "it was made with other target layers (preset) than this run")
-    with torch.no_grad():
-        for comp, root in roots.items():
-            for path, layer in _lora_layers(root):
-                t = by_path.get((comp, path))
-                if t is None:
-                    continue
-                m = lora.modules[t.kohya_name]
-                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-                if a.shape != m.down.shape or b.shape != m.up.shape:
-                    raise ValueError(f"{t.kohya_name}: LoRA shapes {tuple(m.down.shape)}/{tuple(m.up.shape)} do "
-                                     f"not fit the layer ({tuple(a.shape)}/{tuple(b.shape)}); ranks differ")
-                a.copy_(m.down)
-                b.copy_(m.up)
-                layer.scaling[ADAPTER] = m.alpha / m.down.shape[0]
-                if m.dora_scale is not None and getattr(layer, "use_dora", {}).get(ADAPTER, False):
-                    layer.lora_magnitude_vector[ADAPTER].weight.copy_(m.dora_scale.flatten())
+    for comp, root in roots.items():
+        state: dict[str, torch.Tensor] = {}  # peft's key names: <module path>.lora_A.weight ...
+        for path, layer in _lora_layers(root):
+            t = by_path.get((comp, path))
+            if t is None:
+                continue
+            m = lora.modules[t.kohya_name]
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if a.shape != m.down.shape or b.shape != m.up.shape:
+                raise ValueError(f"{t.kohya_name}: LoRA shapes {tuple(m.down.shape)}/{tuple(m.up.shape)} do "
+                                 f"not fit the layer ({tuple(a.shape)}/{tuple(b.shape)}); ranks differ")
+            state[f"{path}.lora_A.weight"] = m.down
+            state[f"{path}.lora_B.weight"] = m.up
+            if m.dora_scale is not None and getattr(layer, "use_dora", {}).get(ADAPTER, False):
+                state[f"{path}.lora_magnitude_vector"] = m.dora_scale.flatten()
+            # peft's state dict carries no alpha (it lives in the LoraConfig given at injection), so a LoRA
+            # whose alpha differs from the injected one gets its scale through peft's set_scale, a factor
+            # on lora_alpha / r (tests/test_train.py::test_load_into_keeps_the_loras_alpha).
+            if layer.lora_alpha[ADAPTER] != m.alpha:
+                layer.set_scale(ADAPTER, m.alpha / layer.lora_alpha[ADAPTER])
+        if state:
+            result = set_peft_model_state_dict(root, state, adapter_name=ADAPTER)
+            if result.unexpected_keys:
+                raise RuntimeError(f"peft did not place {len(result.unexpected_keys)} LoRA weights, e.g. "
+                                   f"{result.unexpected_keys[:3]}; its state-dict key names changed")
 
 
 def train_lora_dropout(roots: dict[str, nn.Module]) -> None:
@@ -175,17 +187,16 @@ def train_lora_dropout(roots: dict[str, nn.Module]) -> None:
 
 
 def remove(roots: dict[str, nn.Module]) -> int:
-    """Put every wrapped module's original layer back; the base model is as before injection."""
+    """Put every wrapped module's original layer back (diffusers' ``recurse_remove_peft_layers``, what
+    its ``unload_lora`` does) and drop peft's config attributes: the base model is as before injection.
+    Returns how many LoRA wrappers were removed."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.lora import LoraLayer
 
     n = 0
     for root in roots.values():
-        wrapped = [(p, m) for p, m in root.named_modules() if isinstance(m, LoraLayer)]
-        for path, m in wrapped:
-            parent_path, _, child = path.rpartition(".")
-            parent = root.get_submodule(parent_path) if parent_path else root
-            setattr(parent, child, m.get_base_layer())
-            n += 1
+        n += sum(isinstance(m, LoraLayer) for m in root.modules())
+        recurse_remove_peft_layers(root)
         for attr in ("peft_config", "_hf_peft_config_loaded"):
             if attr in root.__dict__:
                 delattr(root, attr)
