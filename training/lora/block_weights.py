@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..model import keys as uk
+from ..model.archs import ARCH_TABLE
 from .files import LoraModule, LoraWeights
 
 OTHER = "OTHER"  # modules outside LBW's blocks: always weight 1
@@ -63,7 +64,7 @@ def _sdxl_preset(sd1: tuple[float, ...]) -> tuple[float, ...]:
 # In SDXL_LORA_BLOCKS order.
 SDXL_PRESETS: dict[str, tuple[float, ...]] = {k: _sdxl_preset(v) for k, v in SD1_PRESETS.items()}
 
-_FAMILY = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
+_FAMILY = {a.name: a.unet_layout for a in ARCH_TABLE.values()}  # blocks follow the UNet's layout
 _FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS}
 _SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS}
 _PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS}

@@ -26,6 +26,7 @@ class Arch:
     te_components: tuple[str, ...]  # kohya components of its text encoders, first = CLIP-L
     context_dim: int  # cross-attention width: input of the UNet's attn2.to_k / to_v
     te_width: int  # hidden size of its widest text encoder: input of self_attn.q_proj
+    unet_layout: str  # UNet module layout (``keys.LAYOUTS``; block weights follow it): SD2 is named like SD1
     modelspec_v: str | None = None  # modelspec.architecture of its v-prediction variant, if it differs
 
     @property
@@ -35,11 +36,11 @@ class Arch:
 
 
 ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
-    Arch("sd1", "SD1.x", "stable-diffusion-v1", "sd_v1", "diffusers", ("te",), 768, 768),
-    Arch("sd2", "SD2.x", "stable-diffusion-v2-512", "sd_v2", "diffusers", ("te",), 1024, 1024,
+    Arch("sd1", "SD1.x", "stable-diffusion-v1", "sd_v1", "diffusers", ("te",), 768, 768, "sd1"),
+    Arch("sd2", "SD2.x", "stable-diffusion-v2-512", "sd_v2", "diffusers", ("te",), 1024, 1024, "sd1",
          modelspec_v="stable-diffusion-v2-768-v"),
     Arch("sdxl", "SDXL", "stable-diffusion-xl-v1-base", "sdxl_base_v1-0",
-         "https://github.com/Stability-AI/generative-models", ("te1", "te2"), 2048, 1280),
+         "https://github.com/Stability-AI/generative-models", ("te1", "te2"), 2048, 1280, "sdxl"),
 )}
 ARCHS = tuple(ARCH_TABLE)  # the family names, in table order
 

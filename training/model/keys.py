@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping, Union
 
-from .archs import ARCHS
+from .archs import ARCH_TABLE, ARCHS
 
 # LDM ResBlock child -> diffusers ResnetBlock2D child.
 RESNET_NAMES = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -108,7 +108,8 @@ SD1 = UNetLayout(channel_mult=(1, 2, 4, 4), num_res_blocks=2, transformer_depth=
                  attention_levels=(0, 1, 2), transformer_depth_middle=1)
 SDXL = UNetLayout(channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 10),
                   attention_levels=(1, 2), transformer_depth_middle=10, has_label_emb=True)
-PRESETS = {"sd1": SD1, "sd2": SD1, "sdxl": SDXL}  # SD2 differs from SD1 in widths, not in names
+LAYOUTS = {"sd1": SD1, "sdxl": SDXL}
+PRESETS = {a.name: LAYOUTS[a.unet_layout] for a in ARCH_TABLE.values()}  # SD2: SD1's names, other widths
 
 ArchOrLayout = Union[str, UNetLayout]
 
