@@ -30,7 +30,7 @@ from ..fsutil import FileExistsNoOverwrite, atomic_write
 from ..model import keys as uk
 from ..model.archs import ARCHS, UNKNOWN
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # The torch dtype of each name in config.SAVE_DTYPES (the allowed names are defined there).
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -76,10 +76,12 @@ class LoraModule:
 
     @property
     def rank(self) -> int:
+        """The LoRA rank r: rows of ``down``."""
         return int(self.down.shape[0])
 
     @property
     def scale(self) -> float:
+        """``alpha / rank``, the factor on ``up @ down``."""
         return self.alpha / self.rank
 
     @property
@@ -117,9 +119,11 @@ class LoraWeights:
         return "other"
 
     def ranks(self) -> dict[str, int]:
+        """kohya name -> rank of each module."""
         return {name: m.rank for name, m in self.modules.items()}
 
     def to(self, dtype: str | torch.dtype) -> LoraWeights:
+        """A copy with the weights in ``dtype`` ("fp16"/"bf16"/"fp32" or a torch dtype); alphas stay floats."""
         dt = torch_dtype(dtype)
         mods = {
             n: LoraModule(m.down.to(dt), m.up.to(dt), m.alpha, None if m.dora_scale is None else m.dora_scale.to(dt))
@@ -203,7 +207,7 @@ def save_lora(path: str | os.PathLike, lora: LoraWeights, dtype: str | torch.dty
     model, legacy = _kohya_hashes(tensors, metadata)
     metadata.update({"sshs_model_hash": model, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + model})
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
-    logger.info("saved LoRA %s (%d modules, %s)", path, len(lora.modules), dtype)
+    log.info("saved LoRA %s (%d modules, %s)", path, len(lora.modules), dtype)
     return path
 
 

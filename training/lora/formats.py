@@ -23,7 +23,7 @@ from ..model import keys as uk
 from ..model.archs import ARCH_TABLE, UNKNOWN
 from .files import LoraFormatError, LoraModule, LoraWeights, read_lora_file
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Key suffix -> role, tried in order. "processor" marks diffusers' old attention-processor style
 # (``attn1.processor.to_q_lora.down.weight``), whose module names need rewriting.
@@ -71,7 +71,7 @@ def _locate(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolver) 
         try:
             component, path = resolver.parse(prefix)
         except uk.ModuleNameError:
-            logger.warning("LoRA module %s is not in the %s layout; keeping its name as is", prefix, arch)
+            log.warning("LoRA module %s is not in the %s layout; keeping its name as is", prefix, arch)
             return component, None
         return (te if component == "te" else component), path
     if prefix.startswith("diffusion_model."):
@@ -241,7 +241,7 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
         slot = parts[name]
         if "down" not in slot or "up" not in slot:
             if set(slot) <= {"alpha"}:
-                logger.warning("LoRA has an alpha for %s but no weights; ignored", name)
+                log.warning("LoRA has an alpha for %s but no weights; ignored", name)
                 continue
             raise LoraFormatError(f"module {name} has {sorted(slot)} but needs both down and up weights")
         down, up = slot["down"], slot["up"]
@@ -261,6 +261,6 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
             raise LoraFormatError(f"module {name}: {e}") from e
     if not modules:
         raise LoraFormatError("no LoRA modules found (the state dict is empty or has only alphas)")
-    logger.debug("loaded LoRA: %d modules, arch %s", len(modules), arch)
+    log.debug("loaded LoRA: %d modules, arch %s", len(modules), arch)
     return LoraWeights(modules, meta, arch)
 

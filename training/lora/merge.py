@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .files import HASH_KEYS, LoraModule, LoraWeights
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 METHODS = ("fixed", "energy", "ratio")
 # Facts about the base model that stay true for a merge when every source agrees on them.
@@ -255,7 +255,7 @@ def concat_merge(loras: Sequence[tuple[LoraWeights, float]], names: Sequence[str
     if not modules:
         raise MergeError("the merge is empty: every LoRA has weight 0; give at least one a non-zero weight")
     md = _merged_metadata(loras, labels, "concat", modules, {})
-    logger.info("concat-merged %d LoRAs into %d modules", len(loras), len(modules))
+    log.info("concat-merged %d LoRAs into %d modules", len(loras), len(modules))
     return LoraWeights(modules, md, loras[0][0].arch)
 
 
@@ -274,7 +274,7 @@ def svd_merge(loras: Sequence[tuple[LoraWeights, float]], rank: int, conv_rank: 
     labels = _check_sources(loras, names)
     device = torch.device(device or "cpu")
     all_names = _module_names(loras)
-    logger.info("SVD-merging %d LoRAs (%d modules) to rank %d / conv rank %d on %s",
+    log.info("SVD-merging %d LoRAs (%d modules) to rank %d / conv rank %d on %s",
                 len(loras), len(all_names), rank, conv_rank, device)
     modules, report = {}, {}
     for i, name in enumerate(all_names):
@@ -294,7 +294,7 @@ def svd_merge(loras: Sequence[tuple[LoraWeights, float]], rank: int, conv_rank: 
     rep = RankReport("svd", report)
     md = _merged_metadata(loras, labels, "svd", modules,
                           {"rank": rank, "conv_rank": conv_rank, "kept_energy": rep.kept_energy})
-    logger.info("SVD merge done: %s", rep.summary())
+    log.info("SVD merge done: %s", rep.summary())
     return LoraWeights(modules, md, loras[0][0].arch), rep
 
 
@@ -339,7 +339,7 @@ def resize_lora(lora: LoraWeights, rank: int, method: str = "fixed", value: floa
         raise MergeError(f"singular-value ratio {value!r} must be >= 1, e.g. 10 keeps values above S_max/10")
     value = None if value is None else float(value)
     device = torch.device(device or "cpu")
-    logger.info("resizing LoRA (%d modules): %s, rank %d%s", len(lora.modules), method, rank,
+    log.info("resizing LoRA (%d modules): %s, rank %d%s", len(lora.modules), method, rank,
                 "" if value is None else f", value {value:g}")
     modules, report = {}, {}
     for i, (name, m) in enumerate(sorted(lora.modules.items())):
@@ -362,5 +362,5 @@ def resize_lora(lora: LoraWeights, rank: int, method: str = "fixed", value: floa
         "ranks": sorted({mm.rank for mm in lora.modules.values()}),
     })
     md["lw_resize"] = json.dumps({"method": method, "rank": rank, "value": value, "kept_energy": rep.kept_energy})
-    logger.info("resize done: %s", rep.summary())
+    log.info("resize done: %s", rep.summary())
     return LoraWeights(modules, md, lora.arch), rep

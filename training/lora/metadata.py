@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..config import DatasetConfig, TrainConfig
     from ..data.images import ImageRecord
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _resolution_pair(resolution) -> tuple[int, int]:
@@ -55,7 +55,8 @@ def _package_version() -> str | None:
 def kohya_metadata(*, arch: str, network_dim: int | None = None, network_alpha: float | None = None,
                    conv_dim: int | None = None, conv_alpha: float | None = None, network_args: dict | None = None,
                    network_module: str = "networks.lora", output_name: str | None = None, title: str | None = None,
-                   tag_frequency: dict | None = None, dataset_dirs: dict | None = None, resolution=None,
+                   tag_frequency: dict | None = None, dataset_dirs: dict | None = None,
+                   resolution: int | str | tuple[int, int] | list[int] | None = None,
                    num_train_images: int | None = None, learning_rate: float | None = None,
                    unet_lr: float | None = None, text_encoder_lr: float | None = None,
                    max_train_steps: int | None = None, num_epochs: int | None = None,
@@ -65,7 +66,8 @@ def kohya_metadata(*, arch: str, network_dim: int | None = None, network_alpha: 
                    sd_model_hash: str | None = None, prediction_type: str = "epsilon",
                    training_comment: str | None = None, trigger_phrase: str | None = None,
                    description: str | None = None, date: str | datetime | None = None,
-                   lw_version: str | None = None, lw_config=None, lw_extra: dict | None = None) -> dict[str, str]:
+                   lw_version: str | None = None, lw_config: object = None,
+                   lw_extra: dict | None = None) -> dict[str, str]:
     """The ``ss_*`` / ``modelspec.*`` / ``lw_*`` metadata A1111, Civitai and rgthree read. Optional
     values left None are omitted; an unknown keyword is a TypeError (no silent typos).
 
@@ -206,7 +208,7 @@ def tag_counts(metadata: Mapping[str, str]) -> Counter:
     try:
         freq = json.loads(metadata.get("ss_tag_frequency") or "{}")
     except json.JSONDecodeError:
-        logger.debug("ss_tag_frequency is not JSON; no tag counts")
+        log.debug("ss_tag_frequency is not JSON; no tag counts")
         return Counter()
     total: Counter = Counter()
     for tags in freq.values() if isinstance(freq, dict) else ():

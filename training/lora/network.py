@@ -204,4 +204,5 @@ def remove(roots: dict[str, nn.Module]) -> int:
 
 
 def kohya_name_fn(prefix: str) -> Callable[[str], str]:
+    """Module path -> kohya name with ``prefix`` (dots become underscores): SD1/SD2 and custom UNets."""
     return lambda path: prefix + path.replace(".", "_")
