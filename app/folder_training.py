@@ -6,7 +6,6 @@ Shared by the CLI and the demo; everything that can be checked before a model lo
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -14,9 +13,10 @@ from typing import Callable
 from ..training.model.backend import Backend
 from ..training.config import DatasetConfig, TrainConfig
 from ..training.data.dataset import scan_folder
+from ..training.train.checkpoints import step_files
 from ..training.train.distributed import Dist
 from ..training.train.state import read_state_info, state_dir_for
-from ..training.train.trainer import TrainCallbacks, Trainer, TrainResult
+from ..training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,6 @@ class TqdmCallbacks(TrainCallbacks):
             self.bar.close()
 
 
-def _step_file(name: str) -> re.Pattern:
-    return re.compile(re.escape(name) + r"-step\d{6}\.safetensors")
-
-
 def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 512 * 2**20,
                  resume: dict | None = None) -> Path:
     """The final LoRA path, after refusing (unless ``overwrite``) to touch any file another run wrote.
@@ -104,9 +100,7 @@ def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 51
                 f"continues its own files: leave out --output-name (or pass --output-name "
                 f"{resume['output_name']}), or pass --overwrite to write its files as {name!r}")
         theirs = [path] if path.exists() and not written_by(path, run_id) else []
-        if out_dir.is_dir():
-            steps = _step_file(name)
-            theirs += sorted(p for p in out_dir.iterdir() if steps.fullmatch(p.name) and not written_by(p, run_id))
+        theirs += [p for p in step_files(out_dir, name) if not written_by(p, run_id)]
         state = state_dir_for(out_dir, name)
         if state.exists() and not (resume and state.resolve() == Path(resume["folder"]).resolve()):
             theirs.append(state)
@@ -179,9 +173,8 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
                                           progress=lambda done, total: cb.on_progress("class images", done, total))
                 dist.barrier()
             class_records = _class_records(dcfg, class_dir, class_prompt)
-        trainer = Trainer(backend, records, dcfg, tcfg, output_dir=out_dir, callbacks=cb,
-                          overwrite=overwrite, class_records=class_records,
-                          class_prompt=class_prompt, resume_from=resume_from, dist=dist)
+        trainer = Trainer(backend, TrainData(records, dcfg, class_records, class_prompt), tcfg, cb,
+                          RunOptions(output_dir=out_dir, resume_from=resume_from, overwrite=overwrite, dist=dist))
         result = trainer.run()
     finally:
         if isinstance(cb, TqdmCallbacks):

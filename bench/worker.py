@@ -240,7 +240,7 @@ class EngineWorker:
 
     def train(self, variant: dict, steps: int, seed: int):
         from lora_workbench.training.config import TrainConfig
-        from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
+        from lora_workbench.training.train.trainer import TrainCallbacks, TrainData, Trainer
 
         clock, trainable = StepClock(), []
 
@@ -256,9 +256,9 @@ class EngineWorker:
                           mixed_precision=variant.get("precision", "no"), prior_loss_weight=1.0)
         prior = variant.get("prior")
         self._weights(variant.get("weights", "fp32"))
-        Trainer(self.backend, self.records, self.dcfg, cfg, callbacks=Callbacks(),
-                class_records=self.class_records if prior else None,
-                class_prompt="a photo of a ball" if prior else "").run()
+        data = TrainData(self.records, self.dcfg, self.class_records if prior else None,
+                         "a photo of a ball" if prior else "")
+        Trainer(self.backend, data, cfg, callbacks=Callbacks()).run()
         return clock, trainable[0]
 
     def _weights(self, name: str) -> None:

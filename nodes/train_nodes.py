@@ -12,8 +12,9 @@ from comfy_api.latest import io
 from ..training.config import PRESETS, SCHEDULERS, TrainConfig
 from ..training.lora.files import lora_state_dict, save_lora
 from ..training.fsutil import unique_path
+from ..training.train.checkpoints import step_files
 from ..training.train.state import load_state
-from ..training.train.trainer import TrainCallbacks, Trainer
+from ..training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer
 from .comfy import events
 from .comfy import host as comfy_host
 from .comfy.datasets import class_records
@@ -78,22 +79,23 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
 
     out_dir = Path(loras_dir()) / RUNS_SUBFOLDER
     final = Path(unique_path(lora_target_path(f"{RUNS_SUBFOLDER}/{cfg.output_name}")))
-    if resume_from is None and any(out_dir.glob(f"{cfg.output_name}-step*.safetensors")):
+    if resume_from is None and step_files(out_dir, cfg.output_name):
         # A new run must not replace an earlier run's step saves: give it its own name.
         cfg = dataclasses.replace(cfg, output_name=final.stem)
     # The graph's MODEL/CLIP, or private clones where this host cannot train them in place.
     backend = ComfyBackend(*comfy_host.trainable(model, clip), vae)
     cls_recs = class_records(class_images, dataset.config)
-    trainer = Trainer(backend, dataset.records, dataset.config, cfg, output_dir=out_dir,
-                      callbacks=ComfyCallbacks(node_id, cfg.steps), class_records=cls_recs,
-                      class_prompt=class_images.prompt if class_images else "", resume_from=resume_from,
-                      state_dir=states_dir(), overwrite=resume_from is not None)
+    data = TrainData(dataset.records, dataset.config, cls_recs, class_images.prompt if class_images else "")
+    trainer = Trainer(backend, data, cfg, ComfyCallbacks(node_id, cfg.steps),
+                      RunOptions(output_dir=out_dir, state_dir=states_dir(), resume_from=resume_from,
+                                 overwrite=resume_from is not None))
     estimate = trainer.memory_estimate()
     # Room for activations, gradients and optimizer state beside the weights: ComfyUI loads the
     # weights partly (lowvram) when the whole model would not fit next to them.
     extra = estimate.total - estimate.weights if estimate is not None else 0
     with backend.training_context(memory_required=extra):
-        result = trainer.run()
+        # The context takes the LoRA layers out on exit (also after a failure): the trainer leaves them.
+        result = trainer.run(keep_injected=True)
     path = save_lora(final, result.lora, dtype=cfg.save_dtype)
     m, c = _apply(model, clip, result.lora, cfg.save_dtype)
     loss = LossPayload(result.losses, result.instance_losses, result.prior_losses)

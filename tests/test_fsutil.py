@@ -32,13 +32,14 @@ def test_loras_and_states_get_the_umask_mode(tmp_path, umask):
 
     from lora_workbench.training.config import TrainConfig
     from lora_workbench.training.data.dataset import scan_folder
-    from lora_workbench.training.train.trainer import Trainer
+    from lora_workbench.training.train.trainer import RunOptions, TrainData, Trainer
 
     from helpers import make_images, tiny_backend, tiny_dataset_cfg
 
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=1))
     cfg = TrainConfig(rank=2, alpha=2, steps=2, save_every=1, output_name="m")
-    Trainer(tiny_backend(), scan_folder(dcfg), dcfg, cfg, output_dir=tmp_path / "out").run()
+    Trainer(tiny_backend(), TrainData(scan_folder(dcfg), dcfg), cfg,
+            options=RunOptions(output_dir=tmp_path / "out")).run()
     out = tmp_path / "out"
     assert mode(out / "m-step000001.safetensors") == 0o666 & ~umask
     assert mode(out / "m-state") == 0o777 & ~umask

@@ -8,7 +8,7 @@ from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.lora.files import save_lora
 from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.tiny import build_tiny_components
-from lora_workbench.training.train.trainer import Trainer
+from lora_workbench.training.train.trainer import TrainData, Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 
@@ -22,7 +22,7 @@ def test_diffusers_load_lora_weights_reproduces_engine_outputs(tmp_path, preset)
     cfg = TrainConfig(rank=4, alpha=2, preset=preset, steps=4, lr=5e-3, train_text_encoder=True,
                       save_dtype="fp32")
     # Large lr, few steps: the LoRA must move the outputs visibly, or equality would prove nothing.
-    result = Trainer(be, scan_folder(dcfg), dcfg, cfg).run(keep_injected=True)
+    result = Trainer(be, TrainData(scan_folder(dcfg), dcfg), cfg).run(keep_injected=True)
     path = save_lora(tmp_path / "l.safetensors", result.lora, dtype="fp32")
 
     pipe = StableDiffusionPipeline(**build_tiny_components(seed=0), safety_checker=None,
@@ -49,7 +49,7 @@ def test_diffusers_load_lora_weights_reproduces_engine_outputs(tmp_path, preset)
 
 def test_saved_file_reads_back_to_the_same_tensors(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
-    result = Trainer(tiny_backend(), scan_folder(dcfg), dcfg,
+    result = Trainer(tiny_backend(), TrainData(scan_folder(dcfg), dcfg),
                      TrainConfig(steps=2, preset="all", train_text_encoder=True, lr=1e-3)).run()
     path = save_lora(tmp_path / "a.safetensors", result.lora, dtype="fp32")
     back = load_lora(path)

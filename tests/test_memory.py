@@ -17,7 +17,7 @@ from lora_workbench.training.train import memory as M
 from lora_workbench.training.model.backend import DiffusersBackend, SDXLDiffusersBackend
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
-from lora_workbench.training.train.trainer import Trainer
+from lora_workbench.training.train.trainer import TrainData, Trainer
 
 from helpers import make_images, tiny_dataset_cfg
 
@@ -107,7 +107,7 @@ def test_estimate_is_within_a_quarter_of_the_allocator_peak(tmp_path, which):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2, size=size), resolution=size, bucket_step=64,
                             min_bucket_side=64, max_bucket_side=size)
     cfg = TrainConfig(rank=16, alpha=16, steps=2, gradient_checkpointing=ckpt, lr=1e-4)
-    trainer = Trainer(backend, scan_folder(dcfg), dcfg, cfg)
+    trainer = Trainer(backend, TrainData(scan_folder(dcfg), dcfg), cfg)
     estimate = trainer.memory_estimate()
     weights, run = measured_peak(backend, trainer)
     ratio = estimate.total / (weights + run)

@@ -12,7 +12,7 @@ from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.data.buckets import load_pixels
 from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.train.schedules import add_noise
-from lora_workbench.training.train.trainer import Trainer
+from lora_workbench.training.train.trainer import TrainData, Trainer
 
 from helpers import tiny_backend, tiny_dataset_cfg
 
@@ -128,8 +128,8 @@ def test_prior_preservation_halves_class_drift_while_instance_loss_falls(tmp_pat
     for prior in (False, True):
         cfg = TrainConfig(rank=8, alpha=8, preset="attn", steps=80, lr=5e-3, batch_size=2,
                           prior_loss_weight=1.0, seed=0)
-        Trainer(be, inst_records, icfg, cfg, class_records=class_records if prior else None,
-                class_prompt=CLASS_PROMPT).run(keep_injected=True)
+        Trainer(be, TrainData(inst_records, icfg, class_records if prior else None, CLASS_PROMPT),
+                cfg).run(keep_injected=True)
         change[prior] = (_predict(be, class_draws) - base_class).pow(2).mean().item()
         inst_loss[prior] = instance_loss()
         network.remove(be.roots())

@@ -10,7 +10,7 @@ from lora_workbench.app.cli import main
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.app.folder_training import TqdmCallbacks, train_folder
-from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
+from lora_workbench.training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 
@@ -40,10 +40,11 @@ def test_a_resumed_run_reports_from_its_step(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
     records = scan_folder(dcfg)
     cfg = TrainConfig(rank=4, alpha=4, steps=6, output_name="r")
-    Trainer(tiny_backend(), records, dcfg, cfg, output_dir=tmp_path / "out", callbacks=Recorder(stop_at=4)).run()
+    Trainer(tiny_backend(), TrainData(records, dcfg), cfg, callbacks=Recorder(stop_at=4),
+            options=RunOptions(output_dir=tmp_path / "out")).run()
     rec = Recorder()
-    Trainer(tiny_backend(), records, dcfg, cfg, output_dir=tmp_path / "out", callbacks=rec,
-            resume_from=tmp_path / "out" / "r-state").run()
+    Trainer(tiny_backend(), TrainData(records, dcfg), cfg, callbacks=rec,
+            options=RunOptions(output_dir=tmp_path / "out", resume_from=tmp_path / "out" / "r-state")).run()
     marks = [e for e in rec.events if e[0] in ("resume", "start", "step")]
     assert marks == [("resume", 4), ("start", 6), ("step", 5), ("step", 6)]
 

@@ -6,7 +6,7 @@ import torch
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.train.state import ResumeError, load_state
-from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
+from lora_workbench.training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
 
@@ -52,13 +52,15 @@ def data(tmp_path):
 def test_stop_at_10_and_resume_equals_uninterrupted_20(tmp_path, data):
     dcfg, records = data
     cfg = TrainConfig(**BASE)
-    full = Trainer(tiny_backend(), records, dcfg, cfg).run()
+    full = Trainer(tiny_backend(), TrainData(records, dcfg), cfg).run()
 
     out = tmp_path / "run"
-    first = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, callbacks=StopAt(10)).run()
+    first = Trainer(tiny_backend(), TrainData(records, dcfg), cfg, callbacks=StopAt(10),
+                    options=RunOptions(output_dir=out)).run()
     assert first.stopped_early and first.steps_done == 10
     assert load_state(out / "r-state").step == 10
-    second = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, resume_from=out / "r-state").run()
+    second = Trainer(tiny_backend(), TrainData(records, dcfg), cfg,
+                     options=RunOptions(output_dir=out, resume_from=out / "r-state")).run()
     assert second.steps_done == 20
     assert second.losses[:10] == first.losses
     torch.testing.assert_close(torch.tensor(second.losses), torch.tensor(full.losses), atol=1e-6, rtol=1e-5)
@@ -68,13 +70,15 @@ def test_stop_at_10_and_resume_equals_uninterrupted_20(tmp_path, data):
 def test_cancel_mid_run_leaves_a_resumable_state(tmp_path, data):
     dcfg, records = data
     cfg = TrainConfig(**BASE)
-    full = Trainer(tiny_backend(), records, dcfg, cfg).run()
+    full = Trainer(tiny_backend(), TrainData(records, dcfg), cfg).run()
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, callbacks=CrashAt(7)).run()
+        Trainer(tiny_backend(), TrainData(records, dcfg), cfg, callbacks=CrashAt(7),
+                options=RunOptions(output_dir=out)).run()
     assert load_state(out / "r-state").step == 7
     assert (out / "r-step000007.safetensors").exists(), "the LoRA so far was not saved on cancel"
-    resumed = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, resume_from=out / "r-state").run()
+    resumed = Trainer(tiny_backend(), TrainData(records, dcfg), cfg,
+                      options=RunOptions(output_dir=out, resume_from=out / "r-state")).run()
     assert_same_lora(resumed.lora, full.lora)
 
 
@@ -90,7 +94,7 @@ def test_hard_crash_loses_at_most_the_steps_since_the_last_save(tmp_path, data):
                 seen[step] = load_state(out / "r-state").step
 
     cfg = TrainConfig(**{**BASE, "save_state_every": 5})
-    Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out, callbacks=Probe()).run()
+    Trainer(tiny_backend(), TrainData(records, dcfg), cfg, callbacks=Probe(), options=RunOptions(output_dir=out)).run()
     # Killed after step s, the run would restart from the last multiple of 5: at most 4 steps lost.
     assert {s: seen[s] for s in range(5, 20)} == {s: s // 5 * 5 for s in range(5, 20)}
 
@@ -98,23 +102,27 @@ def test_hard_crash_loses_at_most_the_steps_since_the_last_save(tmp_path, data):
 def test_resume_with_other_images_or_settings_is_refused_with_reasons(tmp_path, data):
     dcfg, records = data
     out = tmp_path / "run"
-    Trainer(tiny_backend(), records, dcfg, TrainConfig(**BASE), output_dir=out, callbacks=StopAt(3)).run()
+    Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**BASE), callbacks=StopAt(3),
+            options=RunOptions(output_dir=out)).run()
     state = out / "r-state"
     with pytest.raises(ResumeError, match=r"rank: saved 4, now 8"):
-        Trainer(tiny_backend(), records, dcfg, TrainConfig(**{**BASE, "rank": 8}), resume_from=state).run()
+        Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**{**BASE, "rank": 8}),
+                options=RunOptions(resume_from=state)).run()
     (tmp_path / "img" / "img_00.txt").write_text("a different caption")
     changed = scan_folder(dcfg)
     with pytest.raises(ResumeError, match="training images or captions changed"):
-        Trainer(tiny_backend(), changed, dcfg, TrainConfig(**BASE), resume_from=state).run()
+        Trainer(tiny_backend(), TrainData(changed, dcfg), TrainConfig(**BASE),
+                options=RunOptions(resume_from=state)).run()
     with pytest.raises(ResumeError, match="not a training state"):
-        Trainer(tiny_backend(), records, dcfg, TrainConfig(**BASE), resume_from=tmp_path / "img").run()
+        Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**BASE),
+                options=RunOptions(resume_from=tmp_path / "img")).run()
 
 
 def test_keep_last_keeps_the_k_most_recent_step_saves(tmp_path, data):
     dcfg, records = data
     out = tmp_path / "run"
     cfg = TrainConfig(**{**BASE, "steps": 10, "save_every": 2, "keep_last": 2})
-    res = Trainer(tiny_backend(), records, dcfg, cfg, output_dir=out).run()
+    res = Trainer(tiny_backend(), TrainData(records, dcfg), cfg, options=RunOptions(output_dir=out)).run()
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["r-step000006.safetensors",
                                                                 "r-step000008.safetensors"]
     assert len(res.saved) == 4  # every save was made; the older ones were pruned

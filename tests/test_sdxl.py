@@ -14,7 +14,7 @@ from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.lora.files import save_lora
 from lora_workbench.training.lora.formats import load_lora
 from fixtures.tiny_sdxl_pipeline import build_tiny_sdxl_components, save_tiny_sdxl_pipeline, tiny_sdxl_pipeline
-from lora_workbench.training.train.trainer import Trainer
+from lora_workbench.training.train.trainer import TrainData, Trainer
 
 from helpers import fixed_eval_loss, make_images, tiny_dataset_cfg
 
@@ -31,7 +31,7 @@ def test_loss_falls_on_tiny_sdxl(tmp_path):
     be = tiny_sdxl_backend()
     before = fixed_eval_loss(be, records, dcfg)
     cfg = TrainConfig(rank=8, alpha=8, preset="all", steps=100, lr=3e-3, batch_size=2, seed=0)
-    result = Trainer(be, records, dcfg, cfg).run(keep_injected=True)
+    result = Trainer(be, TrainData(records, dcfg), cfg).run(keep_injected=True)
     after = fixed_eval_loss(be, records, dcfg)
     # Measured: 1.07 -> 0.32 (seed 0); half leaves room for other torch builds.
     assert after <= 0.5 * before, f"fixed-set loss {before:.4f} -> {after:.4f}"
@@ -64,7 +64,7 @@ def test_size_conditioning_reaches_the_unet_per_sample(tmp_path):
         return predict(x_t, t, cond)
 
     be.predict = spy
-    Trainer(be, records, dcfg, TrainConfig(rank=2, alpha=2, steps=1, batch_size=2, seed=0)).run()
+    Trainer(be, TrainData(records, dcfg), TrainConfig(rank=2, alpha=2, steps=1, batch_size=2, seed=0)).run()
     got = {tuple(int(v) for v in row) for row in seen[0]}
     want = {tuple(int(v) for k in ("original_size", "crop_top_left", "target_size") for v in size_conditioning(r)[k])
             for r in records}
@@ -85,8 +85,8 @@ def test_prior_preservation_batches_instance_and_class_conditioning(tmp_path):
         return predict(x_t, t, cond)
 
     be.predict = spy
-    result = Trainer(be, scan_folder(dcfg), dcfg, TrainConfig(rank=2, alpha=2, steps=2, seed=0),
-                     class_records=scan_folder(cdcfg), class_prompt="a photo of a ball").run()
+    result = Trainer(be, TrainData(scan_folder(dcfg), dcfg, scan_folder(cdcfg), "a photo of a ball"),
+                     TrainConfig(rank=2, alpha=2, steps=2, seed=0)).run()
     assert shapes[0] == (2, 2, 2, torch.Size([2, 6]))  # 1 instance + 1 class image in one forward
     assert len(result.prior_losses) == 2
 
@@ -94,7 +94,7 @@ def test_prior_preservation_batches_instance_and_class_conditioning(tmp_path):
 def test_kohya_sdxl_names_and_metadata(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
     cfg = TrainConfig(rank=4, alpha=2, preset="attn", steps=2, lr=1e-3, train_text_encoder=True)
-    result = Trainer(tiny_sdxl_backend(), scan_folder(dcfg), dcfg, cfg).run()
+    result = Trainer(tiny_sdxl_backend(), TrainData(scan_folder(dcfg), dcfg), cfg).run()
     names = set(result.lora.modules)
     prefixes = {n.split("_")[1] for n in names}
     assert prefixes == {"unet", "te1", "te2"}
@@ -135,7 +135,7 @@ def test_diffusers_sdxl_load_lora_weights_reproduces_engine_outputs(tmp_path, pr
     cfg = TrainConfig(rank=4, alpha=2, preset=preset, steps=4, lr=5e-3, train_text_encoder=True,
                       save_dtype="fp32")
     # Large lr, few steps: the LoRA must move the outputs visibly, or equality would prove nothing.
-    result = Trainer(be, scan_folder(dcfg), dcfg, cfg).run(keep_injected=True)
+    result = Trainer(be, TrainData(scan_folder(dcfg), dcfg), cfg).run(keep_injected=True)
     path = save_lora(tmp_path / "xl.safetensors", result.lora, dtype="fp32")
 
     pipe = tiny_sdxl_pipeline(seed=0)
@@ -195,7 +195,7 @@ def test_diffusers_format_sdxl_lora_reads_back_as_the_same_kohya_modules(tmp_pat
 
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
     cfg = TrainConfig(rank=4, alpha=2, preset="attn", steps=2, lr=5e-3, train_text_encoder=True, save_dtype="fp32")
-    ours = Trainer(tiny_sdxl_backend(), scan_folder(dcfg), dcfg, cfg).run().lora
+    ours = Trainer(tiny_sdxl_backend(), TrainData(scan_folder(dcfg), dcfg), cfg).run().lora
     pipe = tiny_sdxl_pipeline(seed=0)
     pipe.load_lora_weights(str(save_lora(tmp_path / "kohya.safetensors", ours, dtype="fp32")), adapter_name="lw")
     parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}

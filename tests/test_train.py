@@ -10,7 +10,7 @@ from lora_workbench.training.model.backend import DiffusersBackend
 from lora_workbench.training.config import ConfigError, TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.train.schedules import add_noise, target_for
-from lora_workbench.training.train.trainer import TrainCallbacks, Trainer, TrainingError
+from lora_workbench.training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer, TrainingError
 
 from helpers import fixed_eval_loss, make_images, tiny_backend, tiny_dataset_cfg
 
@@ -21,7 +21,7 @@ def test_loss_falls_by_at_least_half(tmp_path):
     be = tiny_backend()
     before = fixed_eval_loss(be, records, dcfg)
     cfg = TrainConfig(rank=8, alpha=8, preset="all", steps=150, lr=3e-3, batch_size=2, seed=0)
-    result = Trainer(be, records, dcfg, cfg).run(keep_injected=True)
+    result = Trainer(be, TrainData(records, dcfg), cfg).run(keep_injected=True)
     after = fixed_eval_loss(be, records, dcfg)
     assert after <= 0.5 * before, f"fixed-set loss {before:.4f} -> {after:.4f}"
     k = 20
@@ -37,9 +37,9 @@ def test_same_seed_repeats_exactly_and_other_seed_differs(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=3), shuffle_tags=True)
     records = scan_folder(dcfg)
     cfg = TrainConfig(rank=4, alpha=4, steps=6, lr=1e-3, seed=7, train_text_encoder=True)
-    a = Trainer(tiny_backend(), records, dcfg, cfg).run()
-    b = Trainer(tiny_backend(), records, dcfg, cfg).run()
-    c = Trainer(tiny_backend(), records, dcfg, TrainConfig(**{**cfg.to_dict(), "seed": 8})).run()
+    a = Trainer(tiny_backend(), TrainData(records, dcfg), cfg).run()
+    b = Trainer(tiny_backend(), TrainData(records, dcfg), cfg).run()
+    c = Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**{**cfg.to_dict(), "seed": 8})).run()
     ta, tb, tc = _lora_tensors(a.lora), _lora_tensors(b.lora), _lora_tensors(c.lora)
     assert ta.keys() == tb.keys() and any(k.startswith("lora_te_") for k in ta)
     for k in ta:
@@ -54,8 +54,8 @@ def test_run_leaves_the_base_model_untouched(tmp_path):
     before = {k: v.clone() for k, v in be.unet.state_dict().items()}
     te_before = {k: v.clone() for k, v in be.text_encoder.state_dict().items()}
     types_before = [type(m) for m in be.unet.modules()]
-    Trainer(be, scan_folder(dcfg), dcfg, TrainConfig(steps=3, preset="all", train_text_encoder=True,
-                                                      lr=1e-2)).run()
+    Trainer(be, TrainData(scan_folder(dcfg), dcfg), TrainConfig(steps=3, preset="all", train_text_encoder=True,
+                                                              lr=1e-2)).run()
     after = be.unet.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -98,7 +98,8 @@ def test_callbacks_schedule_and_periodic_saves(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
     cb = _Record()
     cfg = TrainConfig(steps=6, lr=1e-3, lr_scheduler="linear", warmup_steps=2, save_every=2, output_name="t")
-    res = Trainer(tiny_backend(), scan_folder(dcfg), dcfg, cfg, output_dir=tmp_path / "out", callbacks=cb).run()
+    res = Trainer(tiny_backend(), TrainData(scan_folder(dcfg), dcfg), cfg, callbacks=cb,
+                  options=RunOptions(output_dir=tmp_path / "out")).run()
     assert [s[0] for s in cb.steps] == [1, 2, 3, 4, 5, 6]
     lrs = [s[3] for s in cb.steps]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
@@ -112,7 +113,7 @@ def test_callbacks_schedule_and_periodic_saves(tmp_path):
 def test_should_stop_ends_the_run_early(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
     cb = _Record(stop_at=3)
-    res = Trainer(tiny_backend(), scan_folder(dcfg), dcfg, TrainConfig(steps=10), callbacks=cb).run()
+    res = Trainer(tiny_backend(), TrainData(scan_folder(dcfg), dcfg), TrainConfig(steps=10), callbacks=cb).run()
     assert res.stopped_early and res.steps_done == 3 and len(res.losses) == 3
 
 
@@ -131,7 +132,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_save(tmp_path):
     be.__class__ = _NaNAfter
     cfg = TrainConfig(steps=10, save_every=2, output_name="n", lr=1e-3)
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*n-step000004.safetensors.*learning rate"):
-        Trainer(be, scan_folder(dcfg), dcfg, cfg, output_dir=tmp_path / "out").run()
+        Trainer(be, TrainData(scan_folder(dcfg), dcfg), cfg, options=RunOptions(output_dir=tmp_path / "out")).run()
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["n-step000002.safetensors",
                                                                                "n-step000004.safetensors"]
 
@@ -140,13 +141,13 @@ def test_gradient_checkpointing_and_accumulation_match_plain_run(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
     records = scan_folder(dcfg)
     base = dict(steps=3, lr=1e-3, seed=3, max_grad_norm=0.0)
-    plain = Trainer(tiny_backend(), records, dcfg, TrainConfig(**base)).run()
-    ckpt = Trainer(tiny_backend(), records, dcfg, TrainConfig(**base, gradient_checkpointing=True)).run()
+    plain = Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**base)).run()
+    ckpt = Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**base, gradient_checkpointing=True)).run()
     for k, m in plain.lora.modules.items():
         assert torch.allclose(m.up, ckpt.lora.modules[k].up, atol=1e-6), k
     # batch 2 == batch 1 x 2 accumulated micro-batches: same images, averaged gradients
-    b2 = Trainer(tiny_backend(), records, dcfg, TrainConfig(**base, batch_size=2)).run()
-    acc = Trainer(tiny_backend(), records, dcfg, TrainConfig(**base, grad_accum=2)).run()
+    b2 = Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**base, batch_size=2)).run()
+    acc = Trainer(tiny_backend(), TrainData(records, dcfg), TrainConfig(**base, grad_accum=2)).run()
     assert math.isfinite(b2.losses[-1]) and math.isfinite(acc.losses[-1])
     assert len(acc.losses) == 3
 
@@ -154,7 +155,8 @@ def test_gradient_checkpointing_and_accumulation_match_plain_run(tmp_path):
 def test_bf16_autocast_keeps_lora_weights_fp32(tmp_path):
     dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
     be = tiny_backend()
-    res = Trainer(be, scan_folder(dcfg), dcfg, TrainConfig(steps=2, mixed_precision="bf16")).run(keep_injected=True)
+    res = Trainer(be, TrainData(scan_folder(dcfg), dcfg),
+                  TrainConfig(steps=2, mixed_precision="bf16")).run(keep_injected=True)
     lora_params = [p for r in be.roots().values() for n, p in r.named_parameters() if ".lw." in n + "."]
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
     assert all(math.isfinite(x) for x in res.losses)
@@ -192,7 +194,7 @@ def test_previews_are_rendered_by_the_model_being_trained(tmp_path):
             shots.append((step, images, prompt))
 
     cfg = TrainConfig(steps=4, lr=5e-2, preview_every=2, preview_steps=3, preset="all")
-    Trainer(tiny_backend(), scan_folder(dcfg), dcfg, cfg, callbacks=Cb()).run()
+    Trainer(tiny_backend(), TrainData(scan_folder(dcfg), dcfg), cfg, callbacks=Cb()).run()
     assert [s for s, _, _ in shots] == [2, 4]
     img2, img4 = shots[0][1], shots[1][1]
     assert img2.shape == (1, 32, 32, 3) and 0 <= img2.min() and img2.max() <= 1

@@ -233,6 +233,16 @@ class ComfyBackend(Backend):
                     for p in network.select_text_encoder_targets(roots[comp].named_modules())]
         return out
 
+    def compute_devices(self) -> dict[str, torch.device]:
+        """Where ComfyUI runs the UNet and the text encoders: the trainer creates LoRA weights there.
+
+        Not the wrapped weight's device: under lowvram that may be the offload device (ComfyUI casts
+        the weight to the GPU per call), and LoRA weights must be on the compute device before the
+        first optimizer step. ComfyUI never moves them later: a partial unload moves only the modules
+        it patched at load time, and the LoRA layers were made after it.
+        """
+        return {"unet": self.unet_device, **{comp: self.te_device for comp in TE_ROOTS[self.arch]}}
+
     def alphas_cumprod(self) -> torch.Tensor:
         sigmas = self.model.get_model_object("model_sampling").sigmas.detach().double()
         return (1.0 / (1.0 + sigmas**2)).float().to(self.device)
@@ -254,8 +264,6 @@ class ComfyBackend(Backend):
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor | SDXLCond:
         self._require_context()
-        for comp in TE_ROOTS[self.arch]:
-            self._place_adapters(comp)
         if self.arch == "sdxl":
             conds = [SDXLCond(*self._encode_prompt(p, pooled=True)) for p in prompts]
             return self.cat_cond(conds).to(self.device)
@@ -275,7 +283,6 @@ class ComfyBackend(Backend):
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         self._require_context()
-        self._place_adapters("unet")
         unet = self.model.model.diffusion_model
         dev = self.unet_device
         x = _plain(x_t).to(dev, self.dtype)
@@ -415,16 +422,3 @@ class ComfyBackend(Backend):
                 "training there (inference mode, devices). Wrap the Trainer run in "
                 "`with backend.training_context():`"
             )
-
-    def _place_adapters(self, component: str) -> None:
-        """Put LoRA weights on the compute device.
-
-        peft creates them on the device of the wrapped weight, which under ComfyUI's lowvram mode
-        may be the offload device (the weight is cast to the GPU per call). Moving ``.data`` keeps
-        the Parameter objects the optimizer holds; it runs before the first optimizer step.
-        """
-        dev = self.unet_device if component == "unet" else self.te_device
-        marker = f".{network.ADAPTER}."
-        for name, p in self.roots()[component].named_parameters():
-            if marker in name and p.device != dev:
-                p.data = p.data.to(dev)

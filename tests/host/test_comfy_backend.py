@@ -218,7 +218,7 @@ def test_trained_lora_loads_in_lora_loader_and_reproduces_the_engine(
     from lora_workbench.training.config import TrainConfig
     from lora_workbench.training.lora.files import lora_state_dict, save_lora
     from lora_workbench.training.train.schedules import add_noise
-    from lora_workbench.training.train.trainer import Trainer
+    from lora_workbench.training.train.trainer import TrainData, Trainer
 
     model, clip, vae = load_tiny(tiny_sd15_checkpoint.name)
     backend = ComfyBackend(model, clip, vae, model_name=tiny_sd15_checkpoint.name)
@@ -235,7 +235,7 @@ def test_trained_lora_loads_in_lora_loader_and_reproduces_the_engine(
         with torch.no_grad():
             base_cond = backend.encode_prompts([PROBE_PROMPT])
             base_out = backend.predict(x_t, t, base_cond.repeat(len(t), 1, 1)).float()
-        result = Trainer(backend, records, dcfg, cfg).run(keep_injected=True)
+        result = Trainer(backend, TrainData(records, dcfg), cfg).run(keep_injected=True)
         with torch.no_grad():  # the engine's own trained model: peft layers on ComfyUI's modules
             engine_cond = backend.encode_prompts([PROBE_PROMPT])
             engine_out = backend.predict(x_t, t, engine_cond.repeat(len(t), 1, 1)).float()
@@ -287,7 +287,7 @@ def test_trained_lora_loads_in_lora_loader_and_reproduces_the_engine(
 def test_base_model_untouched_after_a_run_that_raises(comfy_host, tiny_sd15_checkpoint, tmp_path):
     from lora_workbench.nodes.comfy.backend import ComfyBackend
     from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.train.trainer import TrainCallbacks, Trainer
+    from lora_workbench.training.train.trainer import TrainCallbacks, TrainData, Trainer
 
     class FailAtStep2(TrainCallbacks):
         def on_step(self, step, total, loss, lr):
@@ -305,7 +305,7 @@ def test_base_model_untouched_after_a_run_that_raises(comfy_host, tiny_sd15_chec
     backend = ComfyBackend(model, clip, vae)
     with pytest.raises(RuntimeError, match="boom at step 2"):
         with torch.inference_mode(), backend.training_context():
-            Trainer(backend, records, dcfg, cfg, callbacks=FailAtStep2()).run(keep_injected=True)
+            Trainer(backend, TrainData(records, dcfg), cfg, callbacks=FailAtStep2()).run(keep_injected=True)
     assert_same_state(state_before, base_state(model, clip))
     assert torch.equal(sample_image(model, clip, vae), image_before)
 
@@ -346,7 +346,8 @@ def test_lowvram_weight_patches_still_apply_through_lora_layers(comfy_host, tiny
         loaded = backend.predict(x_t, t, cond)  # patches merged into the weights by the load
         freed = patched_model.partially_unload(patched_model.offload_device, memory_to_free=1e15)
         targets = backend.lora_targets("attn", text_encoder=False)
-        network.inject(backend.roots(), targets, rank=4, alpha=4)  # zero up-weights: no change by itself
+        # zero up-weights: no change by itself
+        network.inject(backend.roots(), targets, rank=4, alpha=4, devices=backend.compute_devices())
         wrapped = backend.roots()["unet"].get_submodule(targets[0].path)
         lowvram = backend.predict(x_t, t, cond)
     assert freed > 0 and patched_model.model.model_lowvram

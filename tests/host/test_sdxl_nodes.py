@@ -145,7 +145,7 @@ def test_train_5_steps_save_and_lora_loader_loads_every_key(comfy_host, xl, tmp_
     from lora_workbench.training.lora.files import save_lora
     from lora_workbench.training.lora.formats import load_lora
     from lora_workbench.training.train.schedules import add_noise
-    from lora_workbench.training.train.trainer import Trainer
+    from lora_workbench.training.train.trainer import TrainData, Trainer
 
     model, clip, vae = xl
     backend = ComfyBackend(model, clip, vae, model_name="tiny_sdxl.safetensors")
@@ -155,7 +155,7 @@ def test_train_5_steps_save_and_lora_loader_loads_every_key(comfy_host, xl, tmp_
     g = torch.Generator().manual_seed(3)
     x0, noise, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
     with torch.inference_mode(), backend.training_context():
-        trainer = Trainer(backend, records, dcfg, cfg)
+        trainer = Trainer(backend, TrainData(records, dcfg), cfg)
         estimate = trainer.memory_estimate()
         result = trainer.run(keep_injected=True)
         with torch.no_grad():  # the engine's trained model: peft layers on ComfyUI's modules

@@ -75,9 +75,6 @@ class Backend(ABC):
         """The model's shape for the memory estimate (a ``memory.ModelShape``), or None if unknown."""
         return None
 
-    def cond_to(self, cond: Any, device: torch.device) -> Any:
-        return cond.to(device) if isinstance(cond, torch.Tensor) else cond
-
     def cat_cond(self, conds: list[Any]) -> Any:
         return torch.cat(conds)
 
@@ -345,9 +342,6 @@ class SDXLDiffusersBackend(DiffusersBackend):
 
     def cat_cond(self, conds: list[SDXLCond]) -> SDXLCond:
         return SDXLCond.cat(conds)
-
-    def cond_to(self, cond: SDXLCond, device: torch.device) -> SDXLCond:
-        return cond.to(device)
 
     def enable_gradient_checkpointing(self) -> None:
         super().enable_gradient_checkpointing()

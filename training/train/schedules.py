@@ -15,14 +15,6 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
                          num_training_steps=cfg.steps)
 
 
-def lr_at(cfg: TrainConfig, step: int, base_lr: float | None = None) -> float:
-    """The learning rate the run uses for optimizer step ``step`` (0-based)."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=cfg.lr if base_lr is None else base_lr)
-    sched = make_lr_scheduler(opt, cfg)
-    return sched.lr_lambdas[0](step) * opt.defaults["lr"]
-
-
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise (DDPM forward process)."""
     a = alphas_cumprod[t].float().view(-1, *([1] * (x0.dim() - 1)))
