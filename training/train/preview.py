@@ -6,9 +6,35 @@ does at step N without loading anything twice.
 
 from __future__ import annotations
 
+import random
+from typing import TYPE_CHECKING
+
 import torch
 
+from ..data.captions import build_caption
 from ..model.backend import Backend
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def preview_on_step(trainer: Trainer) -> None:
+    """The trainer's ``on_step_end`` event: every ``preview_every`` steps and at the last one, the main
+    process renders the preview prompt (default: the first image's caption) at the first image's bucket
+    and hands it to ``on_preview``. Backends that cannot decode latents get no previews."""
+    cfg, step, records = trainer.cfg, trainer.step, trainer.records
+    every = cfg.preview_every
+    if not (every and (step % every == 0 or step == cfg.steps) and trainer.dist.is_main):
+        return
+    be = trainer.backend
+    prompt = cfg.preview_prompt or build_caption(records[0].caption, trainer.dcfg, random.Random(0))
+    bw, bh = records[0].bucket
+    try:
+        img = sample_preview(be, prompt, seed=cfg.preview_seed, steps=cfg.preview_steps, width=bw, height=bh,
+                             latent_factor=be.latent_factor, latent_channels=be.latent_channels)
+    except NotImplementedError:
+        return
+    trainer.cb.on_preview(step, img, prompt)
 
 
 @torch.no_grad()

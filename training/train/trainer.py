@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
 import uuid
 from collections import defaultdict
@@ -29,7 +28,6 @@ from . import losses as L
 from ..lora import network
 from ..model.backend import Backend
 from ..config import DatasetError, TrainConfig
-from ..data.captions import build_caption
 from ..data.dataset import ImageDataset, dataset_fingerprint
 from .batches import Batches
 from .checkpoints import Checkpoints
@@ -37,6 +35,7 @@ from .interface import RunOptions, TrainCallbacks, TrainData, TrainingError, Tra
 from ..interrupt import signals_held
 from ..lora.files import LoraWeights
 from .optim import make_optimizer
+from .preview import preview_on_step
 from .schedules import add_noise, make_lr_scheduler, target_for
 from .state import TrainingState, check_compatible, load_state
 
@@ -93,7 +92,7 @@ class Trainer:
         # image a host shows with that step's progress).
         self.add_callback("on_step_end", self.checkpoints.on_step_end)
         self.add_callback("on_step_end", Trainer._report_step)
-        self.add_callback("on_step_end", Trainer._preview_step)
+        self.add_callback("on_step_end", preview_on_step)
         self.add_callback("on_stop", self.checkpoints.on_stop)
         self.add_callback("on_crash", self.checkpoints.on_crash)
 
@@ -334,24 +333,6 @@ class Trainer:
     # ---- after each step -----------------------------------------------------------------------
     def _report_step(self) -> None:
         self.cb.on_step(self.step, self.cfg.steps, self.loss, self.lr)
-
-    def _preview_step(self) -> None:
-        every, step = self.cfg.preview_every, self.step
-        if every and (step % every == 0 or step == self.cfg.steps) and self.dist.is_main:
-            self._preview(step)
-
-    def _preview(self, step: int) -> None:
-        from .preview import sample_preview
-
-        prompt = self.cfg.preview_prompt or build_caption(self.records[0].caption, self.dcfg, random.Random(0))
-        bw, bh = self.records[0].bucket
-        try:
-            img = sample_preview(self.backend, prompt, seed=self.cfg.preview_seed, steps=self.cfg.preview_steps,
-                                 width=bw, height=bh, latent_factor=self.backend.latent_factor,
-                                 latent_channels=self.backend.latent_channels)
-        except NotImplementedError:
-            return
-        self.cb.on_preview(step, img, prompt)
 
     # ---- facts about the run -------------------------------------------------------------------
     def lora_targets(self) -> list[network.LoraTarget]:
