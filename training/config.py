@@ -21,6 +21,7 @@ LOSSES = ("mse", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "snr", "exponential")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "sgd")
 PREDICTIONS = (None, "epsilon", "v_prediction")
+CAPTION_EXTENSIONS = (".txt", ".caption")  # caption sidecars the dataset reads, in this order
 # The allowed values of each option that has a fixed set: validation below and the CLI's choices.
 CHOICES = {"preset": PRESETS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS, "save_dtype": SAVE_DTYPES,
            "loss_type": LOSSES, "huber_schedule": HUBER_SCHEDULES, "optimizer": OPTIMIZER_NAMES,
@@ -220,7 +221,7 @@ class DatasetConfig:
 
     path: str
     trigger: str = ""  # trigger word: replaces [trigger] in captions, else put first unless already there
-    caption_extensions: tuple = (".txt", ".caption")  # caption sidecar extensions, the first found is read
+    caption_extensions: tuple = CAPTION_EXTENSIONS  # caption sidecar extensions, the first found is read
     default_caption: str = ""  # used when an image has no caption sidecar
     repeats: int = 1  # for images not inside an ``N_concept`` sub-folder
     shuffle_tags: bool = False  # shuffle the caption's comma-separated tags each time an image is seen

@@ -1,1 +1,3 @@
-"""Training data: image folders, buckets, captions and their trigger/tag rules, caption files, captioners."""
+"""Training data: ``images`` (records, listing, decoding), ``buckets`` (aspect buckets, pixels, the batch
+sampler), ``captions`` (the only tag and trigger rules), ``dataset`` (scanning a folder, the dataset,
+provenance), ``caption_files`` (writing and editing captions), ``captioners`` with ``blip`` and ``wd14``."""

@@ -25,12 +25,10 @@ from PIL import Image
 
 from .captions import CaptionError, comma_list, dedupe_tags, join_tags, place_trigger, split_tags, tag_key, word_pattern
 from .images import IMAGE_EXTENSIONS, UNREADABLE, list_images, read_file, to_rgb
+from ..config import CAPTION_EXTENSIONS
 from ..fsutil import atomic_write, unique_path
 
 logger = logging.getLogger(__name__)
-
-CAPTION_EXTENSIONS = (".txt", ".caption")  # what the dataset reads, in its order
-
 
 class Captioner(Protocol):
     """What :func:`caption_folder` needs: one caption per RGB image, in order."""
