@@ -147,11 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _device_and_dtype(device: str | None, weight_dtype: str | None):
     import torch
 
+    from ..training.lora.files import torch_dtype
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if weight_dtype is None:
         weight_dtype = "fp16" if dev.type == "cuda" else "fp32"
-    return dev, names[weight_dtype]
+    return dev, torch_dtype(weight_dtype)
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

@@ -20,12 +20,13 @@ import urllib.request
 import uuid
 from typing import Callable
 
-from .workflow_runner import PromptInvalid, PromptRun
+from .workflow_runner import PromptInvalidError, PromptRun
+from ..training.errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
 
-class ServerError(RuntimeError):
+class ServerError(LoraWorkbenchError, RuntimeError):
     """The server could not be reached or answered something unexpected."""
 
 
@@ -54,7 +55,7 @@ class ServerHost:
                     answer = json.loads(text)
                 except json.JSONDecodeError:
                     answer = {"error": {"message": text}}
-                raise PromptInvalid(answer.get("error") or {}, answer.get("node_errors") or {}) from e
+                raise PromptInvalidError(answer.get("error") or {}, answer.get("node_errors") or {}) from e
             raise ServerError(f"{self.url}{path} answered {e.code}: {text[:500]}") from e
         except (urllib.error.URLError, OSError) as e:
             raise ServerError(f"cannot reach ComfyUI at {self.url} ({e}); is it running? (python main.py "
@@ -73,7 +74,7 @@ class ServerHost:
     def queue(self, prompt: dict, client_id: str) -> str:
         answer = self._request("/prompt", {"prompt": prompt, "client_id": client_id})
         if answer.get("node_errors"):
-            raise PromptInvalid({"message": "some outputs are invalid", "details": ""}, answer["node_errors"])
+            raise PromptInvalidError({"message": "some outputs are invalid", "details": ""}, answer["node_errors"])
         return answer["prompt_id"]
 
     def history(self, prompt_id: str) -> dict | None:

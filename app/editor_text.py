@@ -39,6 +39,12 @@ def dynamic_prompt(text: str, rng: random.Random) -> str:
     text = re.sub(r"/\*[\s\S]*?\*/|//.*", "", text)
     pos = 0
 
+    def escape() -> str:  # a backslash and the character it escapes, kept for the final unescape
+        nonlocal pos
+        out = "\\" + (text[pos] if pos < len(text) else "")
+        pos += 1
+        return out
+
     def choice_block() -> str:
         nonlocal pos
         options, current, depth = [], "", 0
@@ -46,8 +52,7 @@ def dynamic_prompt(text: str, rng: random.Random) -> str:
             ch = text[pos]
             pos += 1
             if ch == "\\":
-                current += "\\" + (text[pos] if pos < len(text) else "")
-                pos += 1
+                current += escape()
                 continue
             if ch == "{":
                 depth += 1
@@ -68,8 +73,7 @@ def dynamic_prompt(text: str, rng: random.Random) -> str:
         ch = text[pos]
         pos += 1
         if ch == "\\":
-            out += "\\" + (text[pos] if pos < len(text) else "")
-            pos += 1
+            out += escape()
         elif ch == "{":
             out += choice_block()
         else:

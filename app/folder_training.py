@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..training.model.backend import Backend
-from ..training.config import DatasetConfig, TrainConfig
+from ..training.config import DatasetConfig, TrainConfig, listing
 from ..training.data.dataset import scan_folder
 from ..training.train.checkpoints import step_files
 from ..training.train.distributed import Dist
@@ -107,7 +107,7 @@ def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 51
         if theirs:
             hint = f"; to continue that run use --resume {state}" if state in theirs else ""
             raise FileExistsError(
-                f"{_listing([str(p) for p in theirs])} already exist{'s' if len(theirs) == 1 else ''} and "
+                f"{listing([str(p) for p in theirs], limit=5)} already exist{'s' if len(theirs) == 1 else ''} and "
                 f"{'was' if len(theirs) == 1 else 'were'} not written by this run; pass another --output-name, "
                 f"or --overwrite to replace {'it' if len(theirs) == 1 else 'them'}{hint}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,11 +123,6 @@ def _state_of_run(folder: Path, run_id: str) -> bool:
         return read_state_info(folder)["run_id"] == run_id
     except ValueError:  # absent, or not a state
         return False
-
-
-def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def _class_records(dcfg: DatasetConfig, class_dir: Path, class_prompt: str):

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .workflow_runner import PromptInvalid, PromptRun
+from .workflow_runner import PromptInvalidError, PromptRun
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class InProcessHost:
         return self._object_info
 
     def validate(self, prompt: dict, prompt_id: str | None = None) -> list:
-        """ComfyUI's validate_prompt; the outputs to execute, or PromptInvalid naming every bad input."""
+        """ComfyUI's validate_prompt; the outputs to execute, or PromptInvalidError naming every bad input."""
         import execution
 
         valid, error, outputs, node_errors = self.loop.run_until_complete(
@@ -84,7 +84,7 @@ class InProcessHost:
         if not valid or node_errors:
             # ComfyUI would still run the valid outputs of a partly invalid prompt; a headless run
             # that asked for the whole graph wants to hear about every invalid node instead.
-            raise PromptInvalid(error or {"message": "some outputs are invalid", "details": ""}, node_errors)
+            raise PromptInvalidError(error or {"message": "some outputs are invalid", "details": ""}, node_errors)
         return outputs
 
     def file_location(self, ref: dict) -> str:
@@ -106,7 +106,7 @@ class InProcessHost:
 
         Messages nodes send to the client reach ``on_message(event, data)`` while the prompt runs.
         Ctrl-C interrupts the prompt as the Cancel button does (a training node keeps its state) and
-        the run returns once ComfyUI has stopped. Raises PromptInvalid when validation fails; a node
+        the run returns once ComfyUI has stopped. Raises PromptInvalidError when validation fails; a node
         failure returns success=False.
         """
         import nodes

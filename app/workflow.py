@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .editor_text import dynamic_prompt, format_date, js_str
 from .widgets import Widget, build_widgets, declared_inputs, migrate_values, ordered_inputs
+from ..training.errors import LoraWorkbenchError
 
 MODE_NEVER = 2  # "muted" in the editor
 MODE_BYPASS = 4
@@ -56,7 +57,7 @@ SR_PROPERTY = "Node name for S&R"
 REPLACE_PROPERTY = "Run widget replace on values"  # a PrimitiveNode's own %...% switch
 
 
-class WorkflowError(ValueError):
+class WorkflowError(LoraWorkbenchError, ValueError):
     """The workflow cannot be converted; the message names the node and the fix."""
 
 

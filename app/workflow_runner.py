@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 
 from ..nodes.comfy import events as lw_events
 from .workflow import WorkflowError, is_api_format, load_workflow, ui_to_api
+from ..training.errors import LoraWorkbenchError
 
 Message = tuple[str, dict]  # (event, data) as ComfyUI sends it to its client
 
@@ -62,7 +63,7 @@ class PromptRun:
         return found
 
 
-class PromptInvalid(ValueError):
+class PromptInvalidError(LoraWorkbenchError, ValueError):
     """ComfyUI refused the prompt before running it (POST /prompt would answer 400)."""
 
     def __init__(self, error: dict, node_errors: dict):
@@ -332,7 +333,7 @@ def run_workflow(host: Host, workflow: dict | str | Path, *, sets: list[str] = (
         started = time.monotonic()
         try:
             run = host.run_prompt(variant, on_message=ProgressPrinter(variant, write))
-        except PromptInvalid as e:
+        except PromptInvalidError as e:
             results.append(VariantResult(index, label, None, time.monotonic() - started, str(e)))
             write(f"  refused by ComfyUI: {e}")
             continue
@@ -361,6 +362,6 @@ def _describe_error(error: dict | None) -> str:
             f"{error.get('exception_message', '').strip()}")
 
 
-__all__ = ["CONVENIENCE", "Host", "PromptInvalid", "PromptRun", "ProgressPrinter", "VariantResult", "WorkflowError",
+__all__ = ["CONVENIENCE", "Host", "PromptInvalidError", "PromptRun", "ProgressPrinter", "VariantResult", "WorkflowError",
            "apply_row", "convenience_targets", "find_node", "load_variants", "parse_assignment", "parse_value",
            "prepare_prompt", "run_workflow", "set_input"]

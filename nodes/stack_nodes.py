@@ -132,7 +132,7 @@ class PromptLoras(io.ComfyNode):
         ignored = sorted({k for t in tags for k in t.extra})
         if ignored:
             log.warning("LoRA tag arguments %s are not supported here and are ignored", ", ".join(ignored))
-        uses = [LoraUse(t.name, t.unet_weight, t.te_weight, t.block_weights) for t in tags]
+        uses = [LoraUse(t.name, t.model_strength, t.clip_strength, t.block_weights) for t in tags]
         model, clip, triggers = apply_loras(model, clip, uses)
         return io.NodeOutput(model, clip, text, ", ".join(triggers), ui=ui.PreviewText(_summary(uses, triggers)))
 

@@ -100,3 +100,29 @@ def test_event_names_are_defined_once_and_the_frontend_uses_the_same():
     spelled = [str(p.relative_to(ROOT)) for folder in ("training", "app", "nodes") for p in (ROOT / folder).rglob("*.py")
                if '"lw.train.' in p.read_text(encoding="utf-8") and p.name != "events.py"]
     assert not spelled, f"event names spelled outside nodes/comfy/events.py: {spelled}"
+
+
+def test_every_error_of_ours_has_the_one_base_and_an_error_name():
+    import builtins
+
+    bases = {}
+    for folder in ("training", "app", "nodes"):
+        for py in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef):
+                    bases[node.name] = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+    builtin_errors = {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
+
+    def is_exception(name, seen=()):
+        return name in builtin_errors or any(is_exception(b, (*seen, name)) for b in bases.get(name, ())
+                                             if b not in seen)
+
+    def has_base(name, seen=()):
+        return name == "LoraWorkbenchError" or any(has_base(b, (*seen, name)) for b in bases.get(name, ())
+                                                   if b not in seen)
+
+    ours = [n for n in bases if n not in builtin_errors and is_exception(n)]
+    assert len(ours) > 15, ours
+    signals = {"Interrupted"}  # a KeyboardInterrupt: a stop request, not an error
+    assert [n for n in ours if n not in signals and not n.endswith("Error")] == []
+    assert [n for n in ours if n not in signals and not has_base(n)] == []

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lora_workbench.training.train.optim import OPTIMIZERS, OptimizerUnavailable, make_optimizer, optimizer_label
+from lora_workbench.training.train.optim import OPTIMIZERS, OptimizerUnavailableError, make_optimizer, optimizer_label
 
 
 def quadratic(n: int = 64, seed: int = 0, device: str = "cpu"):
@@ -94,7 +94,7 @@ def test_missing_package_names_the_pip_command(monkeypatch, name, module, pip):
     for mod in [m for m in list(sys.modules) if m == module or m.startswith(module + ".")] + [module, module + ".optim"]:
         monkeypatch.setitem(sys.modules, mod, None)
     p = torch.nn.Parameter(torch.zeros(1))
-    with pytest.raises(OptimizerUnavailable, match=pip) as e:
+    with pytest.raises(OptimizerUnavailableError, match=pip) as e:
         make_optimizer(name, [p], lr=1.0)
     assert isinstance(e.value, RuntimeError)
     if module == "bitsandbytes":

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_workbench.training.lora.prompt_syntax import (FORMS, LoraNotFound, LoraTag, PromptSyntaxError,
+from lora_workbench.training.lora.prompt_syntax import (FORMS, LoraNotFoundError, LoraTag, PromptSyntaxError,
                                                         parse_lora_tags, resolve_lora_name)
 
 
@@ -28,12 +28,12 @@ def one(tag):
 ])
 def test_tag_weights_follow_a1111(tag, name, te, unet):
     t = one(tag)
-    assert (t.name, t.te_weight, t.unet_weight) == (name, te, unet)
+    assert (t.name, t.clip_strength, t.model_strength) == (name, te, unet)
 
 
 def test_block_weights_and_other_named_arguments():
     t = one("<lora:style:0.8:lbw=OUTD:start=5>")
-    assert t.block_weights == "OUTD" and t.extra == {"start": "5"} and t.te_weight == 0.8
+    assert t.block_weights == "OUTD" and t.extra == {"start": "5"} and t.clip_strength == 0.8
     t = one("<lyco:style:1:1:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0>")
     assert t.kind == "lyco" and t.block_weights == "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"
     assert one("<lora:style:1:1:16>").extra == {"dyn": "16"}
@@ -87,18 +87,18 @@ def test_resolve_lora_name(name, found):
 
 
 def test_unknown_name_suggests_close_matches_and_the_folder():
-    with pytest.raises(LoraNotFound) as e:
+    with pytest.raises(LoraNotFoundError) as e:
         resolve_lora_name("alcie.v2", AVAILABLE, where="models/loras")
     assert str(e.value) == ("LoRA 'alcie.v2' not found among 4 LoRA files in models/loras; "
                             "did you mean people/alice.v2.safetensors?")
     many = [f"style_{i}.safetensors" for i in range(9)]
-    with pytest.raises(LoraNotFound, match="did you mean") as e:
+    with pytest.raises(LoraNotFoundError, match="did you mean") as e:
         resolve_lora_name("style_", many)
     assert str(e.value).count("style_") == 6  # the name itself and at most 5 suggestions
 
 
 def test_ambiguous_name_asks_for_the_folder():
-    with pytest.raises(LoraNotFound, match=r"matches 2 files: \['a/x.safetensors', 'b/x.safetensors'\]"):
+    with pytest.raises(LoraNotFoundError, match=r"matches 2 files: \['a/x.safetensors', 'b/x.safetensors'\]"):
         resolve_lora_name("x", ["a/x.safetensors", "b/x.safetensors"])
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from lora_workbench.app.workflow_runner import (
     ProgressPrinter,
-    PromptInvalid,
+    PromptInvalidError,
     PromptRun,
     apply_row,
     load_variants,
@@ -60,7 +60,7 @@ class FakeHost:
         self.prompts.append(prompt)
         seed = prompt["5"]["inputs"]["seed"]
         if seed == self.fail_on_seed:
-            raise PromptInvalid({"message": "Prompt outputs failed validation"},
+            raise PromptInvalidError({"message": "Prompt outputs failed validation"},
                                 {"5": {"class_type": "KSampler", "errors": [{"message": "bad seed", "details": "seed"}]}})
         for event, data in [("execution_start", {}), ("executing", {"node": "5"}),
                             ("executed", {"node": "6"}), ("executing", {"node": None})]:

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from .errors import LoraWorkbenchError
 
 PRESETS = ("attn", "attn_ff", "all")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -28,11 +29,11 @@ CHOICES = {"preset": PRESETS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRE
            "prediction_type": PREDICTIONS}
 
 
-class ConfigError(ValueError):
+class ConfigError(LoraWorkbenchError, ValueError):
     """A training option has a value the engine cannot use; the message names it and the fix."""
 
 
-class DatasetError(ValueError):
+class DatasetError(LoraWorkbenchError, ValueError):
     """A bad dataset or dataset setting; the message names the problem, the files and the fix."""
 
 

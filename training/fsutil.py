@@ -6,9 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+from .errors import LoraWorkbenchError
 
 
-class FileExistsNoOverwrite(FileExistsError):
+class FileExistsNoOverwriteError(LoraWorkbenchError, FileExistsError):
     """Raised when a write would replace an existing file and overwrite was not asked for."""
 
 
@@ -41,7 +42,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsNoOverwrite(
+        raise FileExistsNoOverwriteError(
             f"{path} already exists; choose another name or pass overwrite=True to replace it"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,13 +61,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
             try:
                 os.link(tmp, path)
             except FileExistsError as e:
-                raise FileExistsNoOverwrite(
+                raise FileExistsNoOverwriteError(
                     f"{path} already exists; choose another name or pass overwrite=True to replace it"
                 ) from e
             except OSError:
                 # Filesystems without hard links: fall back to a checked rename.
                 if path.exists():
-                    raise FileExistsNoOverwrite(f"{path} already exists") from None
+                    raise FileExistsNoOverwriteError(f"{path} already exists") from None
                 os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

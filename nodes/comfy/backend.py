@@ -43,6 +43,7 @@ from ...training.model.backend import Backend, SDXLCond
 from ...training.lora.network import LoraTarget
 from . import host as comfy_host
 from .families import trainable_family
+from ...training.errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ TE_ROOTS = {"sd1": {"te": "clip_l"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"}}
 PREDICTIONS = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(LoraWorkbenchError, ValueError):
     """The MODEL/CLIP given is not one this backend can train; the message names it and what to use."""
 
 

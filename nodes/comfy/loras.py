@@ -29,6 +29,7 @@ from ...training.lora.metadata import trigger_words
 from ...training.lora.prompt_syntax import resolve_lora_name
 from ...training.model.archs import ARCH_TABLE, UNKNOWN
 from .families import model_family
+from ...training.errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ CACHE_SIZE = 8  # LoRA files kept in memory (a 6-row SDXL stack is ~1 GB)
 FAMILY_LABELS = {**{a.name: a.label for a in ARCH_TABLE.values()}, UNKNOWN: "an unknown model"}
 
 
-class LoraArchMismatch(ValueError):
+class LoraArchMismatchError(LoraWorkbenchError, ValueError):
     """A LoRA made for another model family than the MODEL it is applied to."""
 
 
@@ -73,7 +74,7 @@ def lora_names() -> list[str]:
 def lora_path(name: str) -> str:
     """Full path of a LoRA: an exact name from the loras list, an absolute path, or a close-enough
     name (``training.prompt_syntax.resolve_lora_name``: without folder / extension, any case).
-    Unknown names raise ``LoraNotFound`` listing close matches."""
+    Unknown names raise ``LoraNotFoundError`` listing close matches."""
     import folder_paths
 
     name = name.strip()
@@ -106,12 +107,12 @@ def load_lora_file(path: str) -> LoraFile:
 
 # ---- the model -------------------------------------------------------------------------------------
 def check_lora_fits(name: str, lora: LoraFile, model, clip) -> None:
-    """Raise ``LoraArchMismatch`` when the LoRA cannot patch this model (instead of ComfyUI's
+    """Raise ``LoraArchMismatchError`` when the LoRA cannot patch this model (instead of ComfyUI's
     "lora key not loaded" warnings and an unchanged image)."""
     family, config_name = model_family(model)
     if family is not None and lora.arch in ARCH_TABLE:
         if lora.arch != family:
-            raise LoraArchMismatch(
+            raise LoraArchMismatchError(
                 f"LoRA {name!r} was made for {FAMILY_LABELS[lora.arch]} (read from its keys and layer widths) but "
                 f"the model is {FAMILY_LABELS[family]} (ComfyUI's {config_name}); none of its weights would load. "
                 f"Use a LoRA trained on an {FAMILY_LABELS[family]} model, or load an "
@@ -127,7 +128,7 @@ def check_lora_fits(name: str, lora: LoraFile, model, clip) -> None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora.state_dict), key_map, log_missing=False)
     if not loaded:
-        raise LoraArchMismatch(
+        raise LoraArchMismatchError(
             f"LoRA {name!r} ({FAMILY_LABELS.get(lora.arch, lora.arch)}) has no weight that fits this model "
             f"(ComfyUI's {config_name}): none of its {len(lora.state_dict)} keys matches a layer. Use a LoRA "
             "made for this model family."

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_workbench.app.headless import InProcessHost, boot
-from lora_workbench.app.workflow_runner import PromptInvalid, PromptRun
+from lora_workbench.app.workflow_runner import PromptInvalidError, PromptRun
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the pack: its __init__.py is what ComfyUI imports
 PACK_FOLDER_NAME = "lora-workbench"
 BASE_SUBFOLDERS = ("models/checkpoints", "models/loras", "input", "output", "custom_nodes")
-__all__ = ["ComfyHost", "ComfyServer", "PromptInvalid", "PromptRun", "boot_in_process", "make_base_directory",
+__all__ = ["ComfyHost", "ComfyServer", "PromptInvalidError", "PromptRun", "boot_in_process", "make_base_directory",
            "make_photos", "start_server"]
 
 

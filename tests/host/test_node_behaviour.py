@@ -315,12 +315,12 @@ def _bad_resume_state(comfy_host, ckpt, tmp_path):
                                   _bad_sdxl_model, _bad_resume_state], ids=lambda f: f.__name__[5:])
 def test_bad_input_gets_an_error_naming_the_problem_and_the_fix(comfy_host, run_prompt, tiny_sd15_checkpoint,
                                                                tmp_path, case):
-    from comfy_harness import PromptInvalid
+    from comfy_harness import PromptInvalidError
 
     prompt, node, expected = case(comfy_host, tiny_sd15_checkpoint.name, tmp_path)
     try:
         run = run_prompt(prompt)
-    except PromptInvalid as e:  # refused before anything ran, the best place for it
+    except PromptInvalidError as e:  # refused before anything ran, the best place for it
         assert list(e.node_errors) == [node], e.node_errors
         text = "\n".join(err["details"] for err in e.node_errors[node]["errors"])
     else:

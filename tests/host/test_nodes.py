@@ -90,14 +90,14 @@ def test_train_then_generate_graph_runs_headless(comfy_host, run_prompt, tiny_sd
 ])
 def test_bad_inputs_get_an_error_that_names_the_fix(comfy_host, run_prompt, tiny_sd15_checkpoint, tmp_path,
                                                     change, message):
-    from comfy_harness import PromptInvalid
+    from comfy_harness import PromptInvalidError
 
     prompt = train_graph(tiny_sd15_checkpoint.name, str(_images(tmp_path / "s")), name="bad")
     for node, inputs in change.items():
         prompt[node]["inputs"].update(inputs)
     try:
         run = run_prompt(prompt)
-    except PromptInvalid as e:  # rejected by validation before anything ran
+    except PromptInvalidError as e:  # rejected by validation before anything ran
         text = str(e)
     else:
         assert not run.success

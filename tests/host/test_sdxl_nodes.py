@@ -198,7 +198,7 @@ def test_train_5_steps_save_and_lora_loader_loads_every_key(comfy_host, xl, tmp_
 def test_stack_with_sdxl_block_weights_and_family_check(xl, random_xl_lora, tiny_sd15_checkpoint):
     import nodes
 
-    from lora_workbench.nodes.comfy.loras import LoraArchMismatch, LoraUse, apply_loras
+    from lora_workbench.nodes.comfy.loras import LoraArchMismatchError, LoraUse, apply_loras
 
     model, clip, _ = xl
     with torch.inference_mode():
@@ -211,7 +211,7 @@ def test_stack_with_sdxl_block_weights_and_family_check(xl, random_xl_lora, tiny
     assert len(full.patches) == len(outs.patches) and len(full_clip.patcher.patches) == len(outs_clip.patcher.patches)
     with torch.inference_mode():
         sd15_model = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd15_checkpoint.name)[0]
-        with pytest.raises(LoraArchMismatch, match="made for SDXL.*the model is SD1.x"):
+        with pytest.raises(LoraArchMismatchError, match="made for SDXL.*the model is SD1.x"):
             apply_loras(sd15_model, None, [LoraUse(random_xl_lora)])
     # The weighted file: input-block modules zeroed, output-block ones kept.
     from lora_workbench.nodes.comfy.loras import _weighted_state_dict, load_lora_file, lora_path, parse_spec

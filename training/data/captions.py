@@ -24,11 +24,12 @@ from typing import Iterable
 
 from ..config import DatasetConfig
 from .images import ImageRecord
+from ..errors import LoraWorkbenchError
 
 TRIGGER_PLACEHOLDER = "[trigger]"
 
 
-class CaptionError(ValueError):
+class CaptionError(LoraWorkbenchError, ValueError):
     """A captioning problem; the message names the file or setting and the fix."""
 
 

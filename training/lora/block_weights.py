@@ -31,6 +31,7 @@ from typing import Sequence
 from ..model import keys as uk
 from ..model.archs import ARCH_TABLE
 from .files import LoraModule, LoraWeights
+from ..errors import LoraWorkbenchError
 
 OTHER = "OTHER"  # modules outside LBW's blocks: always weight 1
 
@@ -71,7 +72,7 @@ _PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS}
 _LDM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.|middle_block\.")
 
 
-class BlockWeightError(ValueError):
+class BlockWeightError(LoraWorkbenchError, ValueError):
     """A block-weight spec or module that does not fit the architecture (names the value and the fix)."""
 
 

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from ..config import SAVE_DTYPES
-from ..fsutil import FileExistsNoOverwrite, atomic_write
+from ..fsutil import FileExistsNoOverwriteError, atomic_write
 from ..model import keys as uk
 from ..model.archs import ARCHS, UNKNOWN
+from ..errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(LoraWorkbenchError, ValueError):
     """A state dict or file that is not a LoRA this module can read (names the offending keys)."""
 
 
@@ -199,7 +200,7 @@ def save_lora(path: str | os.PathLike, lora: LoraWeights, dtype: str | torch.dty
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are written as safetensors; name {path} with a .safetensors extension")
     if path.exists() and not overwrite:
-        raise FileExistsNoOverwrite(f"{path} already exists; choose another name or pass overwrite=True to replace it")
+        raise FileExistsNoOverwriteError(f"{path} already exists; choose another name or pass overwrite=True to replace it")
     if not lora.modules:
         raise ValueError(f"refusing to write {path}: the LoRA has no modules")
     tensors = lora_state_dict(lora, dtype)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .files import HASH_KEYS, LoraModule, LoraWeights
+from ..errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ _SHARED_KEYS = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_new_sd
 Progress = Callable[[int, int], None]
 
 
-class MergeError(ValueError):
+class MergeError(LoraWorkbenchError, ValueError):
     """LoRAs that cannot be merged or resized as asked (names the module / source and the fix)."""
 
 

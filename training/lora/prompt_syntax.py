@@ -12,6 +12,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
+from ..errors import LoraWorkbenchError
 
 FORMS = "<lora:NAME>, <lora:NAME:WEIGHT>, <lora:NAME:TE_WEIGHT:UNET_WEIGHT> or <lora:NAME:WEIGHT:unet=W:lbw=PRESET>"
 # Named arguments A1111's Lora extension and LBW understand; kept in LoraTag.extra except te/unet/lbw.
@@ -24,19 +25,22 @@ _SPACE_BEFORE_COMMA = re.compile(r"[ \t]+,")
 _COMMA_RUN = re.compile(r",(\s*,)+")
 
 
-class PromptSyntaxError(ValueError):
+class PromptSyntaxError(LoraWorkbenchError, ValueError):
     """A malformed LoRA tag; the message quotes the tag and shows the accepted forms."""
 
 
-class LoraNotFound(ValueError):
+class LoraNotFoundError(LoraWorkbenchError, ValueError):
     """A LoRA name that matches no available file; the message lists close matches."""
 
 
 @dataclass(frozen=True)
 class LoraTag:
+    """One ``<lora:name:te:unet>`` tag. The strengths carry the names the LoRA loaders use (LoraLoader's
+    strength_model / strength_clip, ``LoraUse``); A1111's tag gives the text-encoder weight first."""
+
     name: str
-    te_weight: float = 1.0
-    unet_weight: float = 1.0
+    clip_strength: float = 1.0
+    model_strength: float = 1.0
     block_weights: str | None = None  # LBW spec (preset name or comma list), parsed per arch later
     kind: str = "lora"  # "lora" or "lyco"
     extra: dict[str, str] = field(default_factory=dict, compare=False)  # other named args (dyn, start ...)
@@ -92,7 +96,7 @@ def _parse_tag(kind: str, body: str, tag: str) -> LoraTag:
         lbw = named.pop("w")
     if lbw is not None and not lbw:
         raise PromptSyntaxError(f"LoRA tag {tag!r} has an empty lbw=; give a preset (lbw=OUTD) or a comma list")
-    return LoraTag(name, te, unet, lbw, kind.lower(), named)
+    return LoraTag(name, clip_strength=te, model_strength=unet, block_weights=lbw, kind=kind.lower(), extra=named)
 
 
 def clean_prompt(text: str) -> str:
@@ -145,7 +149,7 @@ def resolve_lora_name(name: str, available: list[str], where: str | None = None)
     Tried in order, each case-sensitively then case-insensitively: the exact path; the path without
     its extension (``people/alice.v2``); the file name without folder and extension (``alice.v2``).
     A name matching several files at the first level that matches is ambiguous. Unknown or ambiguous
-    names raise :class:`LoraNotFound`, listing up to 5 close matches and ``where`` (the folders searched).
+    names raise :class:`LoraNotFoundError`, listing up to 5 close matches and ``where`` (the folders searched).
     """
     target = name.strip().replace("\\", "/")
     norm = {a: a.replace("\\", "/") for a in available}
@@ -157,17 +161,17 @@ def resolve_lora_name(name: str, available: list[str], where: str | None = None)
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise LoraNotFound(
+                raise LoraNotFoundError(
                     f"LoRA name {name!r} matches {len(hits)} files: {sorted(hits)}; write the sub-folder "
                     "(e.g. <lora:folder/name:1>) to pick one"
                 )
     place = f" in {where}" if where else ""
     if not available:
-        raise LoraNotFound(f"LoRA {name!r} not found: there are no LoRA files{place}; put .safetensors files there")
+        raise LoraNotFoundError(f"LoRA {name!r} not found: there are no LoRA files{place}; put .safetensors files there")
     stems = {_basename(_strip_ext(norm[a])).lower(): a for a in available}
     stems.update({_strip_ext(norm[a]).lower(): a for a in available})
     close = difflib.get_close_matches(_basename(_strip_ext(target)).lower(), list(stems), n=10, cutoff=0.5)
     close += difflib.get_close_matches(_strip_ext(target).lower(), list(stems), n=10, cutoff=0.5)
     suggestions = list(dict.fromkeys(stems[c] for c in close))[:5]
     hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else "; check the spelling"
-    raise LoraNotFound(f"LoRA {name!r} not found among {len(available)} LoRA files{place}{hint}")
+    raise LoraNotFoundError(f"LoRA {name!r} not found among {len(available)} LoRA files{place}{hint}")

@@ -18,11 +18,12 @@ from torch import nn
 
 from . import keys as uk
 from ..lora.network import LoraTarget, kohya_name_fn, select_text_encoder_targets, select_unet_targets
+from ..errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(LoraWorkbenchError, ValueError):
     """A base model could not be loaded; the message says which file is wrong and what to pass."""
 
 

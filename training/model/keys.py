@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import Iterable, Mapping, Union
 
 from .archs import ARCH_TABLE, ARCHS
+from ..errors import LoraWorkbenchError
 
 # LDM ResBlock child -> diffusers ResnetBlock2D child.
 RESNET_NAMES = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -55,7 +56,7 @@ TE_COMPONENTS = ("te", "te1", "te2")
 KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"))
 
 
-class ModuleNameError(ValueError):
+class ModuleNameError(LoraWorkbenchError, ValueError):
     """A module name that is not part of the known UNet / text-encoder layout."""
 
 

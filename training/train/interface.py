@@ -11,9 +11,10 @@ from ..config import DatasetConfig
 from ..data.images import ImageRecord
 from ..lora.files import LoraWeights
 from .distributed import Dist
+from ..errors import LoraWorkbenchError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LoraWorkbenchError, RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says what to change."""
 
 

@@ -4,7 +4,7 @@
                    d_coef=1.0)
 
 Optional packages are imported only when their optimizer is asked for; when one is missing,
-``OptimizerUnavailable`` says which ``pip install`` brings it. Options an optimizer does not take
+``OptimizerUnavailableError`` says which ``pip install`` brings it. Options an optimizer does not take
 are refused rather than silently ignored.
 """
 
@@ -15,6 +15,7 @@ import logging
 from typing import Any, Iterable
 
 import torch
+from ..errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _EXTRA = {
 }
 
 
-class OptimizerUnavailable(RuntimeError):
+class OptimizerUnavailableError(LoraWorkbenchError, RuntimeError):
     """The chosen optimizer needs a package that is not installed (or does not load); the message says how to get it."""
 
 
@@ -60,7 +61,7 @@ def _import(module: str, pip_name: str, why: str) -> Any:
     try:
         return importlib.import_module(module)
     except (ImportError, OSError, RuntimeError) as e:  # not installed, or its native library fails to load
-        raise OptimizerUnavailable(
+        raise OptimizerUnavailableError(
             f"optimizer {why} needs the Python package {pip_name!r}, which is not installed or does not "
             f"load ({e}). Install it into the Python that runs the training: `pip install {pip_name}`"
             + (". bitsandbytes needs an NVIDIA CUDA GPU on most platforms (recent releases, 0.50+, also "

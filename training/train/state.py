@@ -23,6 +23,7 @@ from ..config import TrainConfig
 from ..fsutil import umask_mode
 from ..lora.files import LoraWeights, save_lora
 from ..lora.formats import load_lora
+from ..errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ MUST_MATCH = ("rank", "alpha", "preset", "conv_rank", "conv_alpha", "train_text_
 SCHEDULE = ("steps", "lr", "text_encoder_lr", "lr_scheduler", "warmup_steps")
 
 
-class ResumeError(ValueError):
+class ResumeError(LoraWorkbenchError, ValueError):
     """The saved state cannot continue this run; the message lists what differs and how to fix it."""
 
 
