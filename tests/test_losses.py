@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from lora_workbench.training.train.losses import (
-                                                  apply_noise_offset,
-                                                  huber_c_for,
-                                                  min_snr_weights,
-                                                  per_sample_loss,
-                                                  prior_preservation_loss,
-                                                  pyramid_noise_like,
-                                                  snr,
-                                                  )
+    apply_noise_offset,
+    huber_c_for,
+    min_snr_weights,
+    per_sample_loss,
+    prior_preservation_loss,
+    pyramid_noise_like,
+    snr,
+)
 
 
 def sd_alphas_cumprod(n: int = 1000) -> torch.Tensor:

@@ -17,21 +17,21 @@ import torch
 
 from lora_workbench.training.model.backend import DiffusersBackend, ModelLoadError
 from lora_workbench.training.model.single_file import (
-                                                       CLIP_L_REPO,
-                                                       SHIPPED_CONFIGS,
-                                                       build_components,
-                                                       detect_prediction_type,
-                                                       load_model,
-                                                       load_single_file,
-                                                       )
+    SHIPPED_CONFIGS,
+    build_components,
+    detect_prediction_type,
+    load_model,
+    load_single_file,
+)
+from lora_workbench.training.model.tokenizers import CLIP_L_REPO
 from lora_workbench.training.model.tiny import (
-                                                TINY_SCHEDULER,
-                                                TINY_TEXT,
-                                                TINY_UNET,
-                                                TINY_VAE,
-                                                tiny_vocab_size,
-                                                write_tiny_tokenizer,
-                                                )
+    TINY_SCHEDULER,
+    TINY_TEXT,
+    TINY_UNET,
+    TINY_VAE,
+    tiny_vocab_size,
+    write_tiny_tokenizer,
+)
 from lora_workbench.training.model.keys import layout_from_diffusers_config
 
 from helpers import make_images, unet_diffusers_to_ldm

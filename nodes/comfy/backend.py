@@ -29,21 +29,20 @@ import math
 from typing import Iterator
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.sdxl_clip
 
+from ...training.errors import LoraWorkbenchError
 from ...training.lora import network
-
+from ...training.lora.network import LoraTarget
 from ...training.model import keys as unet_keys
 from ...training.model.backend import Backend, SDXLCond
-from ...training.lora.network import LoraTarget
 from . import host as comfy_host
+from .autograd import checkpointed, clone_input, leave_inference_mode, plain
 from .families import trainable_family
-from ...training.errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
@@ -135,44 +134,6 @@ def layout_from_unet_config(unet_config: dict) -> unet_keys.UNetLayout:
         has_middle_block=mid >= 1,
         has_label_emb=unet_config.get("adm_in_channels") is not None,
     )
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A tensor autograd may use: inference-mode tensors are cloned out of it."""
-    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
-
-
-def _clone_input(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].clone(), *args[1:])
-
-
-def _leave_inference_mode(root: nn.Module) -> int:
-    """Swap parameters and buffers created under ``torch.inference_mode`` for equal normal tensors.
-
-    ComfyUI builds and loads models inside inference mode; autograd cannot save such tensors for
-    backward, even frozen. Values, dtype and device stay the same, one tensor at a time.
-    """
-    n = 0
-    for module in root.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.is_inference():
-                setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-                n += 1
-        for name, b in list(module._buffers.items()):
-            if b is not None and b.is_inference():
-                module._buffers[name] = b.clone()
-                n += 1
-    return n
-
-
-def _checkpointed(forward, clone_input: bool):
-    def run(x, *args, **kwargs):
-        return forward(x.clone() if clone_input else x, *args, **kwargs)
-
-    def checkpointed_forward(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-    return checkpointed_forward
 
 
 # ---- the backend ---------------------------------------------------------------------------------
@@ -286,14 +247,14 @@ class ComfyBackend(Backend):
         self._require_context()
         unet = self.model.model.diffusion_model
         dev = self.unet_device
-        x = _plain(x_t).to(dev, self.dtype)
+        x = plain(x_t).to(dev, self.dtype)
         extra = {}
         if isinstance(cond, SDXLCond):
             extra["y"] = self._adm(cond, x_t.shape).to(dev, self.dtype)
             cond = cond.context
-        context = _plain(cond).to(dev, self.dtype)
+        context = plain(cond).to(dev, self.dtype)
         # A fresh transformer_options: the UNet writes into it, and the default {} is shared.
-        return unet(x, timesteps=_plain(t).to(dev).float(), context=context, transformer_options={}, **extra)
+        return unet(x, timesteps=plain(t).to(dev).float(), context=context, transformer_options={}, **extra)
 
     def _adm(self, cond: SDXLCond, latent_shape) -> torch.Tensor:
         """SDXL's ``y``: ComfyUI's own ``encode_adm`` (pooled CLIP-G output + the embedded original size,
@@ -304,7 +265,7 @@ class ComfyBackend(Backend):
         else:
             rows = [tuple(int(v) for v in row) for row in cond.time_ids.tolist()]
         base = self.model.model
-        pooled = _plain(cond.pooled)
+        pooled = plain(cond.pooled)
         return torch.cat([
             base.encode_adm(pooled_output=pooled[i:i + 1], height=oh, width=ow, crop_h=top, crop_w=left,
                             target_height=th, target_width=tw)
@@ -340,10 +301,10 @@ class ComfyBackend(Backend):
         unet_units = [m for m in roots["unet"].modules() if isinstance(m, (ResBlock, SpatialTransformer))]
         # A CLIPLayer overwrites its input in place; recomputing it needs the input as it came in.
         te_units = [layer for comp in TE_ROOTS[self.arch] for layer in roots[comp].text_model.encoder.layers]
-        for units, clone_input in ((unet_units, False), (te_units, True)):
+        for units, copy_input in ((unet_units, False), (te_units, True)):
             for m in units:
                 if "forward" not in m.__dict__:
-                    m.forward = _checkpointed(m.forward, clone_input)
+                    m.forward = checkpointed(m.forward, copy_input)
                     self._checkpointed.append(m)
 
     def memory_shape(self):
@@ -381,12 +342,12 @@ class ComfyBackend(Backend):
         weights partially (lowvram) when they do not fit beside it.
         On exit (normal or not): LoRA layers removed, gradient checkpointing off, ``requires_grad``
         and train/eval modes as they were. Weights keep their values (tensors made under inference
-        mode are replaced by equal normal ones, see ``_leave_inference_mode``).
+        mode are replaced by equal normal ones, see ``leave_inference_mode``).
         """
         with torch.inference_mode(False), torch.enable_grad(), comfy_host.in_training():
             mm.load_models_gpu([self.model, self.clip.patcher, self.vae.patcher], memory_required=memory_required)
             roots = self.roots()
-            swapped = sum(_leave_inference_mode(r) for r in roots.values())
+            swapped = sum(leave_inference_mode(r) for r in roots.values())
             log.debug("moved %d inference-mode tensors out of inference mode", swapped)
             grad_flags = [(p, p.requires_grad) for r in roots.values() for p in r.parameters()]
             modes = [(m, m.training) for r in roots.values() for m in r.modules()]
@@ -397,7 +358,7 @@ class ComfyBackend(Backend):
                 # ComfyUI's CLIPLayer adds its residuals in place (x += attn(norm(x))), into the very
                 # tensor its LayerNorms saved for backward; the norms get a copy so the text encoder
                 # can be differentiated.
-                hooks += [norm.register_forward_pre_hook(_clone_input)
+                hooks += [norm.register_forward_pre_hook(clone_input)
                           for comp in TE_ROOTS[self.arch] for layer in roots[comp].text_model.encoder.layers
                           for norm in (layer.layer_norm1, layer.layer_norm2)]
                 self._active = True
