@@ -1,4 +1,4 @@
-"""Caption Images, Caption Dataset Folder and Edit Captions: widgets -> ``training.captions`` / ``captioners``.
+"""Caption Images, Caption Dataset Folder and Edit Captions: widgets -> ``training.data.caption_files`` / ``captioners``.
 
 Models are picked from ComfyUI's ``models/blip/<name>/`` (a transformers BLIP folder) and
 ``models/wd14_tagger/<name>/`` (``model.onnx`` + ``selected_tags.csv``, or ``<name>.onnx`` +
