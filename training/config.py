@@ -59,11 +59,13 @@ class Checks:
         self.what, self.error, self.problems = what, error, []
 
     def need(self, ok: bool, name: str, value: Any, fix: str) -> bool:
+        """Record ``name=value (fix)`` as a problem unless ``ok``; returns ``ok`` (skip checks that need it)."""
         if not ok:
             self.problems.append(f"{name}={value!r} ({fix})")
         return ok
 
     def raise_if_any(self) -> None:
+        """Raise ``error`` listing every recorded problem; does nothing when there are none."""
         if self.problems:
             raise self.error(f"invalid {self.what}: " + "; ".join(self.problems))
 
@@ -183,16 +185,20 @@ class TrainConfig:
 
     @property
     def effective_conv_rank(self) -> int:
+        """The rank of conv modules: ``conv_rank``, or ``rank`` when that is None (or 0)."""
         return self.conv_rank or self.rank
 
     @property
     def effective_conv_alpha(self) -> float:
+        """``conv_alpha``, or when unset the alpha that keeps conv modules at the same ``alpha / rank`` scale."""
         return self.conv_alpha if self.conv_alpha is not None else self.alpha * self.effective_conv_rank / self.rank
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (a deep copy); :meth:`from_dict` reads it back."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as JSON with sorted keys, so equal configs give equal strings."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod

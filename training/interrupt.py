@@ -12,6 +12,10 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -26,6 +30,7 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
+        """The shell's exit status for this signal: 128 + signal number."""
         return 128 + self.signum
 
 
@@ -38,7 +43,7 @@ def _raise(signum, frame):
 
 
 @contextmanager
-def raise_on_signals():
+def raise_on_signals() -> Iterator[None]:
     """Within: SIGINT and SIGTERM raise :class:`Interrupted`. The previous handlers come back on exit.
     Outside the main thread (where Python cannot set handlers) this does nothing."""
     if not _main_thread():
@@ -53,7 +58,7 @@ def raise_on_signals():
 
 
 @contextmanager
-def signals_held():
+def signals_held() -> Iterator[None]:
     """Within: a SIGINT/SIGTERM with a Python handler is recorded, and handled on leaving the block.
 
     Signals with the default or ignore disposition are left alone (a SIGTERM still kills at once

@@ -162,6 +162,7 @@ class BucketBatchSampler:
                                "drop_last=True; set drop_last=False or use fewer ranks")
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the shuffle; call it before each epoch so every rank draws the same order."""
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 class Captioner(Protocol):
     """What :func:`caption_folder` needs: one caption per RGB image, in order."""
 
-    def caption(self, images: list[Image.Image], options: Any) -> list[str]: ...
+    def caption(self, images: list[Image.Image], options: Any) -> list[str]:
+        """One caption per image of ``images``, in the same order."""
+        ...
 
 
 # ---------------------------------------------------------------- caption text
@@ -49,6 +51,7 @@ class CaptionFormat:
     dedupe: bool = True  # drop repeated tags (case and _ / space ignored), first kept
 
     def apply(self, text: str) -> str:
+        """The caption to write for a captioner's ``text``: prefix, text, suffix joined, trigger placed."""
         parts = [p.strip().strip(",").strip() for p in (self.prefix, text, self.suffix)]
         caption = place_trigger(", ".join(p for p in parts if p), self.trigger)
         return join_tags(dedupe_tags(split_tags(caption))) if self.dedupe else caption
@@ -130,6 +133,7 @@ class CaptionReport:
     backups: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
+        """One line for the user: counts captioned, kept, backed up, and each failure with its reason."""
         text = f"{len(self.images)} image(s) in {self.folder}: {len(self.written)} captioned, {len(self.kept)} kept"
         if self.kept:
             text += " (already captioned; set overwrite to replace)"
@@ -265,6 +269,7 @@ class CaptionEdit:
                                    "regex off to replace the plain text") from e
 
     def apply(self, caption: str) -> str:
+        """The edited caption: find/replace, trigger swap, tag edits, then the trigger added unless present."""
         text = caption.strip()
         if self.find:
             text = re.sub(self.find, self.replace, text) if self.regex else text.replace(self.find, self.replace)
@@ -295,11 +300,13 @@ class EditReport:
     backups: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
+        """One line: how many captions changed (or would, in a dry run) and how many did not."""
         verb = "would change" if self.dry_run else "changed"
         return f"{verb} {len(self.changes)} caption(s), {self.unchanged} unchanged" + (
             " (dry run: nothing written)" if self.dry_run else "")
 
     def table(self, limit: int = 100) -> str:
+        """A ``file | caption`` table of the first ``limit`` changes as ``old  ->  new``, plus a count of the rest."""
         return _table([(name, f"{old}  ->  {new}") for name, old, new in self.changes], limit)
 
 

@@ -94,6 +94,7 @@ class BlockWeights:
     spec: str
 
     def weight_of(self, block: str) -> float:
+        """The weight of ``block``; 1.0 for :data:`OTHER`, ``KeyError`` for a block not of this family."""
         return 1.0 if block == OTHER else self.values[block]
 
 

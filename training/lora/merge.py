@@ -72,9 +72,11 @@ class RankReport:
 
     @property
     def min_kept_energy(self) -> float:
+        """The lowest kept energy of any one module (1.0 when there are no modules)."""
         return min((m.kept_energy for m in self.modules.values()), default=1.0)
 
     def summary(self) -> str:
+        """One line: method, module count, rank range, overall kept energy and the worst module."""
         ranks = [m.rank_after for m in self.modules.values()]
         worst = min(self.modules.items(), key=lambda kv: kv[1].kept_energy, default=None)
         text = (f"{self.method}: {len(ranks)} modules, ranks {min(ranks, default=0)}-{max(ranks, default=0)}, "

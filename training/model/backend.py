@@ -11,7 +11,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch import nn
 from . import keys as uk
 from ..lora.network import LoraTarget, kohya_name_fn, select_text_encoder_targets, select_unet_targets
 from ..errors import LoraWorkbenchError
+
+if TYPE_CHECKING:
+    from ..train.memory import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +73,15 @@ class Backend(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot decode previews")
 
     def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory in the trainable roots; this default raises ``NotImplementedError``."""
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
-    def memory_shape(self):
+    def memory_shape(self) -> ModelShape | None:
         """The model's shape for the memory estimate (a ``memory.ModelShape``), or None if unknown."""
         return None
 
     def cat_cond(self, conds: list[Any]) -> Any:
+        """Several batches' conditioning (from :meth:`encode_prompts`) as one; this default is ``torch.cat``."""
         return torch.cat(conds)
 
     def add_size_conditioning(self, cond: Any, sizes: list[dict]) -> Any:
@@ -130,8 +135,12 @@ class DiffusersBackend(Backend):
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device="cpu", weight_dtype=torch.float32) -> "DiffusersBackend":
-        """A diffusers folder (model_index.json + unet/ text_encoder/ tokenizer/ vae/ scheduler/), offline."""
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        weight_dtype: torch.dtype = torch.float32) -> "DiffusersBackend":
+        """A diffusers folder (model_index.json + unet/ text_encoder/ tokenizer/ vae/ scheduler/), offline.
+
+        A folder with text_encoder_2/ gives an :class:`SDXLDiffusersBackend`; a bad folder raises ``ModelLoadError``.
+        """
         from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -170,9 +179,11 @@ class DiffusersBackend(Backend):
 
     # ---- Backend -----------------------------------------------------------------------------
     def roots(self) -> dict[str, nn.Module]:
+        """``{"unet": UNet, "te": CLIP text encoder}``."""
         return {"unet": self.unet, "te": self.text_encoder}
 
     def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
+        """The preset's UNet modules (kohya SD1 names), plus the text encoder's (``te``) when asked."""
         unet_name = kohya_name_fn("lora_unet_")
         out = [LoraTarget("unet", p, unet_name(p), conv)
                for p, conv in select_unet_targets(self.unet.named_modules(), preset)]
@@ -182,10 +193,12 @@ class DiffusersBackend(Backend):
         return out
 
     def alphas_cumprod(self) -> torch.Tensor:
+        """The scheduler's ``alphas_cumprod`` as float32 on ``device`` (a copy taken at construction)."""
         return self._alphas.to(self.device)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float32 latents from the VAE's mode (no sampling: cached and fresh latents match), shifted and scaled."""
         vae_dtype = next(self.vae.parameters()).dtype
         x = pixels.to(self.device, dtype=vae_dtype)
         out = self.vae.encode(x)
@@ -199,6 +212,7 @@ class DiffusersBackend(Backend):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [B, H, W, 3] in 0..1, float32 on the CPU, decoded by the VAE without grad."""
         vae_dtype = next(self.vae.parameters()).dtype
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self.device, dtype=vae_dtype) / self.vae.config.scaling_factor + shift
@@ -206,20 +220,24 @@ class DiffusersBackend(Backend):
         return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The text encoder's last hidden states [B, tokens, width], prompts padded/cut to ``model_max_length``."""
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
         ids = tok.input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for ``x_t`` at ``t``, inputs cast to ``weight_dtype``."""
         return self.unet(x_t.to(self.weight_dtype), t, encoder_hidden_states=cond.to(self.weight_dtype)).sample
 
     def enable_gradient_checkpointing(self) -> None:
+        """Turn on gradient checkpointing in the UNet, and in the text encoder where it supports it."""
         self.unet.enable_gradient_checkpointing()
         if hasattr(self.text_encoder, "gradient_checkpointing_enable"):
             self.text_encoder.gradient_checkpointing_enable()
 
-    def memory_shape(self):
+    def memory_shape(self) -> ModelShape:
+        """The shape read from the loaded UNet, text encoder(s) and VAE, for the memory estimate."""
         from ..train.memory import shape_from_diffusers
 
         encoders = [self.text_encoder] + ([self.text_encoder_2] if hasattr(self, "text_encoder_2") else [])
@@ -252,19 +270,22 @@ class SDXLCond:
         return self.context.shape[0]
 
     def detach(self) -> "SDXLCond":
+        """A copy with every tensor detached from the graph."""
         return self._map(torch.Tensor.detach)
 
-    def to(self, *args, **kwargs) -> "SDXLCond":
+    def to(self, *args: Any, **kwargs: Any) -> "SDXLCond":
+        """A copy with ``Tensor.to(*args, **kwargs)`` applied to every tensor (device and/or dtype)."""
         return self._map(lambda t: t.to(*args, **kwargs))
 
     @staticmethod
     def cat(conds: list["SDXLCond"]) -> "SDXLCond":
+        """The batches joined along dim 0; ``time_ids`` is None if any of them lacks it."""
         times = [c.time_ids for c in conds]
         return SDXLCond(torch.cat([c.context for c in conds]), torch.cat([c.pooled for c in conds]),
                         None if any(t is None for t in times) else torch.cat(times))
 
 
-def size_time_ids(sizes: list[dict], device=None) -> torch.Tensor:
+def size_time_ids(sizes: list[dict], device: str | torch.device | None = None) -> torch.Tensor:
     """SDXL's ``add_time_ids``, [B, 6]: original (h, w) + crop top-left (top, left) + target (h, w)."""
     rows = [[*s["original_size"], *s["crop_top_left"], *s["target_size"]] for s in sizes]
     return torch.tensor(rows, dtype=torch.float32, device=device)
@@ -304,9 +325,11 @@ class SDXLDiffusersBackend(DiffusersBackend):
         self.layout = uk.layout_from_diffusers_config(unet.config)
 
     def roots(self) -> dict[str, nn.Module]:
+        """``{"unet": UNet, "te1": CLIP-L, "te2": CLIP-G}``."""
         return {"unet": self.unet, "te1": self.text_encoder, "te2": self.text_encoder_2}
 
     def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
+        """The preset's UNet modules under kohya's SDXL (LDM-path) names, plus both encoders' (te1, te2) if asked."""
         out = [LoraTarget("unet", p, uk.kohya_unet_name(p, "sdxl", self.layout), conv)
                for p, conv in select_unet_targets(self.unet.named_modules(), preset)]
         if text_encoder:
@@ -316,6 +339,7 @@ class SDXLDiffusersBackend(DiffusersBackend):
         return out
 
     def encode_prompts(self, prompts: list[str]) -> SDXLCond:
+        """Both encoders' penultimate hidden states side by side and CLIP-G's pooled output; ``time_ids`` unset."""
         hidden = []
         pooled = None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
@@ -327,11 +351,13 @@ class SDXLDiffusersBackend(DiffusersBackend):
         return SDXLCond(torch.cat(hidden, dim=-1), pooled)
 
     def add_size_conditioning(self, cond: SDXLCond, sizes: list[dict]) -> SDXLCond:
+        """``cond`` with ``time_ids`` from ``sizes`` (one per sample, else ``ValueError``)."""
         if len(sizes) != len(cond):
             raise ValueError(f"{len(sizes)} image sizes for {len(cond)} prompts; give one per sample")
         return SDXLCond(cond.context, cond.pooled, size_time_ids(sizes, cond.context.device))
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLCond) -> torch.Tensor:
+        """The UNet's output with pooled text and size ids; without ``time_ids``, an uncropped latent-sized image."""
         time_ids = cond.time_ids
         if time_ids is None:  # a fresh image (previews): uncropped, at the latent's size
             h, w = x_t.shape[-2] * self.latent_factor, x_t.shape[-1] * self.latent_factor
@@ -342,9 +368,11 @@ class SDXLDiffusersBackend(DiffusersBackend):
         return self.unet(x_t.to(dt), t, encoder_hidden_states=cond.context.to(dt), added_cond_kwargs=added).sample
 
     def cat_cond(self, conds: list[SDXLCond]) -> SDXLCond:
+        """The batches joined with :meth:`SDXLCond.cat`."""
         return SDXLCond.cat(conds)
 
     def enable_gradient_checkpointing(self) -> None:
+        """As for SD1/SD2, and in CLIP-G too where it supports it."""
         super().enable_gradient_checkpointing()
         if hasattr(self.text_encoder_2, "gradient_checkpointing_enable"):
             self.text_encoder_2.gradient_checkpointing_enable()

@@ -351,6 +351,7 @@ class KohyaNameResolver:
             self._extra[_underscored(name)] = ldm_map.get(name, name)
 
     def parse(self, name: str) -> tuple[str, str]:
+        """``(component, module path)`` of a kohya LoRA name; raises ``ModuleNameError`` for an unknown name."""
         for prefix, component in KOHYA_PREFIXES:
             if name.startswith(prefix):
                 rest = name[len(prefix):]

@@ -102,6 +102,7 @@ def write_tiny_tokenizer(folder: str | os.PathLike) -> Path:
 
 
 def tiny_vocab_size() -> int:
+    """The tiny tokenizer's vocabulary size: 512 byte tokens (plain and ``</w>``), the merges, start and end."""
     return 512 + len(_MERGES) + 2
 
 

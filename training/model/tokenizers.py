@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .backend import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 CLIP_L_REPO = "openai/clip-vit-large-patch14"  # its vocab.json + merges.txt serve SD1 and SD2 alike
 
@@ -75,7 +79,7 @@ def find_tokenizer(tokenizer: str | os.PathLike | None = None) -> Path:
     )
 
 
-def load_tokenizer(folder: str | os.PathLike, arch: str, max_length: int = 77):
+def load_tokenizer(folder: str | os.PathLike, arch: str, max_length: int = 77) -> CLIPTokenizer:
     """CLIPTokenizer from a BPE folder, padded the way the text encoder was trained.
 
     ``model_max_length`` is pinned (ComfyUI's copy says 8192). SD1's CLIP pads with

@@ -59,6 +59,7 @@ class Checkpoints:
 
     # ---- events ------------------------------------------------------------------------------
     def on_step_end(self, trainer: Trainer) -> None:
+        """Write the step save and/or state due at ``trainer.step``; none at the last step (the caller's)."""
         step, cfg = trainer.step, self.cfg
         if self.output_dir is None or step >= cfg.steps:  # the final LoRA is the caller's to save
             return
@@ -69,6 +70,7 @@ class Checkpoints:
             self.save_state(trainer)
 
     def on_stop(self, trainer: Trainer) -> None:
+        """Save a resumable state of a run stopped early (none if the run writes nothing or did no step)."""
         if self.output_dir is not None and trainer.step > 0:
             self.save_state(trainer)
 
@@ -88,6 +90,7 @@ class Checkpoints:
 
     # ---- files -------------------------------------------------------------------------------
     def step_path(self, step: int) -> Path:
+        """Where the step save of ``step`` goes in ``output_dir`` (which must not be None)."""
         return self.output_dir / step_file_name(self.cfg.output_name, step)
 
     def save_step(self, trainer: Trainer) -> Path:

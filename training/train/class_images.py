@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
 from ..fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from ..model.backend import DiffusersBackend
 
 log = logging.getLogger(__name__)
 
 IMAGE_GLOB = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp")
 
 
-def existing_class_images(folder: Path) -> list[Path]:
+def existing_class_images(folder: str | Path) -> list[Path]:
+    """The images (png, jpg, jpeg, webp, bmp) directly in ``folder``, sorted; empty if it does not exist."""
     return sorted(p for g in IMAGE_GLOB for p in Path(folder).glob(g))
 
 
@@ -62,7 +66,8 @@ def generate_class_images(render: Callable[[str, int, int], Image.Image], prompt
     return existing_class_images(folder)
 
 
-def diffusers_renderer(backend, resolution: int, steps: int = 25, guidance: float = 7.5):
+def diffusers_renderer(backend: DiffusersBackend, resolution: int, steps: int = 25, guidance: float = 7.5
+                       ) -> Callable[[str, int, int], Image.Image]:
     """A ``render`` function for ``generate_class_images`` built on a DiffusersBackend's components."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline

@@ -21,12 +21,14 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes files."""
         return self.rank == 0
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors across ranks, in place."""
 
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        """Wait until every rank gets here; a single process returns at once."""
 
 
 class AccelerateDist(Dist):
@@ -41,6 +43,7 @@ class AccelerateDist(Dist):
         self.device = self.state.device
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` across ranks in place, with one all-reduce over a flat buffer."""
         if self.world == 1 or not tensors:
             return
         import torch.distributed as td
@@ -54,6 +57,7 @@ class AccelerateDist(Dist):
             t.copy_(r)
 
     def barrier(self) -> None:
+        """Wait until every rank gets here (Accelerate's ``wait_for_everyone``)."""
         self.state.wait_for_everyone()
 
 
@@ -63,4 +67,5 @@ def launched_distributed() -> bool:
 
 
 def current(cpu: bool = False) -> Dist:
+    """An :class:`AccelerateDist` when launched with several processes, else a single-process :class:`Dist`."""
     return AccelerateDist(cpu=cpu) if launched_distributed() else Dist()

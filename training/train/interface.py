@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from ..lora.files import LoraWeights
 from .distributed import Dist
 from ..errors import LoraWorkbenchError
 
+if TYPE_CHECKING:
+    from .memory import MemoryEstimate
+
 
 class TrainingError(LoraWorkbenchError, RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says what to change."""
@@ -21,27 +25,32 @@ class TrainingError(LoraWorkbenchError, RuntimeError):
 class TrainCallbacks:
     """Hooks the host overrides: progress, stop requests, saved files."""
 
-    def on_start(self, total_steps: int, trainable_params: int) -> None: ...
+    def on_start(self, total_steps: int, trainable_params: int) -> None:
+        """The run is about to train: ``total_steps`` optimizer steps of ``trainable_params`` LoRA parameters."""
 
     def on_resume(self, step: int) -> None:
         """The run continues a saved state at ``step``: called before ``on_start``."""
 
-    def on_step(self, step: int, total: int, loss: float, lr: float) -> None: ...
+    def on_step(self, step: int, total: int, loss: float, lr: float) -> None:
+        """Optimizer step ``step`` of ``total`` finished, with its mean loss and learning rate."""
 
     def on_progress(self, task: str, done: int, total: int) -> None:
         """Progress of a long preparation ("class images", "caching latents"), before the first step."""
 
     def should_stop(self) -> bool:
+        """Asked before each step; True ends the run early. This default never stops."""
         return False
 
-    def on_save(self, path: Path, step: int) -> None: ...
+    def on_save(self, path: Path, step: int) -> None:
+        """A step save (a LoRA file) was written at ``path``, on the main process only."""
 
-    def on_state_saved(self, path: Path, step: int) -> None: ...
+    def on_state_saved(self, path: Path, step: int) -> None:
+        """A resumable state folder was written at ``path``, on the main process only."""
 
     def on_preview(self, step: int, images: torch.Tensor, prompt: str) -> None:
         """images: [B, H, W, 3] in 0..1, rendered by the model as trained so far."""
 
-    def on_memory_estimate(self, estimate) -> None:
+    def on_memory_estimate(self, estimate: MemoryEstimate) -> None:
         """The run's expected peak memory (``memory.MemoryEstimate``), before any LoRA layer exists."""
 
 

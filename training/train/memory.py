@@ -22,6 +22,16 @@ stated margin for it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from torch import nn
+
+    from ..config import TrainConfig
+    from ..lora.network import LoraTarget
+    from ..model.backend import Backend
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -100,9 +110,11 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        """The whole peak in bytes: every part plus the GPU overhead."""
         return self.weights + self.lora + self.optimizer + self.activations + self.backward + self.overhead
 
     def summary(self) -> str:
+        """One line for the user: the total and each part, in GiB (MiB below 1 GiB)."""
         unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
 
         def g(n: int) -> str:
@@ -244,7 +256,8 @@ def estimate_memory(shape: ModelShape, resolution: int | tuple[int, int] = 512, 
                           backward=backward, overhead=GPU_OVERHEAD if gpu else 0, parts=parts)
 
 
-def lora_param_count(roots: dict, targets, rank: int, conv_rank: int | None = None) -> int:
+def lora_param_count(roots: dict[str, nn.Module], targets: Iterable[LoraTarget], rank: int,
+                     conv_rank: int | None = None) -> int:
     """Trainable parameters of LoRA layers on ``targets`` (``network.LoraTarget``) of ``roots``."""
     total = 0
     for t in targets:
@@ -260,7 +273,8 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def shape_from_diffusers(unet, text_encoders=(), vae=None, name: str = "") -> ModelShape:
+def shape_from_diffusers(unet: nn.Module, text_encoders: Sequence[nn.Module] = (), vae: nn.Module | None = None,
+                         name: str = "") -> ModelShape:
     """A :class:`ModelShape` read from a diffusers ``UNet2DConditionModel`` and HF CLIP text encoders."""
     cfg = unet.config
     channels = tuple(cfg.block_out_channels)
@@ -290,8 +304,11 @@ def _dtype_name(dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
-def estimate_for_run(backend, cfg, targets, buckets, prior_preservation: bool = False) -> MemoryEstimate | None:
-    """The estimate for a ``Trainer`` run: the backend's model, the config's options, the largest bucket."""
+def estimate_for_run(backend: Backend, cfg: TrainConfig, targets: Sequence[LoraTarget],
+                     buckets: Sequence[tuple[int, int]], prior_preservation: bool = False) -> MemoryEstimate | None:
+    """The estimate for a ``Trainer`` run: the backend's model, the config's options, the largest bucket.
+
+    None when the backend cannot describe its model (``memory_shape()`` is None)."""
     shape = backend.memory_shape()
     if shape is None:
         return None

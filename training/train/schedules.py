@@ -7,7 +7,7 @@ import torch
 from ..config import TrainConfig
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """diffusers' schedules (constant, linear, cosine, ... with warm-up) over ``cfg.steps`` optimizer steps."""
     from diffusers.optimization import get_scheduler
 

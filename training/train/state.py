@@ -54,7 +54,8 @@ class TrainingState:
     run_id: str | None = None  # the run that wrote it: its LoRA files carry the same ``lw_run_id``
 
 
-def state_dir_for(output_dir: Path, name: str) -> Path:
+def state_dir_for(output_dir: str | os.PathLike, name: str) -> Path:
+    """The state folder of run ``name``: ``<output_dir>/<name>-state`` (nothing is created)."""
     return Path(output_dir) / f"{name}-state"
 
 
@@ -120,6 +121,7 @@ def read_state_info(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_state(folder: str | os.PathLike) -> TrainingState:
+    """Read a state folder (or a file in it) on the CPU; ``ResumeError`` if it is missing or another version's."""
     folder = _state_folder(folder)
     d = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
     if d.get("version") != STATE_VERSION:

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -38,6 +38,9 @@ from .optim import make_optimizer
 from .preview import preview_on_step
 from .schedules import add_noise, make_lr_scheduler, target_for
 from .state import TrainingState, check_compatible, load_state
+
+if TYPE_CHECKING:
+    from .memory import MemoryEstimate
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class Trainer:
         self.events[event].append(callback)
 
     def trigger_callbacks(self, event: str) -> None:
+        """Call every callback added for ``event`` with this trainer, in the order added."""
         for callback in self.events.get(event, []):
             callback(self)
 
@@ -280,6 +284,7 @@ class Trainer:
     # ---- the loop's set-up ---------------------------------------------------------------------
     @property
     def te_lr(self) -> float:
+        """The text encoder's learning rate: ``text_encoder_lr``, or ``lr`` when that is None."""
         return self.cfg.lr if self.cfg.text_encoder_lr is None else self.cfg.text_encoder_lr
 
     def _make_optimizer(self, roots, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
@@ -341,7 +346,7 @@ class Trainer:
             self.targets = self.backend.lora_targets(self.cfg.preset, self.cfg.train_text_encoder)
         return self.targets
 
-    def memory_estimate(self):
+    def memory_estimate(self) -> MemoryEstimate | None:
         """This run's expected peak memory (``memory.MemoryEstimate``), None if the backend cannot tell.
 
         Computed once: a host may ask before ``run()`` (to reserve memory), which then reports the same.
@@ -362,6 +367,7 @@ class Trainer:
 
     # ---- output --------------------------------------------------------------------------------
     def metadata(self, steps_done: int) -> dict[str, str]:
+        """The LoRA file's training metadata (kohya ``ss_*`` keys and ours) as of ``steps_done``."""
         from ..lora.metadata import training_metadata
 
         be = self.backend
