@@ -251,6 +251,13 @@ def test_trigger_placeholder_prefix_suffix_and_dedupe(tagger, tmp_path):
     assert place_trigger("Sks, dog", "sks") == "Sks, dog"  # already first
 
 
+def test_a_caption_file_holding_the_trigger_anywhere_does_not_get_it_again():
+    """The caption files a captioner writes follow the trainer's rule: "a photo of sks dog" stays as written."""
+    assert CaptionFormat(trigger="sks").apply("a photo of sks dog") == "a photo of sks dog"
+    assert CaptionFormat(trigger="sks").apply("a photo of a SKS dog") == "a photo of a SKS dog"
+    assert CaptionFormat(trigger="sks").apply("a photo of skschool") == "sks, a photo of skschool"  # a word, not a part
+
+
 def test_existing_captions_survive_unless_overwrite_and_then_are_backed_up(tagger, tmp_path):
     folder = make_photos(tmp_path / "data", {"a.png": (255, 0, 0), "b.png": (255, 0, 0), "c.png": (255, 0, 0)})
     (folder / "a.txt").write_text("my careful caption\n")

@@ -1,8 +1,8 @@
 """Caption files: the caption a captioner's text becomes, captioning a folder, bulk edits.
 
 The tag and trigger rules are those of ``captions`` (the trainer's): ``[trigger]`` is replaced by the
-trigger word, otherwise :class:`CaptionFormat` puts the trigger first unless the caption already
-starts with it, and :class:`CaptionEdit` unless it holds it anywhere.
+trigger word, otherwise the trigger is put first unless the caption already holds it as a word, anywhere:
+a caption file and the caption a step trains on agree.
 
 :func:`caption_folder` writes one sidecar per image (``name.txt`` beside ``name.png``, kohya
 ``N_concept`` sub-folders included), keeps every existing caption unless asked to overwrite, and
@@ -287,7 +287,7 @@ class CaptionEdit:
             edited = dedupe_tags(edited)
         if edited != tags:  # tags untouched: keep the text as it was written
             text = join_tags(edited)
-        return place_trigger(text, self.trigger, anywhere=True)  # not added twice (e.g. where old_trigger was)
+        return place_trigger(text, self.trigger)  # not added twice (e.g. where old_trigger was)
 
 
 @dataclass

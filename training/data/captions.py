@@ -9,8 +9,7 @@ sentence is one tag). The trainer (:func:`build_caption`) and the caption-file t
 * Otherwise the trigger is prefixed as the first tag, unless the caption already holds it as a word
   anywhere (case-insensitive: CLIP lower-cases text), so "a photo of sks dog" stays as written. A
   leading trigger (prefixed or written first) is *always kept in front*, and ``keep_tokens`` counts
-  the caption's own tags after it. (:class:`~.caption_files.CaptionFormat` checks only the start:
-  ``place_trigger(..., anywhere=False)``.)
+  the caption's own tags after it. Caption files written by a captioner follow the same rule.
 * ``caption_dropout`` empties the whole caption, trigger included (as kohya does).
 """
 
@@ -98,17 +97,15 @@ def starts_with_trigger(caption: str, trigger: str, sep: str = ",") -> bool:
     return rest == "" or rest[0].isspace() or rest.startswith(sep)
 
 
-def place_trigger(caption: str, trigger: str, sep: str = ",", anywhere: bool = False) -> str:
-    """``[trigger]`` replaced by ``trigger``; else ``trigger`` put first unless already there.
-
-    "Already there" is at the start, or with ``anywhere`` as a word anywhere in the caption (the
-    trainer's rule). An empty trigger removes ``[trigger]`` without leaving an empty tag.
+def place_trigger(caption: str, trigger: str, sep: str = ",") -> str:
+    """``[trigger]`` replaced by ``trigger``; else ``trigger`` put first unless the caption already holds it
+    as a word, anywhere (case-insensitive). An empty trigger removes ``[trigger]`` without leaving an empty tag.
     """
     caption, trigger = caption.strip(), trigger.strip()
     if TRIGGER_PLACEHOLDER in caption:
         caption = caption.replace(TRIGGER_PLACEHOLDER, trigger)
         return caption if trigger else join_tags(split_tags(caption, sep), sep)
-    if not trigger or starts_with_trigger(caption, trigger, sep) or (anywhere and holds_trigger(caption, trigger)):
+    if not trigger or starts_with_trigger(caption, trigger, sep) or holds_trigger(caption, trigger):
         return caption
     return f"{trigger}{_joiner(sep)}{caption}" if caption else trigger
 
@@ -121,7 +118,7 @@ def build_caption(raw: str, cfg: DatasetConfig, rng: random.Random) -> str:
     caption = (raw or "").strip()
     trigger = cfg.trigger.strip()
     sep = cfg.tag_separator
-    placed = place_trigger(caption, trigger, sep, anywhere=True)
+    placed = place_trigger(caption, trigger, sep)
     n_front = 0  # leading tags that are the trigger (prefixed or written first): always kept in front
     if trigger and TRIGGER_PLACEHOLDER not in caption and starts_with_trigger(placed, trigger, sep):
         n_front = len(split_tags(trigger, sep)) or 1

@@ -46,15 +46,12 @@ class AccelerateDist(Dist):
         """Average ``tensors`` across ranks in place, with one all-reduce over a flat buffer."""
         if self.world == 1 or not tensors:
             return
-        import torch.distributed as td
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        from accelerate.utils import reduce
 
         # One all-reduce per step over a flat buffer, not one per LoRA tensor.
-        flat = _flatten_dense_tensors(tensors)
-        td.all_reduce(flat, op=td.ReduceOp.SUM)
-        flat /= self.world
-        for t, r in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-            t.copy_(r)
+        flat = reduce(torch.cat([t.detach().reshape(-1) for t in tensors]), reduction="mean")
+        for t, r in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(r.view_as(t))
 
     def barrier(self) -> None:
         """Wait until every rank gets here (Accelerate's ``wait_for_everyone``)."""
