@@ -169,7 +169,7 @@ def load_into(roots: dict[str, nn.Module], targets: list[LoraTarget], lora: Lora
                 state[f"{path}.lora_magnitude_vector"] = m.dora_scale.flatten()
             # peft's state dict carries no alpha (it lives in the LoraConfig given at injection), so a LoRA
             # whose alpha differs from the injected one gets its scale through peft's set_scale, a factor
-            # on lora_alpha / r (tests/test_train.py::test_load_into_keeps_the_loras_alpha).
+            # on lora_alpha / r (tests/test_network.py shows the library alone keeps the injected scale).
             if layer.lora_alpha[ADAPTER] != m.alpha:
                 layer.set_scale(ADAPTER, m.alpha / layer.lora_alpha[ADAPTER])
         if state:
