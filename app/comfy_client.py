@@ -20,8 +20,8 @@ import urllib.request
 import uuid
 from typing import Callable
 
-from .workflow_runner import PromptInvalidError, PromptRun
 from ..training.errors import LoraWorkbenchError
+from .workflow_runner import PromptInvalidError, PromptRun
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..training.model.backend import Backend
 from ..training.config import DatasetConfig, TrainConfig, listing
-from ..training.data.dataset import scan_folder
+from ..training.data.dataset import class_config, scan_folder
 from ..training.train.checkpoints import step_files
 from ..training.train.distributed import Dist
 from ..training.train.state import read_state_info, state_dir_for
@@ -125,15 +125,6 @@ def _state_of_run(folder: Path, run_id: str) -> bool:
         return False
 
 
-def _class_records(dcfg: DatasetConfig, class_dir: Path, class_prompt: str):
-    """The class images as records: same bucketing as the instance set, captions default to the prompt."""
-    import dataclasses
-
-    ccfg = dataclasses.replace(dcfg, path=str(class_dir), trigger="", default_caption=class_prompt,
-                               shuffle_tags=False, caption_dropout=0.0, repeats=1)
-    return scan_folder(ccfg)
-
-
 def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[[], Backend], out_dir: Path,
                  overwrite: bool = False, callbacks: TrainCallbacks | None = None,
                  class_dir: Path | None = None, class_prompt: str = "", resume_from: Path | None = None,
@@ -167,7 +158,7 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
                                           tcfg.num_class_images, class_dir, seed=tcfg.seed,
                                           progress=lambda done, total: cb.on_progress("class images", done, total))
                 dist.barrier()
-            class_records = _class_records(dcfg, class_dir, class_prompt)
+            class_records = scan_folder(class_config(dcfg, class_prompt, str(class_dir)))
         trainer = Trainer(backend, TrainData(records, dcfg, class_records, class_prompt), tcfg, cb,
                           RunOptions(output_dir=out_dir, resume_from=resume_from, overwrite=overwrite, dist=dist))
         result = trainer.run()

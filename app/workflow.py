@@ -35,9 +35,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..training.errors import LoraWorkbenchError
 from .editor_text import dynamic_prompt, format_date, js_str
 from .widgets import Widget, build_widgets, declared_inputs, migrate_values, ordered_inputs
-from ..training.errors import LoraWorkbenchError
 
 MODE_NEVER = 2  # "muted" in the editor
 MODE_BYPASS = 4

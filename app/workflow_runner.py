@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from ..nodes.comfy import events as lw_events
-from .workflow import WorkflowError, is_api_format, load_workflow, ui_to_api
 from ..training.errors import LoraWorkbenchError
+from .workflow import WorkflowError, is_api_format, load_workflow, ui_to_api
 
 Message = tuple[str, dict]  # (event, data) as ComfyUI sends it to its client
 

@@ -64,9 +64,10 @@ class _FileTensors(Mapping):
     def __init__(self, handle):
         self._handle = handle
         self._keys = list(handle.keys())
+        self._known = set(self._keys)
 
     def __getitem__(self, key):
-        if key not in self._keys:
+        if key not in self._known:
             raise KeyError(key)
         return self._handle.get_tensor(key)
 
@@ -77,7 +78,7 @@ class _FileTensors(Mapping):
         return len(self._keys)
 
     def __contains__(self, key):
-        return key in self._keys
+        return key in self._known
 
 
 def verify_checkpoint(path, model, expected_keys) -> None:

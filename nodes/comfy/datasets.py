@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from ...training.config import DatasetConfig
-from ...training.data.dataset import records_from_images, scan_folder
+from ...training.data.dataset import class_config, records_from_images, scan_folder
 from ..types import ClassImagesPayload
 
 
@@ -13,9 +11,7 @@ def class_records(payload: ClassImagesPayload | None, cfg: DatasetConfig):
     """Class images as records bucketed like the instance set (captions default to the class prompt)."""
     if payload is None:
         return None
-    ccfg = dataclasses.replace(cfg, path=payload.folder or "class images", trigger="",
-                               default_caption=payload.prompt, shuffle_tags=False, caption_dropout=0.0,
-                               repeats=1, flip=False)
+    ccfg = class_config(cfg, payload.prompt, payload.folder or "class images", flip=False)
     if payload.images is not None:
         return records_from_images(payload.images, [payload.prompt], ccfg, concept="class")
     return scan_folder(ccfg)

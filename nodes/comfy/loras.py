@@ -22,6 +22,7 @@ import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+from ...training.errors import LoraWorkbenchError
 from ...training.lora.block_weights import BlockWeightError, BlockWeights, apply_block_weights, parse_block_weights
 from ...training.lora.files import lora_state_dict
 from ...training.lora.formats import detect_arch, load_lora
@@ -29,7 +30,6 @@ from ...training.lora.metadata import trigger_words
 from ...training.lora.prompt_syntax import resolve_lora_name
 from ...training.model.archs import ARCH_TABLE, UNKNOWN
 from .families import model_family
-from ...training.errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from collections import Counter
 from typing import Iterable
 
 from ..config import DatasetConfig
-from .images import ImageRecord
 from ..errors import LoraWorkbenchError
+from .images import ImageRecord
 
 TRIGGER_PLACEHOLDER = "[trigger]"
 

@@ -12,6 +12,7 @@ before any model loads, and all problems are reported together in one :class:`Da
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
 import logging
@@ -159,6 +160,14 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
                 root, len(records), sum(r.repeats for r in records),
                 len({r.bucket for r in records}), no_caption)
     return records
+
+
+def class_config(cfg: DatasetConfig, class_prompt: str, path: str, flip: bool | None = None) -> DatasetConfig:
+    """The dataset settings of DreamBooth class images beside the instance set ``cfg``: bucketed alike, no
+    trigger, captions default to ``class_prompt``, never shuffled, dropped or repeated; ``flip`` as the
+    instance set unless given."""
+    return dataclasses.replace(cfg, path=path, trigger="", default_caption=class_prompt, shuffle_tags=False,
+                               caption_dropout=0.0, repeats=1, flip=cfg.flip if flip is None else flip)
 
 
 def records_from_images(images: ImageBatch, captions: str | list[str], cfg: DatasetConfig,

@@ -28,10 +28,10 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import LoraWorkbenchError
 from ..model import keys as uk
 from ..model.archs import ARCH_TABLE
 from .files import LoraModule, LoraWeights
-from ..errors import LoraWorkbenchError
 
 OTHER = "OTHER"  # modules outside LBW's blocks: always weight 1
 

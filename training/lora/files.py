@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from ..config import SAVE_DTYPES
+from ..errors import LoraWorkbenchError
 from ..fsutil import FileExistsNoOverwriteError, atomic_write
 from ..model import keys as uk
 from ..model.archs import ARCHS, UNKNOWN
-from ..errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .files import HASH_KEYS, LoraModule, LoraWeights
 from ..errors import LoraWorkbenchError
+from .files import HASH_KEYS, LoraModule, LoraWeights
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..errors import LoraWorkbenchError
 from . import keys as uk
 from ..lora.network import LoraTarget, kohya_name_fn, select_text_encoder_targets, select_unet_targets
-from ..errors import LoraWorkbenchError
 
 if TYPE_CHECKING:
     from ..train.memory import ModelShape

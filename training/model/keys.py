@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping, Union
 
-from .archs import ARCH_TABLE, ARCHS
 from ..errors import LoraWorkbenchError
+from .archs import ARCH_TABLE, ARCHS
 
 # LDM ResBlock child -> diffusers ResnetBlock2D child.
 RESNET_NAMES = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),

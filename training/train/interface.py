@@ -10,9 +10,9 @@ import torch
 
 from ..config import DatasetConfig
 from ..data.images import ImageRecord
+from ..errors import LoraWorkbenchError
 from ..lora.files import LoraWeights
 from .distributed import Dist
-from ..errors import LoraWorkbenchError
 
 if TYPE_CHECKING:
     from .memory import MemoryEstimate

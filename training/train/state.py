@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
+from ..errors import LoraWorkbenchError
 from ..fsutil import umask_mode
 from ..lora.files import LoraWeights, save_lora
 from ..lora.formats import load_lora
-from ..errors import LoraWorkbenchError
 
 log = logging.getLogger(__name__)
 
