@@ -17,8 +17,6 @@ const EXTENSION = "LoraWorkbench.Frontend";
 const TRAIN_EVENTS = Object.freeze({
   step: "lw.train.step", preview: "lw.train.preview", memory: "lw.train.memory", saved: "lw.train.saved",
 });
-// ComfyUI's own text widget for a node's progress text (the frontend's useNodeProgressText).
-const HOST_PROGRESS_TEXT = "$$node-text-preview";
 const TRAIN_NODES = new Set(["LW_TrainLoRA", "LW_ResumeTraining"]);
 const STACK_NODE = "LW_LoraStack";
 const NONE = "None";
@@ -310,20 +308,6 @@ function listenForTraining() {
     if (!state) return;
     state.memory.textContent = detail.text ?? "";
     fit(state.node);
-  }));
-  // The node also sends its memory estimate as progress text, which ComfyUI shows in a text widget of
-  // its own: on our nodes the view's memory line shows it already, so take that widget out again (as
-  // ComfyUI does when a run starts) once ComfyUI's listener has added it.
-  api.addEventListener("progress_text", safely("progress_text", ({ detail }) => {
-    const node = graphNode(detail?.nodeId);
-    if (!node?.lwTrain) return;
-    setTimeout(safely("progress_text", () => {
-      const index = node.widgets?.findIndex((w) => w.name === HOST_PROGRESS_TEXT) ?? -1;
-      if (index < 0) return;
-      node.widgets[index].onRemove?.();
-      node.widgets.splice(index, 1);
-      fit(node);
-    }), 0);
   }));
   api.addEventListener(TRAIN_EVENTS.saved, safely(TRAIN_EVENTS.saved, ({ detail }) => {
     const state = graphNode(detail?.node)?.lwTrain;
