@@ -10,6 +10,7 @@ import torch
 from lora_workbench.training.model.backend import DiffusersBackend
 from lora_workbench.training.config import DatasetConfig
 from lora_workbench.training.model.tiny import build_tiny_components
+from lora_workbench.training.train.interface import TrainCallbacks
 
 
 def make_images(folder: Path, n: int = 4, size: int = 32, seed: int = 0, captions: bool = True) -> Path:
@@ -70,3 +71,16 @@ def unet_diffusers_to_ldm(arch) -> dict[str, str]:
     from lora_workbench.training.model.keys import unet_ldm_to_diffusers
 
     return {v: k for k, v in unet_ldm_to_diffusers(arch).items()}
+
+
+class StopAt(TrainCallbacks):
+    """Stops a run once it has finished ``step`` steps (a cancel at a known step)."""
+
+    def __init__(self, step):
+        self.step, self.seen = step, 0
+
+    def on_step(self, step, total, loss, lr):
+        self.seen = step
+
+    def should_stop(self):
+        return self.seen >= self.step

@@ -9,20 +9,11 @@ from lora_workbench.training.train.state import ResumeError, load_state
 from lora_workbench.training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer
 
 from helpers import make_images, tiny_backend, tiny_dataset_cfg
+from helpers import StopAt
 
 BASE = dict(rank=4, alpha=4, preset="attn_ff", steps=20, lr=2e-3, batch_size=2, seed=11,
             train_text_encoder=True, lr_scheduler="cosine", warmup_steps=3, output_name="r")
 
-
-class StopAt(TrainCallbacks):
-    def __init__(self, step):
-        self.step, self.seen = step, 0
-
-    def on_step(self, step, total, loss, lr):
-        self.seen = step
-
-    def should_stop(self):
-        return self.seen >= self.step
 
 
 class CrashAt(TrainCallbacks):

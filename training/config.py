@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +22,17 @@ SAVE_DTYPES = ("fp16", "bf16", "fp32")
 LOSSES = ("mse", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "snr", "exponential")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "sgd")
-PREDICTIONS = (None, "epsilon", "v_prediction")
+PREDICTIONS = (None, "epsilon", "v_prediction", "flow")
+# How training timesteps are drawn. "default" is the model's own practice (Backend.timestep_sampling_default:
+# uniform for SD, flux_shift for Flux dev and Chroma, logit_normal for schnell); DDPM models (epsilon,
+# v_prediction) take default/uniform/logit_normal, flow models every one (see schedules.sample_flow_sigmas).
+TIMESTEP_SAMPLINGS = ("default", "uniform", "logit_normal", "shift", "flux_shift")
+DDPM_TIMESTEP_SAMPLINGS = ("default", "uniform", "logit_normal")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # caption sidecars the dataset reads, in this order
 # The allowed values of each option that has a fixed set: validation below and the CLI's choices.
 CHOICES = {"preset": PRESETS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS, "save_dtype": SAVE_DTYPES,
            "loss_type": LOSSES, "huber_schedule": HUBER_SCHEDULES, "optimizer": OPTIMIZER_NAMES,
-           "prediction_type": PREDICTIONS}
+           "prediction_type": PREDICTIONS, "timestep_sampling": TIMESTEP_SAMPLINGS}
 
 
 class ConfigError(LoraWorkbenchError, ValueError):
@@ -109,7 +115,11 @@ class TrainConfig:
     loss_type: str = "mse"  # mse | l1 | huber | smooth_l1
     huber_c: float = 0.1  # Huber threshold (huber / smooth_l1 losses), > 0
     huber_schedule: str = "snr"  # constant | snr | exponential (kohya's schedules for the Huber threshold)
-    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (5 is the paper's value)
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (5 is the paper's value; DDPM models only)
+    timestep_sampling: str = "default"  # default (the model's practice) | uniform | logit_normal | shift | flux_shift
+    logit_mean: float = 0.0  # mean of the logit-normal draw (logit_normal, shift, flux_shift)
+    logit_std: float = 1.0  # std of the logit-normal draw, > 0
+    flow_shift: float | None = None  # shift of timestep_sampling "shift" (None: the model's own, e.g. 3.0 for SD3)
     noise_offset: float = 0.0  # per-channel offset noise: lets the model learn very dark/bright images
     pyramid_noise_iterations: int = 0  # multi-resolution noise, off by default
     pyramid_noise_discount: float = 0.4  # weight of each coarser noise level, in (0, 1)
@@ -163,6 +173,21 @@ class TrainConfig:
         check.need(self.huber_c > 0, "huber_c", self.huber_c, "use a positive threshold such as 0.1")
         check.need(self.min_snr_gamma is None or self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma,
                    "use None (off) or a positive gamma such as 5")
+        flow = self.prediction_type == "flow"
+        ddpm = self.prediction_type in ("epsilon", "v_prediction")
+        check.need(not (flow and self.min_snr_gamma), "min_snr_gamma", self.min_snr_gamma,
+                   "Min-SNR weighting needs a DDPM noise schedule; flow models have none: use None")
+        check.need(not (ddpm and self.timestep_sampling not in DDPM_TIMESTEP_SAMPLINGS), "timestep_sampling",
+                   self.timestep_sampling, f"{self.prediction_type} models take one of "
+                   f"{', '.join(DDPM_TIMESTEP_SAMPLINGS)}; shift and flux_shift are for flow models")
+        check.need(isinstance(self.logit_mean, (int, float)) and math.isfinite(self.logit_mean), "logit_mean",
+                   self.logit_mean, "use a finite number; 0.0 centres the draws on sigma 0.5")
+        check.need(isinstance(self.logit_std, (int, float)) and math.isfinite(self.logit_std) and self.logit_std > 0,
+                   "logit_std", self.logit_std, "use a positive number; 1.0 is SD3's")
+        check.need(self.flow_shift is None or (isinstance(self.flow_shift, (int, float))
+                                               and math.isfinite(self.flow_shift) and self.flow_shift > 0),
+                   "flow_shift", self.flow_shift, "use None (the model's own shift) or a positive number such "
+                   "as 3.0; 1.0 is no shift")
         check.need(self.noise_offset >= 0, "noise_offset", self.noise_offset,
                    "use 0 (off) or a small value such as 0.05")
         check.need(self.pyramid_noise_iterations >= 0 and 0 < self.pyramid_noise_discount < 1, "pyramid_noise",

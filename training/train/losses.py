@@ -218,6 +218,30 @@ def huber_c_for(t: torch.Tensor, num_timesteps: int, huber_c: float, schedule: s
     return (1.0 - huber_c) / (1.0 + sigma) ** 2 + huber_c
 
 
+
+def huber_c_for_flow(sigma: torch.Tensor, huber_c: float, schedule: str, huber_scale: float = 1.0) -> torch.Tensor:
+    """Per-sample Huber threshold c for a flow model at sigmas ``sigma`` in [0, 1] (fp32, on sigma's device).
+
+    :func:`huber_c_for` with sigma in place of t / T:
+        constant:     huber_c * huber_scale
+        exponential:  huber_c ** sigma * huber_scale  (kohya's formula with t = 1000 sigma, T = 1000, as
+                      sd-scripts runs it for Flux)
+        snr:          (1 - huber_c) / (1 + r)**2 + huber_c with r = sigma / (1 - sigma), the flow path's
+                      noise-to-signal ratio (what sqrt((1 - a_t) / a_t) is for DDPM): (1 - huber_c)(1 - sigma)**2
+                      + huber_c, 1 at clean sigmas falling to huber_c at pure noise. sd-scripts has no
+                      "snr" for flow models; this is its direct analogue.
+    """
+    if schedule not in HUBER_SCHEDULES:
+        raise ValueError(f"huber_schedule={schedule!r} is not supported; use one of {', '.join(HUBER_SCHEDULES)}")
+    if not (math.isfinite(huber_c) and huber_c > 0):
+        raise ValueError(f"huber_c={huber_c!r} is not allowed: use a positive number such as 0.1")
+    s = torch.as_tensor(sigma).float()
+    if schedule == "constant":
+        return torch.full(s.shape, huber_c * huber_scale, dtype=torch.float32, device=s.device)
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) * s) * huber_scale
+    return (1.0 - huber_c) * (1.0 - s).square() + huber_c
+
 # ---- DreamBooth prior preservation -----------------------------------------------------------------
 def prior_preservation_loss(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_weight: float
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Preview images during training: a small DDIM sampler over the backend's own denoiser.
+"""Preview images during training: a small DDIM sampler (DDPM models) or Euler sampler (flow models)
+over the backend's own denoiser.
 
 It runs on the model as it is being trained (LoRA layers active), so a host sees what the LoRA
 does at step N without loading anything twice.
@@ -39,14 +40,20 @@ def preview_on_step(trainer: Trainer) -> None:
 
 @torch.no_grad()
 def sample_preview(backend: Backend, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
-                   width: int = 512, height: int = 512, guidance: float = 7.0, latent_channels: int = 4,
+                   width: int = 512, height: int = 512, guidance: float | None = None, latent_channels: int = 4,
                    latent_factor: int = 8) -> torch.Tensor:
-    """One image [1, H, W, 3] in 0..1 for ``prompt`` (deterministic DDIM, eta 0, classifier-free guidance)."""
+    """One image [1, H, W, 3] in 0..1 for ``prompt``: deterministic DDIM (eta 0) for DDPM models, Euler over
+    ``backend.flow_sigmas`` for flow models. ``guidance``: the classifier-free guidance scale (None: the
+    backend's ``preview_guidance``; 1 skips the negative pass)."""
+    guidance = backend.preview_guidance if guidance is None else guidance
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, latent_channels, height // latent_factor, width // latent_factor), generator=g)
+    if backend.prediction_type == "flow":
+        return backend.decode_latents(_flow_euler(backend, prompt, negative, noise, steps, guidance))
     alphas = backend.alphas_cumprod().float()
     T = alphas.shape[0]
     dev = backend.device
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, latent_channels, height // latent_factor, width // latent_factor), generator=g).to(dev)
+    x = noise.to(dev)
     cond = backend.cat_cond([backend.encode_prompts([prompt]), backend.encode_prompts([negative])])
     ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
     for i, t in enumerate(ts):
@@ -61,3 +68,24 @@ def sample_preview(backend: Backend, prompt: str, negative: str = "", seed: int 
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return backend.decode_latents(x)
+
+
+def _flow_euler(backend: Backend, prompt: str, negative: str, noise: torch.Tensor, steps: int,
+                guidance: float) -> torch.Tensor:
+    """Euler over the family's sigmas (ComfyUI's "euler" sampler with its schedule): x += (s_next - s) v,
+    starting from sigma_0 * noise (an empty latent noised as ComfyUI's CONST does)."""
+    dev = backend.device
+    sigmas = [float(s) for s in backend.flow_sigmas(steps, tuple(noise.shape))]
+    use_cfg = guidance != 1
+    cond = backend.sampling_cond(backend.encode_prompts([prompt]))
+    if use_cfg:
+        cond = backend.cat_cond([cond, backend.sampling_cond(backend.encode_prompts([negative]))])
+    x = noise.to(dev) * sigmas[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        n = 2 if use_cfg else 1
+        v = backend.predict(torch.cat([x] * n), torch.full((n,), s, device=dev, dtype=torch.float32), cond).float()
+        if use_cfg:
+            v_c, v_u = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        x = x + (s_next - s) * v
+    return x

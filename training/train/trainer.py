@@ -27,7 +27,7 @@ import torch
 from . import losses as L
 from ..lora import network
 from ..model.backend import Backend
-from ..config import DatasetError, TrainConfig
+from ..config import ConfigError, DatasetError, TrainConfig
 from ..data.dataset import ImageDataset, dataset_fingerprint
 from .batches import Batches
 from .checkpoints import Checkpoints
@@ -36,7 +36,8 @@ from ..interrupt import signals_held
 from ..lora.files import LoraWeights
 from .optim import make_optimizer
 from .preview import preview_on_step
-from .schedules import add_noise, make_lr_scheduler, target_for
+from .schedules import (FLOW_SAMPLINGS, add_noise, flow_add_noise, flow_target, make_lr_scheduler,
+                        sample_flow_sigmas, target_for)
 from .state import TrainingState, check_compatible, load_state
 
 if TYPE_CHECKING:
@@ -109,14 +110,25 @@ class Trainer:
             callback(self)
 
     def _noise(self, gen: torch.Generator, shape: tuple, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps for a whole global batch, drawn on the CPU in a fixed order."""
+        """Noise, then timesteps (DDPM: integers; flow: sigmas in [0, 1]) for a whole global batch, drawn on
+        the CPU in that fixed order from the one generator, so a resumed run draws what an unbroken one would."""
         cfg = self.cfg
         noise = torch.randn(shape, generator=gen)
         if cfg.noise_offset:
             noise = L.apply_noise_offset(noise, cfg.noise_offset, gen)
         if cfg.pyramid_noise_iterations:
             noise = L.pyramid_noise_like(noise, gen, cfg.pyramid_noise_iterations, cfg.pyramid_noise_discount)
-        t = torch.randint(0, self._n_train_t, (shape[0],), generator=gen)
+        n, sampling = shape[0], self.timestep_sampling()
+        if self.prediction() == "flow":
+            patch = self.backend.patch_size
+            t = sample_flow_sigmas(gen, n, sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                                   shift=self.flow_shift(), image_tokens=(shape[-2] // patch) * (shape[-1] // patch))
+        elif sampling == "logit_normal":
+            # A logit-normal u in (0, 1) as a DDPM timestep: floor(u * T).
+            u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=gen))
+            t = (u * self._n_train_t).long().clamp(max=self._n_train_t - 1)
+        else:  # uniform: exactly the draw of runs made before the other samplings existed
+            t = torch.randint(0, self._n_train_t, (n,), generator=gen)
         return noise.to(dev), t.to(dev)
 
     # ---- the run -------------------------------------------------------------------------------
@@ -132,6 +144,7 @@ class Trainer:
         roots = be.roots()
         if not self.lora_targets():
             raise TrainingError(f"preset {cfg.preset!r} found no layers to train in this model")
+        self.check_objective()
         estimate = self.memory_estimate()
         if estimate is not None:
             log.info("expected peak memory on %s: %s", be.device, estimate.summary())
@@ -152,7 +165,7 @@ class Trainer:
                                 devices=be.compute_devices())
         try:
             if state is not None:
-                network.load_into(roots, self.targets, state.lora)
+                network.load_into(roots, self.targets, be.split_lora(state.lora))
             return self._loop(roots, params, state)
         finally:
             if not keep_injected:
@@ -169,9 +182,11 @@ class Trainer:
         use_amp = cfg.mixed_precision != "no"
         amp_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
         self.scaler = self._grad_scaler()
-        alphas = be.alphas_cumprod()
-        prediction = cfg.prediction_type or be.prediction_type
-        self._n_train_t = alphas.shape[0]
+        prediction = self.prediction()
+        flow = prediction == "flow"
+        # Flow models have no DDPM table: sigma in [0, 1] is their timestep.
+        alphas = None if flow else be.alphas_cumprod()
+        self._n_train_t = 0 if flow else alphas.shape[0]
         # One generator for noise and timesteps, on the CPU: the same seed gives the same run on any device.
         gen = torch.Generator().manual_seed(cfg.seed)
         batches = self.batches.micro_batches()
@@ -209,8 +224,11 @@ class Trainer:
                     noise, t = self._noise(gen, (g_n, *x0.shape[1:]), dev)
                     sl = pos + ([len(mb.idx) + p for p in pos] if has_prior else [])
                     noise, t = noise[sl], t[sl]
-                    x_t = add_noise(x0, noise, alphas, t)
-                    target = target_for(prediction, x0, noise, alphas, t)
+                    if flow:
+                        x_t, target = flow_add_noise(x0, noise, t), flow_target(x0, noise)
+                    else:
+                        x_t = add_noise(x0, noise, alphas, t)
+                        target = target_for(prediction, x0, noise, alphas, t)
                     with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
                         cache = cfg.cache_text_embeddings and not te_trains
                         cond = self.batches.cond(self.batches.captions(mb, pos), use_cache=cache)
@@ -218,10 +236,12 @@ class Trainer:
                         pred = be.predict(x_t, t, cond)
                     # The loss in fp32 whatever the autocast dtype.
                     huber_c = None
-                    if cfg.loss_type in ("huber", "smooth_l1"):
+                    if cfg.loss_type in ("huber", "smooth_l1") and flow:
+                        huber_c = L.huber_c_for_flow(t, cfg.huber_c, cfg.huber_schedule)
+                    elif cfg.loss_type in ("huber", "smooth_l1"):
                         huber_c = L.huber_c_for(t, self._n_train_t, cfg.huber_c, cfg.huber_schedule, alphas)
                     per = L.per_sample_loss(pred, target, cfg.loss_type, huber_c)
-                    if cfg.min_snr_gamma:
+                    if cfg.min_snr_gamma:  # DDPM only (check_objective)
                         per = per * L.min_snr_weights(alphas, t, cfg.min_snr_gamma, prediction)
                     if has_prior:
                         is_prior = torch.arange(per.shape[0], device=per.device) >= len(pos)
@@ -346,6 +366,40 @@ class Trainer:
             self.targets = self.backend.lora_targets(self.cfg.preset, self.cfg.train_text_encoder)
         return self.targets
 
+    def prediction(self) -> str:
+        """What the model predicts in this run: ``cfg.prediction_type``, else the backend's
+        ("epsilon", "v_prediction" or "flow")."""
+        return self.cfg.prediction_type or self.backend.prediction_type
+
+    def timestep_sampling(self) -> str:
+        """The timestep sampling this run uses: ``cfg.timestep_sampling``, with "default" resolved to the
+        backend's ``timestep_sampling_default`` (uniform for SD; Flux dev and Chroma flux_shift)."""
+        sampling = self.cfg.timestep_sampling
+        return self.backend.timestep_sampling_default if sampling == "default" else sampling
+
+    def flow_shift(self) -> float:
+        """The shift of timestep sampling "shift": ``cfg.flow_shift``, else the model's own (``backend.flow_shift``)."""
+        return self.cfg.flow_shift if self.cfg.flow_shift is not None else self.backend.flow_shift
+
+    def check_objective(self) -> None:
+        """Raise ``ConfigError`` when an option does not fit the model's objective (checked at run start,
+        before anything loads): a flow objective for a DDPM model or the reverse, Min-SNR with a flow model, a
+        flow sampling with a DDPM model and the reverse."""
+        cfg, prediction, sampling = self.cfg, self.prediction(), self.timestep_sampling()
+        if (prediction == "flow") != (self.backend.prediction_type == "flow"):
+            raise ConfigError(f"prediction_type={cfg.prediction_type!r} does not fit this model, which is trained as "
+                              f"{self.backend.prediction_type!r}; leave prediction_type unset (None)")
+        if prediction == "flow":
+            if cfg.min_snr_gamma:
+                raise ConfigError(f"min_snr_gamma={cfg.min_snr_gamma!r} does not apply to this flow-matching model "
+                                  "(Min-SNR weighting needs a DDPM noise schedule); set min_snr_gamma to None")
+            if sampling not in FLOW_SAMPLINGS:
+                raise ConfigError(f"the model's default timestep sampling {sampling!r} is not a flow sampling; "
+                                  f"set timestep_sampling to one of {', '.join(FLOW_SAMPLINGS)}")
+        elif sampling not in ("uniform", "logit_normal"):
+            raise ConfigError(f"timestep_sampling={sampling!r} is for flow-matching models, and this model predicts "
+                              f"{prediction!r} with a DDPM schedule; use default, uniform or logit_normal")
+
     def memory_estimate(self) -> MemoryEstimate | None:
         """This run's expected peak memory (``memory.MemoryEstimate``), None if the backend cannot tell.
 
@@ -371,15 +425,23 @@ class Trainer:
         from ..lora.metadata import training_metadata
 
         be = self.backend
+        # The sampling actually used (lw_config holds cfg's "default"), and for flow models the shift.
+        facts = {"timestep_sampling": self.timestep_sampling()}
+        flow = self.prediction() == "flow"
+        if flow:
+            facts["flow_shift"] = self.flow_shift()
         return training_metadata(self.cfg, self.dcfg, self.records, arch=be.arch, steps_done=steps_done,
                                  model_name=be.model_name, model_prediction=be.prediction_type,
                                  class_records=self.class_records, class_prompt=self.class_prompt,
-                                 started_at=self.started_at, run_id=self.run_id)
+                                 started_at=self.started_at, run_id=self.run_id, extra=facts,
+                                 variant=getattr(be, "variant", None), guidance_scale=getattr(be, "train_guidance", None),
+                                 timestep_sampling=facts["timestep_sampling"] if flow else None)
 
     def lora_weights(self, step: int) -> LoraWeights:
         """The LoRA as trained at ``step``, without metadata; read out of the model once per step."""
         if self._extracted is None or self._extracted[0] != step:
-            self._extracted = (step, network.extract(self.backend.roots(), self.targets, arch=self.backend.arch))
+            lora = network.extract(self.backend.roots(), self.targets, arch=self.backend.arch)
+            self._extracted = (step, self.backend.finalize_lora(lora))
         return self._extracted[1]
 
     def extract(self, steps_done: int) -> LoraWeights:
