@@ -14,6 +14,16 @@ plain LoRA touches (its attention blocks, 17 / 12 values):
 As in LBW, blocks a short list does not name get weight 0 (they only hold conv / LoCon modules), and
 modules outside every block (``time_embed``, ``label_emb``, ``out``; block ``OTHER``) keep weight 1.
 
+Flux and Chroma (one block family, "flux") follow the ComfyUI Inspire pack's LoraLoaderBlockWeight, the
+loader that defines a Flux vector (``inspire/lora_block_weight.py`` ``load_lbw``, presets in
+``resources/lbw-preset.txt``): 58 values, ``BASE, D00..D18, S00..S37``, where ``Dnn`` is
+``double_blocks.nn`` and ``Snn`` is ``single_blocks.nn``. As there, ``BASE`` weighs everything outside
+the blocks: the text encoders and the transformer's outer layers (``img_in``, ``txt_in``, ``time_in``,
+``final_layer`` ...). Presets: ALL, NONE, ALL0.5, DOUBLE (BASE + double blocks), SINGLE (BASE + single
+blocks) and Inspire's FLUX-* names. Inspire fills the blocks after a short (20-value) vector with its
+last value, so its FLUX-DBL-ALL and FLUX-DBL-TAIL6 also keep every single block; here the DBL presets
+keep the double blocks they name and zero the single blocks, as their names say.
+
 Presets are LBW's (17 values, for SD1). For SDXL they are mapped by block name as LBW does, with one
 deliberate difference: LBW's presets do not name OUT00-OUT02, so LBW zeroes them and ``lbw=ALL``
 silently drops SDXL's three deepest output blocks; here those take the preset's OUT03 value, so ALL
@@ -29,6 +39,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import LoraWorkbenchError
+from ..model import dit_keys as dk
 from ..model import keys as uk
 from ..model.archs import ARCH_TABLE
 from .files import LoraModule, LoraWeights
@@ -65,11 +76,52 @@ def _sdxl_preset(sd1: tuple[float, ...]) -> tuple[float, ...]:
 # In SDXL_LORA_BLOCKS order.
 SDXL_PRESETS: dict[str, tuple[float, ...]] = {k: _sdxl_preset(v) for k, v in SD1_PRESETS.items()}
 
-_FAMILY = {a.name: a.unet_layout for a in ARCH_TABLE.values()}  # blocks follow the UNet's layout
-_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS}
-_SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS}
-_PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS}
+# Flux / Chroma: Inspire's order. The counts come from the table (both families: 19 + 38 blocks).
+_FLUX_DIT = ARCH_TABLE["flux"].dit
+DOUBLE_BLOCKS = tuple(f"D{i:02d}" for i in range(_FLUX_DIT.depth))
+SINGLE_BLOCKS = tuple(f"S{i:02d}" for i in range(_FLUX_DIT.depth_single))
+FLUX_BLOCKS = ("BASE", *DOUBLE_BLOCKS, *SINGLE_BLOCKS)
+
+
+def _flux_preset(double: set[str] | str, single: set[str] | str, base: float = 1.0, value: float = 1.0):
+    on = {*(DOUBLE_BLOCKS if double == "all" else double), *(SINGLE_BLOCKS if single == "all" else single)}
+    return (base, *(value if b in on else 0.0 for b in FLUX_BLOCKS[1:]))
+
+
+def _singles(lo: int, hi: int) -> set[str]:  # S<lo>..S<hi>, inclusive
+    return {f"S{i:02d}" for i in range(lo, hi + 1)}
+
+
+def _doubles(lo: int, hi: int) -> set[str]:
+    return {f"D{i:02d}" for i in range(lo, hi + 1)}
+
+
+# In FLUX_BLOCKS order.
+FLUX_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0.0,) * len(FLUX_BLOCKS),
+    "ALL": (1.0,) * len(FLUX_BLOCKS),
+    "ALL0.5": (0.5,) * len(FLUX_BLOCKS),
+    "DOUBLE": _flux_preset("all", set()),
+    "SINGLE": _flux_preset(set(), "all"),
+    "FLUX-ALL": (1.0,) * len(FLUX_BLOCKS),
+    "FLUX-DBL-ALL": _flux_preset("all", set()),
+    "FLUX-DBL-FRONT7": _flux_preset(_doubles(0, 6), set()),
+    "FLUX-DBL-MID6": _flux_preset(_doubles(7, 12), set()),
+    "FLUX-DBL-TAIL6": _flux_preset(_doubles(13, 18), set()),
+    "FLUX-SINGLE-ALL": _flux_preset(set(), "all"),
+    "FLUX-SINGLE-1to10": _flux_preset(set(), _singles(0, 9)),
+    "FLUX-SINGLE-11to20": _flux_preset(set(), _singles(10, 19)),
+    "FLUX-SINGLE-21to30": _flux_preset(set(), _singles(20, 29)),
+    "FLUX-SINGLE-31to37": _flux_preset(set(), _singles(30, 37)),
+}
+
+# Block family of each arch: the UNet's layout, or "flux" for the BFL-layout DiTs (Chroma has Flux's blocks).
+_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else "flux") for a in ARCH_TABLE.values()}
+_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS}
+_SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS, "flux": FLUX_BLOCKS}
+_PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS, "flux": FLUX_PRESETS}
 _LDM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.|middle_block\.")
+_DIT_BLOCK = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.")
 
 
 class BlockWeightError(LoraWorkbenchError, ValueError):
@@ -100,7 +152,10 @@ class BlockWeights:
 
 def block_of(kohya_name: str, arch: str) -> str:
     """The LBW block of one LoRA module: ``BASE`` (text encoders), ``IN00``.., ``MID``, ``OUT00``.., or
-    :data:`OTHER` for UNet modules outside the blocks (time/label embedding, final conv)."""
+    :data:`OTHER` for UNet modules outside the blocks (time/label embedding, final conv).
+
+    Flux / Chroma: ``D00``.. (``double_blocks.N``), ``S00``.. (``single_blocks.N``), and ``BASE`` for the
+    text encoders and the layers outside the blocks (Inspire's convention)."""
     fam = _family(arch)
     component = LoraWeights.component_of(kohya_name)
     if component in uk.TE_COMPONENTS:
@@ -110,6 +165,8 @@ def block_of(kohya_name: str, arch: str) -> str:
             f"{kohya_name!r} is not a kohya LoRA module name (lora_unet_* / lora_te*_*); block weights "
             "apply to kohya-named modules"
         )
+    if fam == "flux":
+        return _dit_block(kohya_name, arch)
     try:
         _, diffusers_path = uk.parse_kohya_name(kohya_name, arch)
     except uk.ModuleNameError as e:
@@ -126,8 +183,26 @@ def block_of(kohya_name: str, arch: str) -> str:
     return block
 
 
+def _dit_block(kohya_name: str, arch: str) -> str:
+    try:
+        path = dk.parse_kohya_dit_name(kohya_name, arch)
+    except uk.ModuleNameError as e:
+        raise BlockWeightError(f"cannot place {kohya_name!r} in a {arch} block: {e}") from e
+    m = _DIT_BLOCK.match(path)
+    if m is None:
+        return "BASE"
+    block = f"{'D' if m.group(1) == 'double_blocks' else 'S'}{int(m.group(2)):02d}"
+    if block not in FLUX_BLOCKS:
+        raise BlockWeightError(f"{kohya_name!r} lies in {block}, which {arch} does not have ({FLUX_BLOCKS[1]}.."
+                               f"{DOUBLE_BLOCKS[-1]}, {SINGLE_BLOCKS[0]}..{SINGLE_BLOCKS[-1]})")
+    return block
+
+
 def _usage(fam: str) -> str:
     short, full = _SHORT[fam], _FULL[fam]
+    if short == full:
+        return (f"{fam} takes {len(full)} values (BASE, {full[1]}..{DOUBLE_BLOCKS[-1]}, {SINGLE_BLOCKS[0]}.."
+                f"{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}")
     return (f"{fam} takes {len(short)} values ({', '.join(short)}) or {len(full)} values ({', '.join(full)}), "
             f"or a preset: {', '.join(_PRESETS[fam])}")
 
@@ -136,6 +211,7 @@ def parse_block_weights(spec: str | Sequence[float], arch: str) -> BlockWeights:
     """A preset name (``"OUTD"``, case-insensitive) or a comma list of numbers, for ``arch``.
 
     Short lists (17 for SD1/SD2, 12 for SDXL) give 0 to the blocks they do not name, as LBW does.
+    Flux / Chroma take 58 values (BASE, D00..D18, S00..S37) and no short form.
     A wrong count raises :class:`BlockWeightError` naming the expected counts and blocks.
     """
     fam = _family(arch)

@@ -5,6 +5,12 @@ and old attention-processor styles (``attn1.processor.to_q_lora.down.weight``), 
 (``diffusion_model.*``, ``text_encoders.clip_l.transformer.*``). Every format comes out in the same
 kohya names (see ``model.keys``), so the deltas are comparable whatever wrote the file.
 :func:`detect_arch` names the model family from key names and layer widths (``model.archs``).
+
+Flux / Chroma (BFL-layout DiTs, ``model.dit_keys``): kohya (``lora_unet_double_blocks_0_img_attn_qkv``),
+ComfyUI/BFL-native (``diffusion_model.double_blocks.0.img_attn.qkv``, or without ``diffusion_model.``),
+OneTrainer (``lora_transformer_*``) and diffusers/peft/ai-toolkit (``transformer.transformer_blocks.0.attn.to_q``).
+diffusers splits the fused ``qkv`` / ``linear1`` into q, k, v (+ mlp); those parts are fused back into the
+BFL module exactly (``lora.fuse``), so every format comes out as the kohya file ComfyUI and kohya read.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..model import dit_keys as dk
 from ..model import keys as uk
-from ..model.archs import ARCH_TABLE, UNKNOWN
+from ..model.archs import ARCH_TABLE, DIT_ARCHS, UNKNOWN, arch_from_metadata
 from .files import LoraFormatError, LoraModule, LoraWeights, read_lora_file
+from .fuse import fuse_modules
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,7 @@ def _rewrite_processor(path: str) -> str:
 
 def _locate(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolver) -> tuple[str, str | None]:
     """(component, module path) of a raw module prefix; path None = keep the kohya name verbatim."""
-    te = ARCH_TABLE[arch].te_components[0] if arch in ARCH_TABLE else "te"
+    te = (ARCH_TABLE[arch].te_components or ("te",))[0] if arch in ARCH_TABLE else "te"
     if prefix.startswith("lora_"):
         component = LoraWeights.component_of(prefix)
         if component == "other":
@@ -106,6 +114,64 @@ def _canonical(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolve
     return uk.kohya_name(component, path, arch)
 
 
+_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
+              "final_layer.", "distilled_guidance_layer.")
+_DIFFUSERS_HEADS = ("transformer.", "base_model.model.", "")
+_ONETRAINER = re.compile(r"lora_transformer_(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)")
+# diffusers' norm_out.linear is BFL's final_layer.adaLN_modulation.1 with the (shift, scale) halves of its
+# output swapped (ComfyUI flux_to_diffusers: swap_scale_shift); a LoRA's up rows swap the same way.
+_SWAPPED = {"norm_out.linear": "final_layer.adaLN_modulation.1"}
+
+
+def _onetrainer_path(rest: str, arch: str) -> str | None:
+    """diffusers path of OneTrainer's ``lora_transformer_<diffusers path with _>`` (lookup, not guessing)."""
+    m = _ONETRAINER.fullmatch(rest)
+    if m:
+        head = f"{m.group(1)}.0."
+        for ps in dk.diffusers_parts(arch, depth=1, depth_single=1, hidden=1).values():
+            for p, _ in ps:
+                if p.startswith(head) and p[len(head):].replace(".", "_") == m.group(3):
+                    return f"{m.group(1)}.{m.group(2)}.{p[len(head):]}"
+        return None
+    for ps in dk.diffusers_parts(arch, depth=0, depth_single=0, hidden=1).values():
+        if ps[0][0].replace(".", "_") == rest[len("lora_transformer_"):]:
+            return ps[0][0]
+    return {k.replace(".", "_"): k for k in _SWAPPED}.get(rest[len("lora_transformer_"):])
+
+
+def _locate_dit(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolver,
+                known: tuple[str, ...]) -> tuple[str, int, int, bool]:
+    """(kohya name, part index, number of parts, swap halves) of a raw module prefix of a DiT LoRA.
+
+    Several parts = one diffusers piece of a fused BFL module (fused again by the caller); swap = diffusers'
+    ``norm_out.linear``, whose up rows come in the other order. Text-encoder names go the SD way."""
+    if prefix.startswith("lora_unet_"):
+        return dk.kohya_dit_name(dk.parse_kohya_dit_name(prefix, arch, known)), 0, 1, False
+    bfl = dk.strip_host_prefix(prefix)
+    if bfl.startswith(_BFL_ROOTS) or bfl in known:  # ComfyUI / BFL-native: the model's own path
+        if bfl.startswith("distilled_guidance_layer."):
+            raise uk.ModuleNameError(f"{prefix}: Chroma's distilled_guidance_layer takes no LoRA here")
+        return dk.kohya_dit_name(dk.parse_kohya_dit_name(dk.kohya_dit_name(bfl), arch, known)), 0, 1, False
+    if bfl != prefix:
+        raise uk.ModuleNameError(f"{prefix}: not a module of the {arch} transformer")
+    diff = _onetrainer_path(prefix, arch) if prefix.startswith("lora_transformer_") else None
+    for head in _DIFFUSERS_HEADS if diff is None else ():
+        if prefix.startswith(head) and not prefix.startswith(("text_encoder", "lora_te")):
+            diff = prefix[len(head):]
+            break
+    if diff is not None:
+        if diff in _SWAPPED:
+            return dk.kohya_dit_name(_SWAPPED[diff]), 0, 1, True
+        found = dk.diffusers_to_bfl(diff, arch)
+        if found is not None:
+            bfl, part, n = found
+            return dk.kohya_dit_name(bfl), part, n, False
+    component, path = _locate(prefix, style, arch, resolver)
+    if component == "unet":
+        raise uk.ModuleNameError(f"{prefix}: not a module of the {arch} transformer")
+    return (prefix if path is None else uk.kohya_name(component, path, arch)), 0, 1, False
+
+
 def _down_in_dims(sd: Mapping[str, Tensor], needle) -> set[int]:
     dims = set()
     for k, v in sd.items():
@@ -115,20 +181,54 @@ def _down_in_dims(sd: Mapping[str, Tensor], needle) -> set[int]:
     return dims
 
 
-def detect_arch(state_dict: Mapping[str, Tensor]) -> str:
-    """The family of a LoRA state dict: "sd1", "sd2", "sdxl" (``model.archs``) or "unknown", from its key
-    names and the cross-attention / CLIP widths its down weights take as input."""
+# Key names only a BFL-layout DiT LoRA has (kohya/ComfyUI/BFL, OneTrainer, diffusers Flux), and the ones
+# that tell Flux from Chroma: Chroma's blocks have no modulation layers and it has no vector/guidance input.
+_DIT_KEY = re.compile(
+    r"^(lora_unet_|(model\.)?diffusion_model\.)?(double|single)_blocks[._]\d+[._]"
+    r"|^(lora_transformer_|(transformer|base_model\.model)\.)?(single_)?transformer_blocks[._]\d+[._]"
+    r"(attn[._](to_[qkv]|add_|to_add_out|to_out)|ff_context|norm1_context|proj_mlp|proj_out|norm[._]linear)")
+_FLUX_ONLY = re.compile(r"(img|txt)_mod[._]lin|modulation[._]lin|guidance_in|vector_in|norm1(_context)?[._]linear"
+                        r"|single_transformer_blocks[._]\d+[._]norm[._]linear|guidance_embedder|text_embedder"
+                        r"|adaLN_modulation|norm_out")
+_CHROMA_ONLY = re.compile(r"distilled_guidance_layer")
+
+
+def _dit_family(keys: list[str], metadata: Mapping[str, str] | None) -> str | None:
+    """"flux" / "chroma" for a BFL-layout DiT LoRA, None for any other. Keys decide when they can; else the
+    file's metadata; else "flux" (a LoRA of the shared blocks applies to both, see ``Arch.compatible``)."""
+    if not any(_DIT_KEY.search(k) for k in keys):
+        return None
+    if any(_CHROMA_ONLY.search(k) for k in keys):
+        return "chroma"
+    if any(_FLUX_ONLY.search(k) for k in keys):
+        return "flux"
+    named = arch_from_metadata(metadata or {})
+    return named if named in DIT_ARCHS else "flux"
+
+
+def detect_arch(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """The family of a LoRA state dict: "sd1", "sd2", "sdxl", "flux", "chroma" (``model.archs``) or "unknown",
+    from its key names and the cross-attention / CLIP widths its down weights take as input.
+
+    Flux vs Chroma: keys of modulation / vector / guidance layers mean Flux (Chroma has none), Chroma's
+    ``distilled_guidance_layer`` means Chroma; a LoRA of only the shared layers is what ``metadata``
+    (``modelspec.architecture`` / ``ss_base_model_version``) names, else "flux".
+    """
     keys = list(state_dict)
+    dit = _dit_family(keys, metadata)
+    if dit is not None:
+        return dit
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")) for k in keys):
         return "sdxl"
     if any("label_emb" in k or "add_embedding" in k for k in keys):
         return "sdxl"
+    unets = [a for a in ARCH_TABLE.values() if a.kind == "unet"]
     ctx = _down_in_dims(state_dict, lambda p: re.search(r"attn2_(processor_)?to_[kv]", p) is not None)
-    for arch in sorted(ARCH_TABLE.values(), key=lambda a: -a.context_dim):
+    for arch in sorted(unets, key=lambda a: -a.context_dim):
         if arch.context_dim in ctx:
             return arch.name
     te = _down_in_dims(state_dict, lambda p: re.search(r"self_attn_(q_proj|to_q)", p) is not None)
-    for arch in sorted(ARCH_TABLE.values(), key=lambda a: -a.te_width):
+    for arch in sorted(unets, key=lambda a: -a.te_width):
         if arch.te_width in te:
             return arch.name
     if ctx or te:  # widths seen, none of SD's: a custom (e.g. tiny test) model, whatever its names say
@@ -140,6 +240,39 @@ def detect_arch(state_dict: Mapping[str, Tensor]) -> str:
                  r"|up_blocks_3_", joined):  # attention at full resolution / a 4th level: SD1-family
         return "sd1"
     return UNKNOWN
+
+
+def _fuse_pieces(pieces: dict[tuple[str, int], LoraModule], n_parts: dict[str, int],
+                 arch: str) -> dict[str, LoraModule]:
+    """One module per kohya name: diffusers parts of a fused BFL module fused into it (a part the file lacks
+    adds zero rows, sized from the present parts: q, k, v = hidden, mlp = hidden * mlp_ratio)."""
+    out: dict[str, LoraModule] = {}
+    for name in sorted({n for n, _ in pieces}):
+        n = n_parts[name]
+        if n == 1:
+            out[name] = pieces[name, 0]
+            continue
+        got = [pieces.get((name, i)) for i in range(n)]
+        rel = _relative_rows(name, arch)
+        i0 = next(i for i, p in enumerate(got) if p is not None)
+        hidden = int(got[i0].up.shape[0]) // rel[i0]
+        try:
+            out[name] = fuse_modules(got, [r * hidden for r in rel])
+        except LoraFormatError as e:
+            raise LoraFormatError(f"module {name}: {e}") from e
+    return out
+
+
+def _relative_rows(name: str, arch: str) -> list[int]:
+    """Output rows of each diffusers part of the fused BFL module ``name``, in units of the hidden width."""
+    path = dk.parse_kohya_dit_name(name, arch)
+    block, index, child = path.split(".", 2)
+    one = dk.diffusers_parts(arch, depth=1, depth_single=1, hidden=1)[f"{block}.0.{child}"]
+    return [r for _, r in one]
+
+
+# diffusers' component prefixes; text_encoder_2 before text_encoder, which is its prefix.
+_PEFT_HEADS = ("text_encoder_2", "text_encoder", "unet", "transformer")
 
 
 def _peft_alpha_config(metadata: Mapping[str, str]) -> dict[str, dict]:
@@ -154,14 +287,14 @@ def _peft_alpha_config(metadata: Mapping[str, str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for k, v in flat.items():
         head, _, key = k.partition(".")
-        if head not in ("unet", "text_encoder", "text_encoder_2"):  # peft's own save: no component prefix
+        if head not in _PEFT_HEADS:  # peft's own save: no component prefix
             head, key = "", k
         out.setdefault(head, {})[key] = v
     return out
 
 
 def _peft_alpha(prefix: str, rank: int, configs: dict[str, dict]) -> float | None:
-    head = next((h for h in ("text_encoder_2", "text_encoder", "unet") if prefix.startswith(h + ".")), "")
+    head = next((h for h in _PEFT_HEADS if prefix.startswith(h + ".")), "")
     cfg = configs.get(head)
     if not cfg:
         return None
@@ -201,12 +334,18 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
     else:
         sd, meta = dict(path_or_state_dict), {}
     meta.update(metadata or {})
-    arch = detect_arch(sd)
-    resolver = uk.KohyaNameResolver(None if arch == UNKNOWN else arch, known_modules)
+    arch = detect_arch(sd, meta)
+    dit = arch in DIT_ARCHS
+    known = tuple(dk.strip_host_prefix(m) for m in known_modules or ()) if dit else ()
+    resolver = uk.KohyaNameResolver(None if arch == UNKNOWN or dit else arch, None if dit else known_modules)
     peft_cfg = _peft_alpha_config(meta)
 
-    parts: dict[str, dict[str, Tensor]] = {}
-    raw_prefix: dict[str, str] = {}
+    # (kohya name, part) -> role -> tensor; a module of several parts is a diffusers split of a fused
+    # BFL module (q / k / v ...), fused below.
+    parts: dict[tuple[str, int], dict[str, Tensor]] = {}
+    n_parts: dict[str, int] = {}
+    swapped: set[str] = set()
+    raw_prefix: dict[tuple[str, int], str] = {}
     unknown: list[str] = []
     reasons: list[str] = []
     for key, tensor in sd.items():
@@ -216,29 +355,35 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
             continue
         prefix, role, style = split
         try:
-            name = _canonical(prefix, style, arch, resolver)
+            if dit:
+                name, part, n, swap = _locate_dit(prefix, style, arch, resolver, known)
+            else:
+                (name, part, n, swap) = (_canonical(prefix, style, arch, resolver), 0, 1, False)
         except uk.ModuleNameError as e:
             unknown.append(key)
             reasons.append(str(e))
             continue
-        slot = parts.setdefault(name, {})
+        slot = parts.setdefault((name, part), {})
         if role in slot:
             raise LoraFormatError(f"two keys give the {role} of module {name}, the second is {key!r}")
         slot[role] = tensor
-        raw_prefix.setdefault(name, prefix)
+        n_parts[name] = n
+        if swap:
+            swapped.add(name)
+        raw_prefix.setdefault((name, part), prefix)
     if unknown:
         hint = " (LyCORIS LoHa/LoKr/Tucker/OFT weights are not plain LoRA)" if any(
             _LYCORIS.search(k) for k in unknown) else ""
         why = f" First problem: {reasons[0]}." if reasons else ""
         raise LoraFormatError(
             f"{len(unknown)} of {len(sd)} keys are not LoRA weights this loader knows{hint}, e.g. {unknown[:5]}; "
-            "expected kohya (lora_unet_*.lora_down.weight), diffusers/peft (unet.*.lora_A.weight) or ComfyUI "
-            f"(diffusion_model.*.lora_down.weight) keys.{why}"
+            "expected kohya (lora_unet_*.lora_down.weight), diffusers/peft (unet.*.lora_A.weight / "
+            f"transformer.*.lora_A.weight) or ComfyUI (diffusion_model.*.lora_down.weight) keys.{why}"
         )
 
-    modules: dict[str, LoraModule] = {}
-    for name in sorted(parts):
-        slot = parts[name]
+    pieces: dict[tuple[str, int], LoraModule] = {}
+    for name, part in sorted(parts):
+        slot = parts[name, part]
         if "down" not in slot or "up" not in slot:
             if set(slot) <= {"alpha"}:
                 log.warning("LoRA has an alpha for %s but no weights; ignored", name)
@@ -250,15 +395,18 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
         if "alpha" in slot:
             alpha = _alpha_value(slot["alpha"])
         else:
-            alpha = _peft_alpha(raw_prefix[name], int(down.shape[0]), peft_cfg)
+            alpha = _peft_alpha(raw_prefix[name, part], int(down.shape[0]), peft_cfg)
             alpha = float(down.shape[0]) if alpha is None else alpha
         dora = slot.get("dora")
         if dora is not None and dora.dim() == 1:  # peft magnitude [out] -> kohya [out, 1, ...]
             dora = dora.reshape(-1, *([1] * (down.dim() - 1)))
+        if name in swapped:  # diffusers norm_out.linear: (scale, shift) rows -> BFL's (shift, scale)
+            up = torch.cat(up.chunk(2, dim=0)[::-1])
         try:
-            modules[name] = LoraModule(down, up, alpha, dora)
+            pieces[name, part] = LoraModule(down, up, alpha, dora)
         except LoraFormatError as e:
             raise LoraFormatError(f"module {name}: {e}") from e
+    modules = _fuse_pieces(pieces, n_parts, arch)
     if not modules:
         raise LoraFormatError("no LoRA modules found (the state dict is empty or has only alphas)")
     log.debug("loaded LoRA: %d modules, arch %s", len(modules), arch)

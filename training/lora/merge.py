@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LoraWorkbenchError
+from ..model.archs import ARCH_TABLE
 from .files import HASH_KEYS, LoraModule, LoraWeights
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,8 @@ def _rank_metadata(modules: dict[str, LoraModule], dynamic: bool = False, args_j
 def _merged_metadata(loras, labels, method: str, modules: dict[str, LoraModule], extra: dict) -> dict[str, str]:
     metas = [lw.metadata for lw, _ in loras]
     md = {k: metas[0][k] for k in _SHARED_KEYS if k in metas[0] and all(m.get(k) == metas[0][k] for m in metas)}
-    md["ss_network_module"] = "networks.lora"
+    family = ARCH_TABLE.get(loras[0][0].arch)
+    md["ss_network_module"] = family.network_module if family else "networks.lora"
     md.update(_rank_metadata(modules))
     md["modelspec.title"] = " + ".join(f"{label} x{float(w):g}" for (_, w), label in zip(loras, labels))
     md["lw_merged_from"] = json.dumps([

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..data.captions import tag_frequency
 from ..data.dataset import dataset_fingerprint, dataset_summary
-from ..model.archs import get_arch
+from ..model.archs import get_arch, modelspec_architecture
 from ..train.optim import optimizer_label
 from .files import metadata_strings
 
@@ -54,7 +54,7 @@ def _package_version() -> str | None:
 
 def kohya_metadata(*, arch: str, network_dim: int | None = None, network_alpha: float | None = None,
                    conv_dim: int | None = None, conv_alpha: float | None = None, network_args: dict | None = None,
-                   network_module: str = "networks.lora", output_name: str | None = None, title: str | None = None,
+                   network_module: str | None = None, output_name: str | None = None, title: str | None = None,
                    tag_frequency: dict | None = None, dataset_dirs: dict | None = None,
                    resolution: int | str | tuple[int, int] | list[int] | None = None,
                    num_train_images: int | None = None, learning_rate: float | None = None,
@@ -67,17 +67,32 @@ def kohya_metadata(*, arch: str, network_dim: int | None = None, network_alpha: 
                    training_comment: str | None = None, trigger_phrase: str | None = None,
                    description: str | None = None, date: str | datetime | None = None,
                    lw_version: str | None = None, lw_config: object = None,
-                   lw_extra: dict | None = None) -> dict[str, str]:
+                   lw_extra: dict | None = None, variant: str | None = None,
+                   modelspec_architecture_override: str | None = None,
+                   timestep_sampling: str | None = None, logit_mean: float | None = None,
+                   logit_std: float | None = None, flow_shift: float | None = None,
+                   guidance_scale: float | None = None) -> dict[str, str]:
     """The ``ss_*`` / ``modelspec.*`` / ``lw_*`` metadata A1111, Civitai and rgthree read. Optional
     values left None are omitted; an unknown keyword is a TypeError (no silent typos).
 
     tag_frequency: {concept: {tag: count}}; dataset_dirs: {concept: {"n_repeats": r, "img_count": n}};
     resolution: int, (width, height) or "512,512"; times are unix seconds; lw_config: dict or dataclass
     (JSON-encoded); lw_extra: more facts, each stored as ``lw_<key>``.
+
+    DiT families (Flux, Chroma): ``variant`` names the checkpoint ("dev" / "schnell": modelspec
+    ``flux-1-dev/lora``, default the family's first); ``modelspec_architecture_override`` writes any other
+    string (without "/lora"). ``prediction_type`` is "flow" (kohya writes no modelspec.prediction_type for
+    Flux, nor do we), and the SD-only ``ss_v2`` is left out. timestep_sampling / logit_mean / logit_std /
+    flow_shift / guidance_scale are kohya's ``ss_timestep_sampling``, ``ss_logit_mean``, ``ss_logit_std``,
+    ``ss_discrete_flow_shift`` and ``ss_guidance_scale`` (flux_train_network.py ``update_metadata``).
     """
     family = get_arch(arch)
-    if prediction_type not in ("epsilon", "v"):
-        raise ValueError(f"prediction_type {prediction_type!r} unknown; use 'epsilon' or 'v'")
+    dit = family.kind == "dit"
+    allowed = ("flow",) if dit else ("epsilon", "v")
+    if prediction_type == "epsilon" and dit:  # the default, for callers that do not pass it
+        prediction_type = "flow"
+    if prediction_type not in allowed:
+        raise ValueError(f"prediction_type {prediction_type!r} unknown for {family.label}; use one of {allowed}")
     args = dict(network_args or {})
     if conv_dim is not None:
         args.setdefault("conv_dim", conv_dim)
@@ -89,10 +104,10 @@ def kohya_metadata(*, arch: str, network_dim: int | None = None, network_alpha: 
         date = date.isoformat(timespec="seconds")
     if is_dataclass(lw_config) and not isinstance(lw_config, type):
         lw_config = asdict(lw_config)
-    sd_arch = family.modelspec_v if prediction_type == "v" and family.modelspec_v else family.modelspec
+    sd_arch = modelspec_architecture_override or modelspec_architecture(arch, variant, prediction_type)
     values = {
         "ss_base_model_version": family.base_version,
-        "ss_network_module": network_module,
+        "ss_network_module": network_module or family.network_module,
         "ss_network_dim": network_dim,
         "ss_network_alpha": network_alpha,
         "ss_network_args": json.dumps(args) if args else None,
@@ -114,7 +129,7 @@ def kohya_metadata(*, arch: str, network_dim: int | None = None, network_alpha: 
         "ss_training_finished_at": training_finished_at,
         "ss_sd_model_name": sd_model_name,
         "ss_new_sd_model_hash": sd_model_hash,
-        "ss_v2": arch == "sd2",
+        "ss_v2": None if dit else arch == "sd2",
         "ss_training_comment": training_comment,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": sd_arch + "/lora",
@@ -123,8 +138,13 @@ def kohya_metadata(*, arch: str, network_dim: int | None = None, network_alpha: 
         "modelspec.date": date,
         "modelspec.resolution": f"{w_h[0]}x{w_h[1]}" if w_h else None,
         "modelspec.trigger_phrase": trigger_phrase,
-        "modelspec.prediction_type": prediction_type,
+        "modelspec.prediction_type": None if dit else prediction_type,
         "modelspec.description": description,
+        "ss_timestep_sampling": timestep_sampling,
+        "ss_logit_mean": logit_mean,
+        "ss_logit_std": logit_std,
+        "ss_discrete_flow_shift": flow_shift,
+        "ss_guidance_scale": guidance_scale,
         "lw_version": lw_version or _package_version(),
         "lw_config": json.dumps(lw_config, default=str) if lw_config is not None else None,
     }
@@ -137,13 +157,24 @@ def training_metadata(cfg: "TrainConfig", dcfg: "DatasetConfig", records: Sequen
                       steps_done: int, model_name: str = "", model_prediction: str = "epsilon",
                       class_records: Sequence["ImageRecord"] = (), class_prompt: str = "",
                       started_at: float | None = None, run_id: str | None = None,
-                      extra: Mapping[str, object] | None = None) -> dict[str, str]:
+                      extra: Mapping[str, object] | None = None, variant: str | None = None,
+                      guidance_scale: float | None = None, timestep_sampling: str | None = None) -> dict[str, str]:
     """The metadata of a LoRA trained with ``cfg`` on ``records`` for ``steps_done`` steps (finished now).
 
     arch / model_name / model_prediction: the base model's family, name and prediction type ("epsilon" or
     "v_prediction"; ``cfg.prediction_type`` overrides it). class_records / class_prompt: the prior-preservation
-    images. run_id names the run (``lw_run_id``); extra adds ``lw_*`` facts.
+    images. run_id names the run (``lw_run_id``); extra adds ``lw_*`` facts. DiTs: variant ("dev" / "schnell")
+    picks the modelspec architecture; the timestep sampling facts come from ``cfg`` (timestep_sampling,
+    logit_mean, logit_std, flow_shift; absent from older configs), ``timestep_sampling`` overrides the method
+    (pass what ``cfg.timestep_sampling="default"`` resolved to for the model), and guidance_scale is the
+    guidance the model saw while training (Flux dev: 1.0).
     """
+    dit = get_arch(arch).kind == "dit"
+    flow = {}
+    if dit or timestep_sampling or getattr(cfg, "timestep_sampling", "default") != "default":
+        flow = {"timestep_sampling": timestep_sampling or getattr(cfg, "timestep_sampling", None),
+                "logit_mean": getattr(cfg, "logit_mean", None), "logit_std": getattr(cfg, "logit_std", None),
+                "flow_shift": getattr(cfg, "flow_shift", None)}
     summary = dataset_summary(records)
     samples_per_epoch = max(1, summary["num_images_with_repeats"])
     epochs = math.ceil(steps_done * cfg.batch_size * cfg.grad_accum / samples_per_epoch) if steps_done else 0
@@ -174,7 +205,11 @@ def training_metadata(cfg: "TrainConfig", dcfg: "DatasetConfig", records: Sequen
         training_started_at=started_at,
         training_finished_at=time.time(),
         sd_model_name=model_name or None,
-        prediction_type="v" if (cfg.prediction_type or model_prediction) == "v_prediction" else "epsilon",
+        prediction_type="flow" if dit else (
+            "v" if (cfg.prediction_type or model_prediction) == "v_prediction" else "epsilon"),
+        variant=variant,
+        guidance_scale=guidance_scale,
+        **flow,
         trigger_phrase=dcfg.trigger or None,
         description=f"LoRA trained with LoRA Workbench for {steps_done} steps on {summary['num_images']} images",
         lw_config=cfg,

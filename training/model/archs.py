@@ -4,19 +4,80 @@ Each entry holds the facts other tools use to name the family: the ``modelspec.a
 string (Stability's model spec), kohya's ``ss_base_model_version``, the text encoders' kohya
 components (so ``lora_te_`` for SD1/SD2, ``lora_te1_`` + ``lora_te2_`` for SDXL) and the layer
 widths that tell the families apart in a LoRA file (see ``lora.formats.detect_arch``).
+
+Two kinds of denoiser: ``"unet"`` (SD1/SD2/SDXL, named by ``keys.UNetLayout``) and ``"dit"``, the
+flow-matching transformers in Black Forest Labs' layout (Flux.1 dev/schnell, Chroma), described by a
+:class:`DiTSpec`: block counts, the Linear modules of one block, the modules outside the blocks and
+the LoRA target presets, all as BFL module paths (``double_blocks.0.img_attn.qkv``), which is how
+ComfyUI's model, kohya's ``networks/lora_flux.py`` and Civitai's Flux LoRAs name them.
+
+Sources of the names: kohya sd-scripts ``library/sai_model_spec.py`` (``ARCH_FLUX_1_DEV`` =
+"flux-1-dev", ``ARCH_FLUX_1_SCHNELL``, ``ARCH_FLUX_1_CHROMA`` = "chroma", ``IMPL_FLUX``, ``IMPL_CHROMA``)
+and ``library/flux_utils.py`` (``MODEL_VERSION_FLUX_V1`` = "flux1", ``MODEL_VERSION_CHROMA`` = "chroma",
+written as ``ss_base_model_version`` by ``flux_train_network.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 UNKNOWN = "unknown"  # a LoRA whose keys and widths match no family here (e.g. a tiny test model)
+OTHER_DIT = "other_flow"  # the entry for flow-matching models without one of their own
+
+
+@dataclass(frozen=True)
+class DiTSpec:
+    """A BFL-layout transformer (Flux.1 and its relatives): what generic code needs to name, select and
+    group its modules. Every path is a module path in the BFL/ComfyUI model (no ``diffusion_model.``).
+
+    double_modules / single_modules: the Linear children of one ``double_blocks.N`` / ``single_blocks.N``.
+    outer_modules: the Linear modules outside the blocks that a LoRA file may carry (read, never trained
+        by a preset: see ``presets``). not_trained: path prefixes no preset selects (Chroma's
+        ``distilled_guidance_layer``).
+    presets: engine preset name -> glob patterns (``fnmatch``) over BFL paths; ``"*"`` is one path segment
+        or more, so ``double_blocks.*.img_attn.qkv`` matches every double block.
+    """
+
+    depth: int  # double-stream blocks (double_blocks.N)
+    depth_single: int  # single-stream blocks (single_blocks.N)
+    hidden: int  # width of the token stream (3072 on Flux.1)
+    mlp_ratio: float
+    double_modules: tuple[str, ...]
+    single_modules: tuple[str, ...]
+    outer_modules: tuple[str, ...]
+    presets: Mapping[str, tuple[str, ...]] = field(hash=False)  # a dict: kept out of the hash
+    not_trained: tuple[str, ...] = ()
+    double_prefix: str = "double_blocks"
+    single_prefix: str = "single_blocks"
+    # How the family trains and samples (each host's backend reads these):
+    # timestep_sampling: the default per variant ("" for all) - see ``train.schedules.sample_flow_sigmas``.
+    #   Flux dev / Chroma: "flux_shift" (logit-normal shifted by image size, kohya's flux_shift, which is how
+    #   BFL and ComfyUI's ModelSamplingFlux sample them); schnell: "logit_normal" (it samples unshifted).
+    # train_guidance: the distilled-guidance input while training (kohya's --guidance_scale 1.0 for dev);
+    #   models without a guidance embedding ignore it. sample_guidance: that input when sampling (Flux's
+    #   FluxGuidance default 3.5; None: the model's own default). sample_cfg: classifier-free guidance scale
+    #   of previews (1.0: no negative pass).
+    timestep_sampling: Mapping[str, str] = field(default_factory=lambda: {"": "logit_normal"}, hash=False)
+    train_guidance: float | None = None
+    sample_guidance: float | None = None
+    sample_cfg: float = 1.0
+    context_tokens: int = 512  # T5 tokens of a caption, for the memory estimate
+
+    def timestep_sampling_for(self, variant: str = "") -> str:
+        """The default timestep sampling of ``variant`` (the family's when it has none of its own)."""
+        return self.timestep_sampling.get(variant, self.timestep_sampling.get("", "logit_normal"))
+
+    def module_paths(self) -> tuple[str, ...]:
+        """Every Linear module path of the full-size model (blocks in order, then the outer modules)."""
+        out = [f"{self.double_prefix}.{i}.{m}" for i in range(self.depth) for m in self.double_modules]
+        out += [f"{self.single_prefix}.{i}.{m}" for i in range(self.depth_single) for m in self.single_modules]
+        return (*out, *self.outer_modules)
 
 
 @dataclass(frozen=True)
 class Arch:
-    """One model family. ``name`` is the engine's name for it ("sd1", "sd2", "sdxl")."""
+    """One model family. ``name`` is the engine's name for it ("sd1", "sd2", "sdxl", "flux", "chroma")."""
 
     name: str
     label: str  # for people: "SD1.x"
@@ -28,6 +89,18 @@ class Arch:
     te_width: int  # hidden size of its widest text encoder: input of self_attn.q_proj
     unet_layout: str  # UNet module layout (``keys.LAYOUTS``; block weights follow it): SD2 is named like SD1
     modelspec_v: str | None = None  # modelspec.architecture of its v-prediction variant, if it differs
+    kind: str = "unet"  # "unet" (keys.UNetLayout names) or "dit" (BFL transformer, see ``dit``)
+    dit: DiTSpec | None = None  # the transformer's shape and module names, for kind "dit"
+    # modelspec.architecture of each named variant (Flux.1 "dev" / "schnell" share one LoRA family)
+    variants: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # Families whose models take this family's LoRAs without a "made for another model" error: the same
+    # blocks, possibly without some modules (a Flux LoRA's img_mod / modulation layers do not exist in
+    # Chroma; the rest applies). Symmetric in the table.
+    compatible: tuple[str, ...] = ()
+    network_module: str = "networks.lora"  # kohya's ss_network_module for a LoRA of this family
+    # ComfyUI ``comfy.model_base`` class names of this family's MODEL, matched exactly (Chroma subclasses
+    # Flux, and so do Flux2 / LongCatImage, which are other families). Filled for the DiTs so far.
+    comfy_models: tuple[str, ...] = ()
 
     @property
     def kohya_prefixes(self) -> tuple[str, ...]:
@@ -35,14 +108,66 @@ class Arch:
         return ("lora_unet_", *(f"lora_{c}_" for c in self.te_components))
 
 
+# Flux.1 (BFL ``flux/model.py``, ComfyUI ``comfy/ldm/flux``): 19 double + 38 single blocks at 3072.
+_FLUX_DOUBLE = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
+                "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")
+_FLUX_SINGLE = ("linear1", "linear2", "modulation.lin")
+_DIT_ATTN = ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
+             "double_blocks.*.txt_attn.qkv", "double_blocks.*.txt_attn.proj",
+             "single_blocks.*.linear1", "single_blocks.*.linear2")
+_DIT_PRESETS = {
+    "attn": _DIT_ATTN,
+    "attn_ff": (*_DIT_ATTN, "double_blocks.*.img_mlp.0", "double_blocks.*.img_mlp.2",
+                "double_blocks.*.txt_mlp.0", "double_blocks.*.txt_mlp.2"),
+    # Every Linear in the blocks (on Flux incl. img_mod/txt_mod/modulation), as kohya's lora_flux trains
+    # by default. Not the outer modules: diffusers' kohya-Flux converter drops img_in/txt_in/time_in/...
+    # (it names them without "transformer.") and kohya's loader never creates final_layer.
+    "all": ("double_blocks.*", "single_blocks.*"),
+}
+FLUX = DiTSpec(
+    depth=19, depth_single=38, hidden=3072, mlp_ratio=4.0,
+    double_modules=_FLUX_DOUBLE, single_modules=_FLUX_SINGLE,
+    outer_modules=("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                   "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
+                   "final_layer.linear", "final_layer.adaLN_modulation.1"),
+    presets=_DIT_PRESETS,
+    timestep_sampling={"dev": "flux_shift", "schnell": "logit_normal", "": "flux_shift"},
+    train_guidance=1.0, sample_guidance=3.5, sample_cfg=1.0, context_tokens=256,
+)
+# Chroma (ComfyUI ``comfy/ldm/chroma``): Flux's blocks without their modulation layers (one
+# ``distilled_guidance_layer`` computes all modulations), no vector_in/guidance_in, final_layer w/o adaLN.
+CHROMA = DiTSpec(
+    depth=19, depth_single=38, hidden=3072, mlp_ratio=4.0,
+    double_modules=tuple(m for m in _FLUX_DOUBLE if not m.endswith("_mod.lin")),
+    single_modules=("linear1", "linear2"),
+    outer_modules=("img_in", "txt_in", "final_layer.linear"),
+    presets=_DIT_PRESETS,
+    not_trained=("distilled_guidance_layer",),
+    timestep_sampling={"": "flux_shift"}, sample_cfg=4.0,
+)
+
 ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     Arch("sd1", "SD1.x", "stable-diffusion-v1", "sd_v1", "diffusers", ("te",), 768, 768, "sd1"),
     Arch("sd2", "SD2.x", "stable-diffusion-v2-512", "sd_v2", "diffusers", ("te",), 1024, 1024, "sd1",
          modelspec_v="stable-diffusion-v2-768-v"),
     Arch("sdxl", "SDXL", "stable-diffusion-xl-v1-base", "sdxl_base_v1-0",
          "https://github.com/Stability-AI/generative-models", ("te1", "te2"), 2048, 1280, "sdxl"),
+    # DiTs: context_dim = T5-XXL width (txt_in's input); te_width = CLIP-L (Flux) / T5 (Chroma), whose
+    # LoRAs we do not train. kohya's lora_flux names CLIP-L "lora_te1_" (T5 would be "lora_te3_").
+    Arch("flux", "Flux.1", "flux-1-dev", "flux1", "https://github.com/black-forest-labs/flux", ("te1",), 4096, 768, "",
+         kind="dit", dit=FLUX, variants={"dev": "flux-1-dev", "schnell": "flux-1-schnell"}, compatible=("chroma",),
+         network_module="networks.lora_flux", comfy_models=("Flux",)),
+    Arch("chroma", "Chroma", "chroma", "chroma", "https://huggingface.co/lodestones/Chroma", (), 4096, 4096, "",
+         kind="dit", dit=CHROMA, compatible=("flux",), network_module="networks.lora_flux",
+         comfy_models=("Chroma",)),
+    # A flow-matching model a host loads that has no entry above: it still trains (every Linear, named
+    # "lora_unet_" + its module path, which ComfyUI maps for any model), marked untested.
+    Arch(OTHER_DIT, "a flow-matching model without a family entry (untested)", "unknown-flow", "unknown", "", (), 0, 0,
+         "", kind="dit"),
 )}
 ARCHS = tuple(ARCH_TABLE)  # the family names, in table order
+UNET_ARCHS = tuple(a.name for a in ARCH_TABLE.values() if a.kind == "unet")
+DIT_ARCHS = tuple(a.name for a in ARCH_TABLE.values() if a.kind == "dit")
 
 
 def get_arch(name: str) -> Arch:
@@ -53,13 +178,35 @@ def get_arch(name: str) -> Arch:
         raise ValueError(f"arch {name!r} unknown; use one of {list(ARCHS)}") from None
 
 
+def is_compatible(lora_arch: str, model_arch: str) -> bool:
+    """True when a LoRA of ``lora_arch`` applies to a model of ``model_arch``: the same family, or one the
+    table lists as compatible (a Flux LoRA on Chroma: same blocks; modules Chroma lacks are skipped)."""
+    if lora_arch == model_arch:
+        return True
+    a = ARCH_TABLE.get(lora_arch)
+    return a is not None and model_arch in a.compatible
+
+
+def modelspec_architecture(arch: str, variant: str | None = None, prediction: str = "epsilon") -> str:
+    """The ``modelspec.architecture`` of a checkpoint of ``arch`` (a LoRA adds "/lora"): ``variant`` picks a
+    named variant ("dev" / "schnell" for Flux); v-prediction picks ``modelspec_v`` where the family has one."""
+    a = get_arch(arch)
+    if variant is not None:
+        if variant not in a.variants:
+            raise ValueError(f"{a.label} has no variant {variant!r}; use one of {sorted(a.variants) or [None]}")
+        return a.variants[variant]
+    return a.modelspec_v if prediction == "v" and a.modelspec_v else a.modelspec
+
+
 def arch_from_metadata(meta: Mapping[str, str]) -> str | None:
     """The family a file's ``modelspec.architecture`` or ``ss_base_model_version`` names (None if neither does)."""
     spec = meta.get("modelspec.architecture", "").split("/")[0]
     for a in ARCH_TABLE.values():
-        if spec in (a.modelspec, a.modelspec_v):
+        if spec in (a.modelspec, a.modelspec_v, *a.variants.values()):
             return a.name
     if spec.startswith("stable-diffusion-v2"):  # the other SD2 variants (768, unCLIP ...)
         return "sd2"
+    if spec == "flux-1" or spec.startswith("flux-1-"):  # sd-scripts' ARCH_FLUX_1_UNKNOWN and other Flux.1 kinds
+        return "flux"
     version = meta.get("ss_base_model_version", "")
     return next((a.name for a in ARCH_TABLE.values() if version == a.base_version), None)

@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Iterable, Mapping, Union
 
 from ..errors import LoraWorkbenchError
-from .archs import ARCH_TABLE, ARCHS
+from .archs import ARCH_TABLE, UNET_ARCHS
 
 # LDM ResBlock child -> diffusers ResnetBlock2D child.
 RESNET_NAMES = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -110,7 +110,8 @@ SD1 = UNetLayout(channel_mult=(1, 2, 4, 4), num_res_blocks=2, transformer_depth=
 SDXL = UNetLayout(channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 10),
                   attention_levels=(1, 2), transformer_depth_middle=10, has_label_emb=True)
 LAYOUTS = {"sd1": SD1, "sdxl": SDXL}
-PRESETS = {a.name: LAYOUTS[a.unet_layout] for a in ARCH_TABLE.values()}  # SD2: SD1's names, other widths
+# SD2: SD1's names, other widths. DiT families (Flux, Chroma) are named in dit_keys.
+PRESETS = {a.name: LAYOUTS[a.unet_layout] for a in ARCH_TABLE.values() if a.kind == "unet"}
 
 ArchOrLayout = Union[str, UNetLayout]
 
@@ -122,7 +123,7 @@ def get_layout(arch: ArchOrLayout) -> UNetLayout:
     try:
         return PRESETS[arch]
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; use one of {ARCHS} or pass a UNetLayout") from None
+        raise ValueError(f"unknown architecture {arch!r}; use one of {tuple(PRESETS)} or pass a UNetLayout") from None
 
 
 def layout_from_diffusers_config(config: Mapping) -> UNetLayout:
@@ -271,7 +272,8 @@ def kohya_unet_name(diffusers_module_path: str, arch: str, layout: UNetLayout | 
     if arch in ("sd1", "sd2"):
         return "lora_unet_" + _underscored(diffusers_module_path)
     if arch != "sdxl":
-        raise ValueError(f"unknown architecture {arch!r} for kohya UNet names; use one of {ARCHS}")
+        raise ValueError(f"unknown architecture {arch!r} for kohya UNet names; use one of {UNET_ARCHS} "
+                         "(DiT families: model.dit_keys)")
     ldm = _diffusers_to_ldm(layout or SDXL).get(diffusers_module_path)
     if ldm is None:
         raise ModuleNameError(
