@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a LoRA on a folder of images")
     tr.add_argument("images", help="folder of images with optional .txt captions (kohya N_name sub-folders ok)")
     tr.add_argument("--model", required=True,
-                    help="base model: an SD1.x/SD2.x single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+                    help="base model: an SD1.x/SD2.x single-file checkpoint (.safetensors/.ckpt) or a diffusers folder "
+                         "(SD1.x/SD2.x, SDXL, Flux.1 dev/schnell, Chroma)")
     tr.add_argument("--tokenizer", default=None,
                     help="folder with the CLIP vocab.json + merges.txt, for a single-file --model "
                          "(default: ComfyUI's comfy/sd1_tokenizer or the Hugging Face cache)")
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "single-file --model (default: the shipped SD1.5/SD2 configs)")
     tr.add_argument("--out", default="output", help="folder for the LoRA files (default: ./output)")
     tr.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
-    tr.add_argument("--weight-dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                    help="dtype of the frozen base weights (default: fp16 on CUDA, fp32 on CPU)")
+    tr.add_argument("--weight-dtype", default=None, choices=["fp32", "fp16", "bf16", "fp8"],
+                    help="dtype of the frozen base weights (default: fp16 on CUDA, bf16 for Flux/Chroma; fp32 on "
+                         "CPU); fp8 (Flux/Chroma only): stored in float8 e4m3fn, computed in bf16")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     tr.add_argument("--class-dir", default=None,
                     help="DreamBooth prior preservation: folder of class images (missing ones up to "
@@ -144,14 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device_and_dtype(device: str | None, weight_dtype: str | None):
+def _device_and_dtype(device: str | None, weight_dtype: str | None, model: str | None = None):
     import torch
 
     from ..training.lora.files import torch_dtype
+    from ..training.model.flux import pipeline_family
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if weight_dtype is None:
-        weight_dtype = "fp16" if dev.type == "cuda" else "fp32"
+        # Flux/Chroma overflow in fp16: bf16 is what they are released and run in.
+        dit = model is not None and pipeline_family(model) is not None
+        weight_dtype = ("bf16" if dit else "fp16") if dev.type == "cuda" else "fp32"
+    if weight_dtype == "fp8":
+        return dev, torch.float8_e4m3fn
     return dev, torch_dtype(weight_dtype)
 
 
@@ -172,7 +179,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         options["output_name"] = read_state_info(ns.resume)["output_name"] or TrainConfig.output_name
     tcfg = TrainConfig.from_dict({**options, "optimizer_args": _parse_kv(ns.optimizer_arg)})
     dcfg = DatasetConfig(path=ns.images, **_pick(ns, DatasetConfig, {"path"}))
-    dev, wdt = _device_and_dtype(ns.device, ns.weight_dtype)
+    dev, wdt = _device_and_dtype(ns.device, ns.weight_dtype, ns.model)
     # Under `accelerate launch`, each process trains on its own device and its share of every batch.
     dist = current(cpu=dev.type == "cpu")
     if dist.device is not None:

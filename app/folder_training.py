@@ -150,7 +150,7 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
             from ..training.train.class_images import diffusers_renderer, existing_class_images, generate_class_images
 
             if len(existing_class_images(class_dir)) < tcfg.num_class_images:
-                if not hasattr(backend, "vae"):
+                if not hasattr(backend, "unet"):  # the SD/SDXL diffusers pipelines render them
                     raise ValueError(f"{class_dir} has fewer than {tcfg.num_class_images} class images and this "
                                      "backend cannot generate them; add images or lower num_class_images")
                 if dist.is_main:

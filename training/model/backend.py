@@ -21,6 +21,7 @@ from . import keys as uk
 from ..lora.network import LoraTarget, kohya_name_fn, select_text_encoder_targets, select_unet_targets
 
 if TYPE_CHECKING:
+    from ..lora.files import LoraWeights
     from ..train.memory import ModelShape
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,16 @@ class Backend(ABC):
     """What the training loop needs from a model."""
 
     arch: str = "sd1"  # "sd1", "sd2", "sdxl": decides file naming and metadata
-    prediction_type: str = "epsilon"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" (DDPM) | "flow" (rectified flow)
     device: torch.device = torch.device("cpu")
     model_name: str = ""  # shown in the LoRA's metadata (ss_sd_model_name)
     latent_factor: int = 8  # pixels per latent pixel
     latent_channels: int = 4
+    # ---- flow models (prediction_type "flow": x_t = (1 - s) x0 + s noise, target noise - x0) ----------
+    timestep_sampling_default: str = "uniform"  # what TrainConfig.timestep_sampling "default" means here
+    flow_shift: float = 1.0  # the model's sampling shift; timestep_sampling "shift" uses it unless cfg.flow_shift
+    patch_size: int = 1  # latent pixels per token side: image tokens = (h // patch) * (w // patch)
+    preview_guidance: float = 7.0  # classifier-free guidance scale of previews (1.0: no negative pass)
 
     @abstractmethod
     def roots(self) -> dict[str, nn.Module]:
@@ -50,7 +56,9 @@ class Backend(ABC):
 
     @abstractmethod
     def alphas_cumprod(self) -> torch.Tensor:
-        """The training noise schedule, shape [num_train_timesteps], float32 on ``device``."""
+        """The training noise schedule, shape [num_train_timesteps], float32 on ``device``.
+
+        Called for DDPM models only (epsilon, v_prediction); a flow backend may raise ``NotImplementedError``."""
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +70,11 @@ class Backend(ABC):
 
     @abstractmethod
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        """The denoiser's output for noisy latents at integer timesteps ``t``."""
+        """The denoiser's output for noisy latents ``x_t``.
+
+        DDPM models: ``t`` holds integer timesteps [B]. Flow models: ``t`` is sigma, float32 [B] in [0, 1],
+        and the backend maps it to its model's timestep itself (ComfyUI ``model_sampling.timestep``;
+        diffusers' Flux transformer takes ``timestep=sigma``); the output is the velocity noise - x0."""
 
     def compute_devices(self) -> dict[str, torch.device]:
         """Where each root computes: LoRA weights are put there."""
@@ -76,9 +88,32 @@ class Backend(ABC):
         """Trade compute for memory in the trainable roots; this default raises ``NotImplementedError``."""
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
+    def sampling_cond(self, cond: Any) -> Any:
+        """The conditioning as a sampler uses it (previews); this default returns ``cond`` unchanged.
+
+        Flux dev: the same text with distilled guidance 3.5 in place of the training value 1.0."""
+        return cond
+
+    def flow_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """A flow model's sampling schedule for previews: ``steps + 1`` sigmas from ~1 down to 0 (float32, CPU).
+
+        ComfyUI: ``calculate_sigmas(model_sampling, "simple", steps)``; diffusers: FlowMatchEulerDiscreteScheduler
+        with the model's shift / mu for ``latent_shape``. This default raises ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} has no flow sampling schedule")
+
     def memory_shape(self) -> ModelShape | None:
         """The model's shape for the memory estimate (a ``memory.ModelShape``), or None if unknown."""
         return None
+
+    def finalize_lora(self, lora: LoraWeights) -> LoraWeights:
+        """The LoRA as read out of the trained modules, in the file's modules; this default is ``lora``.
+
+        A backend whose model splits layers the file format keeps whole (diffusers Flux's q/k/v) joins them here."""
+        return lora
+
+    def split_lora(self, lora: LoraWeights) -> LoraWeights:
+        """The inverse of :meth:`finalize_lora`, for a resume; this default is ``lora``."""
+        return lora
 
     def cat_cond(self, conds: list[Any]) -> Any:
         """Several batches' conditioning (from :meth:`encode_prompts`) as one; this default is ``torch.cat``."""

@@ -126,6 +126,14 @@ def checkpoint_arch(shapes: Mapping[str, tuple[int, ...]], source: str = "checkp
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
+    if any(k.endswith("double_blocks.0.img_attn.qkv.weight") for k in keys):
+        raise ModelLoadError(
+            f"{source} is a Flux/Chroma single-file checkpoint (BFL layout). The CLI trains Flux and Chroma from a "
+            "diffusers folder: pass the model's diffusers folder (e.g. black-forest-labs/FLUX.1-dev as downloaded "
+            "with `huggingface-cli download`, with model_index.json), or train this file in ComfyUI's Train LoRA "
+            "node, which loads it as it is"
+        )
+
     if has("conditioner.embedders."):  # the sgm layout: SDXL (two encoders, or a label_emb UNet) or SD2
         if has("conditioner.embedders.1.") or UNET_PREFIX + "label_emb.0.0.weight" in shapes:
             raise ModelLoadError(
@@ -352,10 +360,18 @@ def load_model(model: str | os.PathLike, device: str | torch.device = "cpu",
                weight_dtype: torch.dtype = torch.float32, tokenizer: str | os.PathLike | None = None,
                config_dir: str | os.PathLike | None = None) -> DiffusersBackend:
     """A diffusers folder or a single-file checkpoint, whichever ``model`` is."""
+    from .flux import FP8, DiffusersFluxBackend, pipeline_family
+
     model = Path(model)
     if model.is_dir():
         if tokenizer is not None or config_dir is not None:
             log.warning("%s is a diffusers folder: its own tokenizer and configs are used, "
                         "not --tokenizer/--model-config", model)
+        if pipeline_family(model) is not None:  # FluxPipeline / ChromaPipeline
+            return DiffusersFluxBackend.from_pretrained(model, device, weight_dtype)
+    if weight_dtype == FP8:
+        raise ModelLoadError(f"fp8 base weights are supported for Flux and Chroma diffusers folders only, and {model} "
+                             "is not one; use --weight-dtype fp16, bf16 or fp32")
+    if model.is_dir():
         return DiffusersBackend.from_pretrained(model, device, weight_dtype)
     return load_single_file(model, device, weight_dtype, tokenizer=tokenizer, config_dir=config_dir)
