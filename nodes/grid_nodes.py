@@ -40,14 +40,42 @@ def grid_rows(text: str) -> list[str]:
     return rows
 
 
-def render(model, clip, vae, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height):
-    """What CLIPTextEncode x2 + EmptyLatentImage + KSampler + VAEDecode give: one IMAGE [1, H, W, 3]."""
+def _patch_key(clip) -> tuple:
+    """What decides a CLIP's encoding beyond its base: its patches, by identity (a clone shares its source's
+    patch tuples; applying a LoRA adds new ones). A LoRA without text-encoder modules keeps the key."""
+    return tuple(sorted((k, tuple(id(p) for p in v)) for k, v in clip.patcher.patches.items()))
+
+
+class PromptCache:
+    """The grid's conditionings, encoded once per distinct CLIP: a Flux / Chroma LoRA rarely patches the
+    text encoder, and on a CPU a T5-XXL encode costs longer than sampling a cell."""
+
+    def __init__(self, positive: str, negative: str):
+        self.positive, self.negative = positive, negative
+        self._cache: dict[tuple, tuple] = {}
+
+    def get(self, clip, need_negative: bool):
+        key = (_patch_key(clip), need_negative)
+        hit = self._cache.get(key)
+        if hit is None:
+            pos = clip.encode_from_tokens_scheduled(clip.tokenize(self.positive))
+            # cfg 1 never evaluates the negative (ComfyUI's cfg1 optimisation): it is not encoded then.
+            neg = clip.encode_from_tokens_scheduled(clip.tokenize(self.negative)) if need_negative else pos
+            hit = self._cache[key] = (pos, neg, clip)  # the clip is kept so its patch ids stay unique
+        return hit[0], hit[1]
+
+
+def render(model, clip, vae, prompts: PromptCache, seed, steps, cfg, sampler_name, scheduler, width, height):
+    """What CLIPTextEncode x2 + an empty latent of the model's channels (EmptyLatentImage: 4, Flux's
+    EmptySD3LatentImage: 16) + KSampler + VAEDecode give: one IMAGE [1, H, W, 3]. Flux.1 dev samples at its
+    distilled guidance 3.5 (FluxGuidance's default, which the model takes when the conditioning has none)."""
     import comfy.model_management as mm
     import nodes
 
-    pos = clip.encode_from_tokens_scheduled(clip.tokenize(positive))
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
-    latent = {"samples": torch.zeros([1, 4, height // 8, width // 8], device=mm.intermediate_device())}
+    need_negative = cfg != 1.0 or bool(model.model_options.get("disable_cfg1_optimization", False))
+    pos, neg = prompts.get(clip, need_negative)
+    channels = model.get_model_object("latent_format").latent_channels
+    latent = {"samples": torch.zeros([1, channels, height // 8, width // 8], device=mm.intermediate_device())}
     (sampled,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, pos, neg, latent)
     return nodes.VAEDecode().decode(vae, sampled)[0]
 
@@ -80,7 +108,7 @@ class LoraGrid(io.ComfyNode):
                              tooltip="The same noise seed for every cell."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps per cell."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale."),
+                               tooltip="Classifier-free guidance scale (1 for Flux.1 dev and schnell)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
                                tooltip="The sampler, as in KSampler."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
@@ -107,7 +135,8 @@ class LoraGrid(io.ComfyNode):
                 lora_path(r)
         log.info("LoRA grid: %d LoRAs x %d strengths", len(rows), len(cols))
         bar = comfy.utils.ProgressBar(len(rows) * len(cols))
-        args = (positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height)
+        prompts = PromptCache(positive, negative)
+        args = (prompts, seed, steps, cfg, sampler_name, scheduler, width, height)
         cells = []
         for r in rows:
             base = render(model, clip, vae, *args) if r == NONE else None

@@ -23,9 +23,9 @@ from ..training.config import SAVE_DTYPES
 from ..training.lora.files import LoraWeights, torch_dtype
 from ..training.lora.formats import load_lora
 from ..training.lora.merge import concat_merge, resize_lora, svd_merge
-from ..training.model.archs import ARCH_TABLE
+from ..training.model.archs import ARCH_TABLE, modelspec_architecture
 from .comfy import host as comfy_host
-from .comfy.families import model_family
+from .comfy.families import family_variant, model_family
 from .comfy.loras import APPLIED_KEY, NONE, apply_loras, load_lora_file, lora_names, lora_path, stack_uses
 from .comfy.paths import checkpoint_target_path
 from .types import Lora, LoraStack
@@ -105,6 +105,22 @@ def verify_checkpoint(path, model, expected_keys) -> None:
         raise RuntimeError(f"{path} reloads as a {type(want).__name__} of another shape: {sorted(differing)} differ")
 
 
+def _family_metadata(model, family: str | None, sd: dict) -> dict[str, str]:
+    """``modelspec.*`` naming the checkpoint's family (Flux.1 by its variant, dev or schnell) and, for eps / v
+    models, the prediction key; flow models (Flux, Chroma) get none, as kohya writes none for them."""
+    import comfy.model_sampling
+
+    out = {}
+    if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
+        out["modelspec.predict_key"] = "v" if "v_pred" in sd else "epsilon"
+    if family in ARCH_TABLE:
+        arch = ARCH_TABLE[family]
+        out.update({"modelspec.sai_model_spec": "1.0.0",
+                    "modelspec.architecture": modelspec_architecture(family, family_variant(model)),
+                    "modelspec.implementation": "sgm" if arch.kind == "unet" else arch.implementation})
+    return out
+
+
 class MergeLorasToCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -145,15 +161,8 @@ class MergeLorasToCheckpoint(io.ComfyNode):
         family, config_name = model_family(model)
         log.info("merging %d LoRAs into a checkpoint at %s (%s)", len(merged), target, dtype)
         sd = _cast(checkpoint_state_dict(model, clip, vae), torch_dtype(dtype))
-        metadata = {
-            "lw_merged_loras": json.dumps(merged),
-            "lw_base_model": config_name,
-            "modelspec.title": target.stem,
-            "modelspec.predict_key": "v" if "v_pred" in sd else "epsilon",
-        }
-        if family in ARCH_TABLE:
-            metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCH_TABLE[family].modelspec,
-                             "modelspec.implementation": "sgm"})
+        metadata = {"lw_merged_loras": json.dumps(merged), "lw_base_model": config_name, "modelspec.title": target.stem}
+        metadata.update(_family_metadata(model, family, sd))
         def write_and_check(tmp):
             comfy.utils.save_torch_file(sd, tmp, metadata=metadata)
             verify_checkpoint(tmp, model, sd.keys())  # a wrong file is an error and never takes the name

@@ -82,7 +82,9 @@ class ApplyLoraStack(io.ComfyNode):
                 io.String.Input("block_weights", default="", optional=True,
                                 tooltip="Optional per-block strengths for every LoRA of the stack, as in A1111's "
                                         "LoRA Block Weight: a preset (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, "
-                                        "NONE) or a comma list of 17 (SD1) / 12 (SDXL) values. Empty: off."),
+                                        "NONE) or a comma list of 17 (SD1) / 12 (SDXL) values. Flux.1 / Chroma, as "
+                                        "in Inspire's loader: 58 values (BASE, double blocks D00-D18, single blocks "
+                                        "S00-S37) or a preset (ALL, NONE, DOUBLE, SINGLE, FLUX-*). Empty: off."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from comfy_api.latest import io
 
-from ..training.config import PRESETS, SCHEDULERS, TrainConfig
+from ..training.config import PRESETS, SCHEDULERS, TIMESTEP_SAMPLINGS, TrainConfig
 from ..training.lora.files import lora_state_dict, save_lora
 from ..training.fsutil import unique_path
 from ..training.train.checkpoints import step_files
@@ -34,10 +34,11 @@ class ComfyCallbacks(TrainCallbacks):
     there, the engine saves a resumable state and the LoRA so far, and the error goes up.
     """
 
-    def __init__(self, node_id: str | None, total: int):
+    def __init__(self, node_id: str | None, total: int, notice: str = ""):
         import comfy.utils
 
         self.node_id = node_id
+        self.notice = notice  # shown before the memory line (e.g. an untested model family)
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def on_step(self, step, total, loss, lr):
@@ -60,7 +61,7 @@ class ComfyCallbacks(TrainCallbacks):
         # Shown on the node before the first step (the memory line of its view), so a user sees whether
         # the run fits their GPU; the runner prints it.
         events.send(events.TRAIN_MEMORY, self.node_id,
-                    {"bytes": estimate.total, "text": f"expected peak memory {estimate.summary()}"})
+                    {"bytes": estimate.total, "text": f"{self.notice}expected peak memory {estimate.summary()}"})
 
 
 def _apply(model, clip, lora, dtype: str):
@@ -75,7 +76,7 @@ def _apply(model, clip, lora, dtype: str):
 
 
 def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node_id, resume_from=None):
-    from .comfy.backend import ComfyBackend
+    from .comfy.backend import comfy_backend
 
     out_dir = Path(loras_dir()) / RUNS_SUBFOLDER
     final = Path(unique_path(lora_target_path(f"{RUNS_SUBFOLDER}/{cfg.output_name}")))
@@ -83,10 +84,15 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
         # A new run must not replace an earlier run's step saves: give it its own name.
         cfg = dataclasses.replace(cfg, output_name=final.stem)
     # The graph's MODEL/CLIP, or private clones where this host cannot train them in place.
-    backend = ComfyBackend(*comfy_host.trainable(model, clip), vae)
+    backend = comfy_backend(*comfy_host.trainable(model, clip), vae)
+    notice = ""
+    if getattr(backend, "untested", False):
+        notice = (f"untested model family (ComfyUI's {backend.config_name}): it trains as a flow-matching "
+                  "transformer with every Linear layer named as ComfyUI loads it; check the result. ")
+        log.warning(notice)
     cls_recs = class_records(class_images, dataset.config)
     data = TrainData(dataset.records, dataset.config, cls_recs, class_images.prompt if class_images else "")
-    trainer = Trainer(backend, data, cfg, ComfyCallbacks(node_id, cfg.steps),
+    trainer = Trainer(backend, data, cfg, ComfyCallbacks(node_id, cfg.steps, notice),
                       RunOptions(output_dir=out_dir, state_dir=states_dir(), resume_from=resume_from,
                                  overwrite=resume_from is not None))
     estimate = trainer.memory_estimate()
@@ -118,16 +124,20 @@ class TrainLora(io.ComfyNode):
             node_id="LW_TrainLoRA",
             display_name="Train LoRA (LoRA Workbench)",
             category="LoRA Workbench/training",
-            description="Trains a LoRA on your images with the checkpoint already loaded (no second copy): SD1.x "
-                        "or SDXL (SDXL trains at 1024 px; both CLIP-L and CLIP-G get a LoRA with the text encoder "
-                        "on). Connect Class Images for DreamBooth prior preservation. Shows the expected peak "
+            description="Trains a LoRA on your images with the model already loaded (no second copy): SD1.x, "
+                        "SDXL (both CLIP-L and CLIP-G get a LoRA with the text encoder on), Flux.1 dev / schnell "
+                        "and Chroma (the transformer; load it in fp8 to fit 12-16 GB), and other flow-matching "
+                        "models ComfyUI loads (untested, said on the node). Connect Class Images for DreamBooth prior preservation. Shows the expected peak "
                         "memory first, then the loss and preview images while it runs; Cancel keeps a resumable "
                         "state and the LoRA so far.",
             inputs=[
                 io.Model.Input("model", tooltip="MODEL of an SD1.x or SDXL-family (SDXL, Pony, Illustrious, "
-                                                "SSD-1B, Segmind Vega, KOALA) checkpoint loader."),
-                io.Clip.Input("clip", tooltip="CLIP of the same checkpoint."),
-                io.Vae.Input("vae", tooltip="VAE of the same checkpoint (encodes the training images)."),
+                                                "SSD-1B, Segmind Vega, KOALA) checkpoint, or of a Flux.1 / Chroma "
+                                                "Load Diffusion Model (fp8_e4m3fn weights train in bf16)."),
+                io.Clip.Input("clip", tooltip="CLIP of the same checkpoint (Flux: DualCLIPLoader clip_l + t5xxl, "
+                                              "type flux; Chroma: CLIPLoader t5xxl, type chroma)."),
+                io.Vae.Input("vae", tooltip="VAE of the same checkpoint (Flux / Chroma: ae.safetensors); it "
+                                            "encodes the training images."),
                 Dataset.Input("dataset", tooltip="From Load Image Dataset."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
                 io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank: capacity and file size."),
@@ -158,6 +168,11 @@ class TrainLora(io.ComfyNode):
                 io.String.Input("preview_prompt", default="", tooltip="Prompt of the previews (default: the "
                                 "first caption)."),
                 io.String.Input("output_name", default="my_lora", tooltip="File name of the LoRA."),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="default",
+                               tooltip="Which noise levels training sees. default: the model family's practice "
+                                       "(uniform for SD1.x/SDXL; Flux dev and Chroma: flux_shift, logit-normal "
+                                       "shifted by resolution as Flux samples; schnell: logit_normal). shift and "
+                                       "flux_shift are for flow models (Flux, Chroma).", optional=True),
                 ClassImages.Input("class_images", optional=True, tooltip="Prior-preservation images."),
             ],
             outputs=OUTPUTS,
@@ -178,13 +193,13 @@ class TrainLora(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, steps, rank, alpha, target, learning_rate, lr_schedule,
                 warmup_steps, batch_size, seed, train_text_encoder, prior_loss_weight, precision,
                 gradient_checkpointing, save_every, preview_every, preview_prompt, output_name,
-                class_images=None) -> io.NodeOutput:
+                timestep_sampling="default", class_images=None) -> io.NodeOutput:
         cfg = TrainConfig(rank=rank, alpha=alpha, preset=target, steps=steps, lr=learning_rate,
                           lr_scheduler=lr_schedule, warmup_steps=min(warmup_steps, steps), batch_size=batch_size,
                           seed=seed, train_text_encoder=train_text_encoder, prior_loss_weight=prior_loss_weight,
                           mixed_precision=precision, gradient_checkpointing=gradient_checkpointing,
                           save_every=save_every, preview_every=preview_every, preview_prompt=preview_prompt,
-                          output_name=output_name.strip() or "my_lora")
+                          output_name=output_name.strip() or "my_lora", timestep_sampling=timestep_sampling)
         return run_training(model, clip, vae, dataset, class_images, cfg, cls.hidden.unique_id)
 
 

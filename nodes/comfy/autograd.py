@@ -38,11 +38,18 @@ def leave_inference_mode(root: nn.Module) -> int:
 
 
 def checkpointed(forward, copy_input: bool):
-    """``forward`` recomputed in backward (non-reentrant checkpointing); ``copy_input`` for modules that
-    overwrite their input in place."""
+    """``forward`` recomputed in backward (non-reentrant checkpointing). ``copy_input`` for modules that
+    overwrite their inputs in place (CLIP layers, Flux's blocks): they get copies of their floating-point
+    tensor arguments, so the inputs the checkpoint keeps for the recomputation stay as they came in."""
 
-    def run(x, *args, **kwargs):
-        return forward(x.clone() if copy_input else x, *args, **kwargs)
+    def copy(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def run(*args, **kwargs):
+        if copy_input:
+            args = tuple(copy(a) for a in args)
+            kwargs = {k: copy(v) for k, v in kwargs.items()}
+        return forward(*args, **kwargs)
 
     def checkpointed_forward(*args, **kwargs):
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)

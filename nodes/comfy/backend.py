@@ -18,7 +18,10 @@ goes through ComfyUI's model management, so its device, dtype and lowvram/offloa
   encoding (hidden states + pooled output), and the UNet's ``y`` is built by the model's own
   ``encode_adm`` from the pooled output and each image's original size, crop and target size.
 
-SD1.x (ComfyUI's ``SD15``) and the SDXL family are accepted; other families get an ``UnsupportedModelError``.
+SD1.x (ComfyUI's ``SD15``) and the SDXL family are accepted here; flow-matching transformers (Flux,
+Chroma ...) go to ``dit_backend.ComfyDiTBackend`` (``comfy_backend`` picks), and other families get an
+``UnsupportedModelError``. ``ComfyModels`` holds what both share: devices, dtype, the VAE and the training
+context.
 """
 
 from __future__ import annotations
@@ -59,13 +62,14 @@ def check_supported(model, model_name: str = "") -> str:
     """The arch ("sd1") of a ComfyUI MODEL, or an error naming the model and what is supported
     (``families.MODEL_CONFIGS``: exact classes, so InstructPix2Pix subclasses are refused)."""
     arch = trainable_family(model)
-    if arch is None:
+    if arch not in TE_ROOTS:
         family = type(model.model.model_config).__name__
         shown = f"{model_name!r} ({family})" if model_name else f"this {family} model"
         raise UnsupportedModelError(
-            f"{shown} cannot be trained yet: LoRA Workbench trains SD1.x models (ComfyUI's SD15) and SDXL "
-            "models (SDXL, SSD-1B, Segmind Vega, KOALA; Pony and Illustrious are SDXL) for now; the other "
-            "model families come later. Load an SD1.5- or SDXL-based checkpoint."
+            f"{shown} cannot be trained yet: LoRA Workbench trains SD1.x models (ComfyUI's SD15), SDXL "
+            "models (SDXL, SSD-1B, Segmind Vega, KOALA; Pony and Illustrious are SDXL) and flow-matching "
+            "transformers (Flux.1 dev / schnell, Chroma; other flow models untested); other UNet families come "
+            "later. Load an SD1.5-, SDXL-, Flux- or Chroma-based model."
         )
     return arch
 
@@ -137,14 +141,105 @@ def layout_from_unet_config(unet_config: dict) -> unet_keys.UNetLayout:
 
 
 # ---- the backend ---------------------------------------------------------------------------------
-class ComfyBackend(Backend):
-    """SD1.x / SDXL training on ComfyUI's loaded MODEL / CLIP / VAE. Use inside ``training_context()``."""
+class ComfyModels(Backend):
+    """What every backend over ComfyUI's MODEL / CLIP / VAE shares: the devices and dtype ComfyUI chose,
+    the VAE, and the training context. Use inside ``training_context()``."""
 
     def __init__(self, model, clip, vae, model_name: str = ""):
         if clip is None or vae is None:
             raise ValueError("training needs the checkpoint's CLIP and VAE as well as its MODEL; connect all three")
         self.model, self.clip, self.vae = model, clip, vae
         self.model_name = model_name
+        base = model.model
+        self.device = mm.get_torch_device()
+        self.unet_device = model.load_device  # where ComfyUI runs this MODEL (get_torch_device() unless overridden)
+        self.te_device = clip.patcher.load_device
+        # The dtype ComfyUI computes in: the manual-cast dtype when weights are stored in another one.
+        self.dtype = base.manual_cast_dtype or base.get_dtype()
+        self.storage_dtype = base.get_dtype()  # what the weights are kept in (fp8 for a *_fp8 load)
+        self._checkpointed: list[nn.Module] = []
+        self._active = False  # inside training_context()
+
+    def text_encoder_layers(self) -> list[nn.Module]:
+        """The CLIP layers of the trainable text encoders (gradient checkpointing units)."""
+        return []
+
+    def norms_to_copy(self) -> list[nn.Module]:
+        """Normalisation layers that get a copy of their input while training: ComfyUI's model code adds
+        residuals in place (``x += attn(norm(x))``) into the very tensor such a norm saved for backward."""
+        return [norm for layer in self.text_encoder_layers() for norm in (layer.layer_norm1, layer.layer_norm2)]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The engine's [-1, 1] BCHW as ComfyUI's IMAGE (BHWC in [0, 1]), then what VAEEncode + a
+        # sampler do: vae.encode, then the model's latent scaling.
+        images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
+        latents = self.vae.encode(images)
+        return self.model.model.process_latent_in(latents).float().to(self.device)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        # Previews: what a sampler + VAEDecode do, the other way round: the model's latent scaling
+        # undone, then vae.decode, which gives ComfyUI's IMAGE (BHWC in [0, 1]).
+        images = self.vae.decode(self.model.model.process_latent_out(latents.float()))
+        return images.reshape(-1, *images.shape[-3:]).float().clamp(0.0, 1.0).cpu()
+
+    # ---- host glue ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def training_context(self, memory_required: int = 0) -> Iterator["ComfyModels"]:
+        """Load the models the ComfyUI way, leave inference mode, restore everything on exit.
+
+        ``memory_required``: bytes to keep free for training activations; ComfyUI loads the
+        weights partially (lowvram) when they do not fit beside it.
+        On exit (normal or not): LoRA layers removed, gradient checkpointing off, ``requires_grad``
+        and train/eval modes as they were. Weights keep their values (tensors made under inference
+        mode are replaced by equal normal ones, see ``leave_inference_mode``).
+        """
+        with torch.inference_mode(False), torch.enable_grad(), comfy_host.in_training():
+            mm.load_models_gpu([self.model, self.clip.patcher, self.vae.patcher], memory_required=memory_required)
+            roots = self.roots()
+            swapped = sum(leave_inference_mode(r) for r in roots.values())
+            log.debug("moved %d inference-mode tensors out of inference mode", swapped)
+            grad_flags = [(p, p.requires_grad) for r in roots.values() for p in r.parameters()]
+            modes = [(m, m.training) for r in roots.values() for m in r.modules()]
+            hooks = []
+            try:
+                for r in roots.values():
+                    r.requires_grad_(False)  # frozen base: only LoRA parameters get gradients
+                # ComfyUI's CLIPLayer and Flux blocks add their residuals in place (x += attn(norm(x))),
+                # into the very tensor their LayerNorms saved for backward; the norms get a copy so the
+                # model can be differentiated.
+                hooks += [norm.register_forward_pre_hook(clone_input) for norm in self.norms_to_copy()]
+                self._active = True
+                yield self
+            finally:
+                self._active = False
+                removed = network.remove(roots)
+                for hook in hooks:
+                    hook.remove()
+                for m in self._checkpointed:
+                    del m.forward
+                self._checkpointed.clear()
+                for p, flag in grad_flags:
+                    p.requires_grad_(flag)
+                for m, mode in modes:
+                    m.training = mode
+                log.debug("training context closed; %d LoRA wrappers were still in place", removed)
+
+    def _require_context(self) -> None:
+        if not self._active:
+            raise RuntimeError(
+                "a ComfyUI backend used outside its training_context(): ComfyUI's models are not loaded for "
+                "training there (inference mode, devices). Wrap the Trainer run in "
+                "`with backend.training_context():`"
+            )
+
+
+class ComfyBackend(ComfyModels):
+    """SD1.x / SDXL training on ComfyUI's loaded MODEL / CLIP / VAE. Use inside ``training_context()``."""
+
+    def __init__(self, model, clip, vae, model_name: str = ""):
+        super().__init__(model, clip, vae, model_name)
         self.arch = check_supported(model, model_name)
         encoder = clip.cond_stage_model
         if self.arch == "sdxl":
@@ -160,11 +255,6 @@ class ComfyBackend(Backend):
             )
         base = model.model
         self.prediction_type = prediction_type(model.get_model_object("model_sampling"))
-        self.device = mm.get_torch_device()
-        self.unet_device = model.load_device  # where ComfyUI runs this MODEL (get_torch_device() unless overridden)
-        self.te_device = clip.patcher.load_device
-        # The dtype ComfyUI computes in: the manual-cast dtype when weights are stored in another one.
-        self.dtype = base.manual_cast_dtype or base.get_dtype()
         self.layout = layout_from_unet_config(base.model_config.unet_config)
         self._to_diffusers = unet_keys.unet_ldm_to_diffusers(self.layout)
         unnamed = [p for p, m in base.diffusion_model.named_modules()
@@ -174,8 +264,10 @@ class ComfyBackend(Backend):
                 f"{len(unnamed)} UNet layers have no {self.arch.upper()} name for the layout read from the model "
                 f"config ({self.layout}), e.g. {unnamed[:3]}; this UNet is not {self.arch.upper()}-shaped"
             )
-        self._checkpointed: list[nn.Module] = []
-        self._active = False  # inside training_context()
+
+    def text_encoder_layers(self) -> list[nn.Module]:
+        roots = self.roots()
+        return [layer for comp in TE_ROOTS[self.arch] for layer in roots[comp].text_model.encoder.layers]
 
     # ---- Backend -----------------------------------------------------------------------------
     def roots(self) -> dict[str, nn.Module]:
@@ -208,21 +300,6 @@ class ComfyBackend(Backend):
     def alphas_cumprod(self) -> torch.Tensor:
         sigmas = self.model.get_model_object("model_sampling").sigmas.detach().double()
         return (1.0 / (1.0 + sigmas**2)).float().to(self.device)
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # The engine's [-1, 1] BCHW as ComfyUI's IMAGE (BHWC in [0, 1]), then what VAEEncode + a
-        # sampler do: vae.encode, then the model's latent scaling.
-        images = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
-        latents = self.vae.encode(images)
-        return self.model.model.process_latent_in(latents).float().to(self.device)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        # Previews: what a sampler + VAEDecode do, the other way round: the model's latent scaling
-        # undone, then vae.decode, which gives ComfyUI's IMAGE (BHWC in [0, 1]).
-        images = self.vae.decode(self.model.model.process_latent_out(latents.float()))
-        return images.reshape(-1, *images.shape[-3:]).float().clamp(0.0, 1.0).cpu()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor | SDXLCond:
         self._require_context()
@@ -300,7 +377,7 @@ class ComfyBackend(Backend):
         roots = self.roots()
         unet_units = [m for m in roots["unet"].modules() if isinstance(m, (ResBlock, SpatialTransformer))]
         # A CLIPLayer overwrites its input in place; recomputing it needs the input as it came in.
-        te_units = [layer for comp in TE_ROOTS[self.arch] for layer in roots[comp].text_model.encoder.layers]
+        te_units = self.text_encoder_layers()
         for units, copy_input in ((unet_units, False), (te_units, True)):
             for m in units:
                 if "forward" not in m.__dict__:
@@ -333,54 +410,12 @@ class ComfyBackend(Backend):
             te_params=tuple(te_params), vae_params=sum(p.numel() for p in self.vae.first_stage_model.parameters()),
             latent_factor=self.latent_factor, latent_channels=unet.latent_channels)
 
-    # ---- host glue ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def training_context(self, memory_required: int = 0) -> Iterator["ComfyBackend"]:
-        """Load the models the ComfyUI way, leave inference mode, restore everything on exit.
 
-        ``memory_required``: bytes to keep free for training activations; ComfyUI loads the
-        weights partially (lowvram) when they do not fit beside it.
-        On exit (normal or not): LoRA layers removed, gradient checkpointing off, ``requires_grad``
-        and train/eval modes as they were. Weights keep their values (tensors made under inference
-        mode are replaced by equal normal ones, see ``leave_inference_mode``).
-        """
-        with torch.inference_mode(False), torch.enable_grad(), comfy_host.in_training():
-            mm.load_models_gpu([self.model, self.clip.patcher, self.vae.patcher], memory_required=memory_required)
-            roots = self.roots()
-            swapped = sum(leave_inference_mode(r) for r in roots.values())
-            log.debug("moved %d inference-mode tensors out of inference mode", swapped)
-            grad_flags = [(p, p.requires_grad) for r in roots.values() for p in r.parameters()]
-            modes = [(m, m.training) for r in roots.values() for m in r.modules()]
-            hooks = []
-            try:
-                for r in roots.values():
-                    r.requires_grad_(False)  # frozen base: only LoRA parameters get gradients
-                # ComfyUI's CLIPLayer adds its residuals in place (x += attn(norm(x))), into the very
-                # tensor its LayerNorms saved for backward; the norms get a copy so the text encoder
-                # can be differentiated.
-                hooks += [norm.register_forward_pre_hook(clone_input)
-                          for comp in TE_ROOTS[self.arch] for layer in roots[comp].text_model.encoder.layers
-                          for norm in (layer.layer_norm1, layer.layer_norm2)]
-                self._active = True
-                yield self
-            finally:
-                self._active = False
-                removed = network.remove(roots)
-                for hook in hooks:
-                    hook.remove()
-                for m in self._checkpointed:
-                    del m.forward
-                self._checkpointed.clear()
-                for p, flag in grad_flags:
-                    p.requires_grad_(flag)
-                for m, mode in modes:
-                    m.training = mode
-                log.debug("training context closed; %d LoRA wrappers were still in place", removed)
+def comfy_backend(model, clip, vae, model_name: str = "") -> ComfyModels:
+    """The backend for this MODEL: the UNet path for SD1.x / SDXL, the flow-transformer path for any model
+    ComfyUI samples with a flow-matching objective (Flux, Chroma ...), else ``UnsupportedModelError``."""
+    from .dit_backend import ComfyDiTBackend, is_flow_model
 
-    def _require_context(self) -> None:
-        if not self._active:
-            raise RuntimeError(
-                "ComfyBackend used outside its training_context(): ComfyUI's models are not loaded for "
-                "training there (inference mode, devices). Wrap the Trainer run in "
-                "`with backend.training_context():`"
-            )
+    if trainable_family(model) not in TE_ROOTS and is_flow_model(model):
+        return ComfyDiTBackend(model, clip, vae, model_name)
+    return ComfyBackend(model, clip, vae, model_name)

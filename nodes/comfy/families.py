@@ -3,12 +3,13 @@
 A MODEL's family is that of the first listed class its config is an instance of, so subclasses count
 (SD2 unCLIP is SD2, SDXL InstructPix2Pix is SDXL) when a LoRA is checked against the model. Training
 takes only the exact classes marked trainable: ``SD15_instructpix2pix`` and ``SDXL_instructpix2pix``
-subclass SD15 / SDXL but need an image concat input the engine does not feed.
+subclass SD15 / SDXL but need an image concat input the engine does not feed. Flux dev and schnell are
+one family (their LoRAs are interchangeable); the table entry in ``archs`` tells them apart by class name.
 """
 
 from __future__ import annotations
 
-# (class in comfy.supported_models, family, trainable by ComfyBackend)
+# (class in comfy.supported_models, family, trainable by ComfyBackend / ComfyDiTBackend)
 MODEL_CONFIGS = (
     ("SD15", "sd1", True),
     ("SD20", "sd2", False),
@@ -17,23 +18,36 @@ MODEL_CONFIGS = (
     ("Segmind_Vega", "sdxl", True),
     ("KOALA_700M", "sdxl", True),
     ("KOALA_1B", "sdxl", True),
+    ("FluxSchnell", "flux", True),  # before Flux, its base class
+    ("Flux", "flux", True),
+    ("Chroma", "chroma", True),
 )
 
 
 def _classes():
     import comfy.supported_models as sm
 
-    return [(getattr(sm, name), arch, trainable) for name, arch, trainable in MODEL_CONFIGS]
+    # A class this ComfyUI does not have (an older host) is left out.
+    return [(getattr(sm, name), arch, trainable) for name, arch, trainable in MODEL_CONFIGS if hasattr(sm, name)]
 
 
 def model_family(model) -> tuple[str | None, str]:
-    """("sd1" / "sd2" / "sdxl" or None, ComfyUI's model config class name) of a MODEL."""
+    """(the family's name in ``training.model.archs`` or None, ComfyUI's model config class name) of a MODEL."""
     config = model.model.model_config
     arch = next((arch for cls, arch, _ in _classes() if isinstance(config, cls)), None)
     return arch, type(config).__name__
 
 
 def trainable_family(model) -> str | None:
-    """The family of a MODEL the engine can train ("sd1" / "sdxl"), None for any other (exact classes only)."""
+    """The family of a MODEL the engine can train ("sd1", "sdxl", "flux", "chroma"), None for any other (exact
+    classes only)."""
     config = model.model.model_config
     return next((arch for cls, arch, trainable in _classes() if trainable and type(config) is cls), None)
+
+
+VARIANTS = {"FluxSchnell": "schnell", "Flux": "dev"}  # config class -> the family's named variant
+
+
+def family_variant(model) -> str | None:
+    """The named variant of a MODEL's family ("dev" / "schnell" for Flux.1), None where it has none."""
+    return VARIANTS.get(type(model.model.model_config).__name__)

@@ -28,7 +28,7 @@ from ...training.lora.files import lora_state_dict
 from ...training.lora.formats import detect_arch, load_lora
 from ...training.lora.metadata import trigger_words
 from ...training.lora.prompt_syntax import resolve_lora_name
-from ...training.model.archs import ARCH_TABLE, UNKNOWN
+from ...training.model.archs import ARCH_TABLE, UNKNOWN, is_compatible
 from .families import model_family
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def load_lora_file(path: str) -> LoraFile:
         _FILES.move_to_end(key)
         return hit
     sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    loaded = LoraFile(path, sd, dict(metadata or {}), detect_arch(sd))
+    loaded = LoraFile(path, sd, dict(metadata or {}), detect_arch(sd, metadata or {}))
     _FILES[key] = loaded
     while len(_FILES) > CACHE_SIZE:
         _FILES.popitem(last=False)
@@ -111,6 +111,10 @@ def check_lora_fits(name: str, lora: LoraFile, model, clip) -> None:
     "lora key not loaded" warnings and an unchanged image)."""
     family, config_name = model_family(model)
     if family is not None and lora.arch in ARCH_TABLE:
+        if lora.arch != family and is_compatible(lora.arch, family):
+            log.info("LoRA %r is a %s LoRA on a %s model: the blocks they share are patched", name,
+                     FAMILY_LABELS[lora.arch], FAMILY_LABELS[family])
+            return
         if lora.arch != family:
             raise LoraArchMismatchError(
                 f"LoRA {name!r} was made for {FAMILY_LABELS[lora.arch]} (read from its keys and layer widths) but "
@@ -143,8 +147,8 @@ def parse_spec(spec: str | None, model) -> BlockWeights | None:
     family, config_name = model_family(model)
     if family is None:
         raise BlockWeightError(
-            f"block weights {spec!r} need an SD1.x, SD2.x or SDXL model; this one is ComfyUI's {config_name}. "
-            "Leave block_weights empty for it."
+            f"block weights {spec!r} need an SD1.x, SD2.x, SDXL, Flux.1 or Chroma model; this one is ComfyUI's "
+            f"{config_name}. Leave block_weights empty for it."
         )
     return parse_block_weights(spec, family)
 

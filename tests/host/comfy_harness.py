@@ -158,3 +158,30 @@ def assert_every_lora_key_loaded(log_text: str, model, clip, lora) -> None:
     n_unet = sum(name.startswith("lora_unet_") for name in lora.modules)
     assert len(model.patches) == n_unet
     assert len(clip.patcher.patches) == len(lora.modules) - n_unet
+
+
+def load_tiny_dit(family: str, files: dict):
+    """(MODEL, CLIP, VAE) of a tiny DiT set loaded as a user's graph loads it: UNETLoader, DualCLIPLoader (flux)
+    or CLIPLoader (chroma), VAELoader."""
+    import nodes
+    import torch
+
+    with torch.inference_mode():
+        model = nodes.UNETLoader().load_unet(files["dit"], "default")[0]
+        if family == "chroma":
+            clip = nodes.CLIPLoader().load_clip(files["t5xxl"], "chroma")[0]
+        else:
+            clip = nodes.DualCLIPLoader().load_clip(files["clip_l"], files["t5xxl"], "flux")[0]
+        vae = nodes.VAELoader().load_vae(files["vae"])[0]
+    return model, clip, vae
+
+
+def release_models() -> None:
+    """Every model ComfyUI holds unloaded and freed (the next family's set loads after)."""
+    import gc
+
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache()

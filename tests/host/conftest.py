@@ -21,6 +21,7 @@ Fixtures (all session-scoped, so ComfyUI boots once per run):
 from __future__ import annotations
 
 import os
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from comfy_harness import REPO_ROOT, boot_in_process
 
 HOST_DIR = Path(__file__).resolve().parent
+if str(HOST_DIR.parent) not in sys.path:  # tests/, for the fixtures package shared with the engine tests
+    sys.path.insert(0, str(HOST_DIR.parent))
 DEFAULT_COMFYUI_PATH = Path("~/comfy/ComfyUI").expanduser()
 
 
@@ -138,3 +141,80 @@ def tiny_sdxl_checkpoint(comfy_host) -> Path:
     from tiny_sdxl import write_checkpoint
 
     return write_checkpoint(comfy_host.base_directory / "models" / "checkpoints" / "tiny_sdxl.safetensors")
+
+
+def _host_pins_flux_width() -> bool:
+    """True on a ComfyUI that builds every Flux at hidden 3072 whatever the file says (0.3.64)."""
+    import comfy.model_detection
+
+    from fixtures import tiny_flux
+
+    return comfy.model_detection.detect_unet_config(tiny_flux.flux_dit_state_dict("dev"), "")["hidden_size"] != 128
+
+
+HOST_LIMIT_DITS = ("host limit: this ComfyUI (0.3.64) builds every Flux at full width (3072) and its T5-XXL load "
+                   "alone peaks near 15 GiB, more than CI's host suite can hold beside the rest; the Flux/Chroma "
+                   "host tests run on 0.33+")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_files(comfy_host, tmp_path_factory):
+    """``files(family)`` -> {"dit", "clip_l", "t5xxl", "vae"}: the names UNETLoader / DualCLIPLoader / CLIPLoader /
+    VAELoader list for a tiny set ComfyUI detects as that family ("flux" = Flux.1 dev, "schnell", "chroma";
+    ``fixtures/tiny_flux.py``). Written once per session and linked into the host's model folders. Skips (a
+    stated host limit, which CI accepts) on a ComfyUI that pins Flux's width (0.3.64)."""
+    from fixtures import tiny_flux
+
+    if _host_pins_flux_width():
+        pytest.skip(HOST_LIMIT_DITS)
+    restore = _memoize_t5()
+    build = tmp_path_factory.mktemp("tiny_dit")
+    models = comfy_host.base_directory / "models"
+    folders = {"dit": "diffusion_models", "clip_l": "text_encoders", "t5xxl": "text_encoders", "vae": "vae"}
+    made: dict[str, dict[str, str]] = {}
+
+    def files(family: str) -> dict[str, str]:
+        if family not in made:
+            if family == "chroma":
+                paths = tiny_flux.build_chroma_set(build)
+            else:
+                paths = tiny_flux.build_flux_set(build, "dev" if family == "flux" else family)
+            names = {}
+            for role, path in paths.items():
+                target = models / folders[role] / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    os.link(path, target)
+                names[role] = path.name
+            made[family] = names
+        return made[family]
+
+    yield files
+    restore()
+
+
+def _memoize_t5():
+    """T5-XXL encodes remembered for the session, by the encoder's weights and the tokens: one encode of the
+    fixture's full-size fp8 T5 takes 30-45 s on a 2-core CPU (ComfyUI casts every fp8 matrix per call), the
+    T5 is the same file in every set, and no test checks T5 itself. Returns the undo."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.sd3_clip
+    import torch
+
+    original = comfy.sd1_clip.SDClipModel.encode
+    t5_class = comfy.text_encoders.sd3_clip.T5XXLModel
+    cache: dict = {}
+
+    def encode(self, tokens):
+        if not isinstance(self, t5_class):
+            return original(self, tokens)
+        first = next(self.parameters())
+        key = (repr(tokens), first.dtype, first.flatten()[:64].float().sum().item(), tuple(first.shape))
+        if key not in cache:
+            cache[key] = original(self, tokens)
+        out = cache[key]
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+
+    comfy.sd1_clip.SDClipModel.encode = encode
+    return lambda: setattr(comfy.sd1_clip.SDClipModel, "encode", original)
+

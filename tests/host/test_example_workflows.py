@@ -35,6 +35,7 @@ CPU_OVERRIDES = {
     "LW_TrainLoRA": {"steps": 3, "preview_every": 2},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
     "LW_LoraGrid": {"steps": 2, "width": 64, "height": 64},
 }
 
@@ -79,9 +80,28 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
     return list(EXAMPLE_LORAS)
 
 
+DIT_FAMILIES = ("flux", "chroma")  # examples named *_flux / *_chroma load a tiny set through UNETLoader & co.
+# family -> its ss_base_model_version
+BASE_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma"}
+
+
+def _family(name: str) -> str:
+    return next((f for f in ("sdxl", *DIT_FAMILIES) if f"_{f}" in name), "sd1")
+
+
 def _checkpoint(name: str, request) -> Path:
-    """The tiny checkpoint of the example's model family."""
+    """The tiny checkpoint of the example's model family (a DiT example loads no checkpoint: the SD1.5 one
+    stands in for any CheckpointLoaderSimple it may have)."""
     return request.getfixturevalue("tiny_sdxl_checkpoint" if "_sdxl" in name else "tiny_sd15_checkpoint")
+
+
+def _dit_files(name: str, request) -> dict | None:
+    """The tiny DiT set's file names for a *_flux / *_chroma example (``tiny_dit_files`` skips, one line, on a
+    host that cannot hold it)."""
+    family = _family(name)
+    if family not in DIT_FAMILIES:
+        return None
+    return request.getfixturevalue("tiny_dit_files")(family)
 
 
 def _photos(folder: Path) -> Path:
@@ -106,11 +126,21 @@ def _ancestors(prompt: dict, node_id: str) -> set[str]:
     return classes
 
 
-def _with_host_files(prompt: dict, ckpt_name: str, lora_names: list[str]) -> dict:
-    """The prompt with this host's checkpoint, and its LoRA files in place of the example's, in order."""
+def _with_host_files(prompt: dict, ckpt_name: str, lora_names: list[str], dit: dict | None = None) -> dict:
+    """The prompt with this host's checkpoint (or tiny DiT set), and its LoRA files in place of the example's,
+    in order."""
     prompt = json.loads(json.dumps(prompt))
     for node in _nodes(prompt, "CheckpointLoaderSimple").values():
         node["inputs"]["ckpt_name"] = ckpt_name
+    if dit is not None:
+        for node in _nodes(prompt, "UNETLoader").values():
+            node["inputs"]["unet_name"] = dit["dit"]
+        for node in _nodes(prompt, "DualCLIPLoader").values():
+            node["inputs"].update(clip_name1=dit["clip_l"], clip_name2=dit["t5xxl"])
+        for node in _nodes(prompt, "CLIPLoader").values():
+            node["inputs"]["clip_name"] = dit["t5xxl"]
+        for node in _nodes(prompt, "VAELoader").values():
+            node["inputs"]["vae_name"] = dit["vae"]
     for node in _nodes(prompt, "LW_LoraStack").values():
         rows = sorted(k for k, v in node["inputs"].items() if k.startswith("lora_") and k[5:].isdigit()
                       and isinstance(v, str) and v != "None")
@@ -122,8 +152,8 @@ def _with_host_files(prompt: dict, ckpt_name: str, lora_names: list[str]) -> dic
     return prompt
 
 
-def _for_cpu(prompt: dict, ckpt_name: str, lora_names: list[str], folder: Path) -> dict:
-    prompt = _with_host_files(prompt, ckpt_name, lora_names)
+def _for_cpu(prompt: dict, ckpt_name: str, lora_names: list[str], folder: Path, dit: dict | None = None) -> dict:
+    prompt = _with_host_files(prompt, ckpt_name, lora_names, dit)
     for node in prompt.values():
         overrides = dict(CPU_OVERRIDES.get(node["class_type"], {}))
         if node["class_type"] == "LW_LoadImageDataset":
@@ -132,6 +162,18 @@ def _for_cpu(prompt: dict, ckpt_name: str, lora_names: list[str], folder: Path) 
             if not isinstance(node["inputs"].get(name), list):  # a linked input stays linked
                 node["inputs"][name] = value
     return prompt
+
+
+def _release(comfy_host) -> None:
+    """Drop the executor's cached node outputs and every loaded model (the next test loads its own)."""
+    import gc
+
+    import comfy.model_management as mm
+
+    comfy_host.executor.reset()
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +195,8 @@ def test_example_is_valid_as_shipped(comfy_host, example_loras, converted, name,
     files, which the user picks, are swapped for ones this ComfyUI has."""
     import execution
 
-    prompt = _with_host_files(converted[name], _checkpoint(name, request).name, example_loras)
+    prompt = _with_host_files(converted[name], _checkpoint(name, request).name, example_loras,
+                              _dit_files(name, request))
     valid, error, outputs, node_errors = comfy_host.loop.run_until_complete(
         execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert valid, (error, node_errors)
@@ -169,7 +212,10 @@ def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_pr
     from lora_workbench.training.lora.formats import load_lora
 
     ckpt = _checkpoint(name, request)
-    prompt = _for_cpu(converted[name], ckpt.name, example_loras, _photos(tmp_path / "photos"))
+    dit = _dit_files(name, request)
+    if dit is not None:  # its models (a 4.7 GB T5) leave the executor's cache and RAM after the test
+        request.addfinalizer(lambda: _release(comfy_host))
+    prompt = _for_cpu(converted[name], ckpt.name, example_loras, _photos(tmp_path / "photos"), dit)
     loras = comfy_host.base_directory / "models" / "loras"
     checkpoints = comfy_host.base_directory / "models" / "checkpoints"
     before = set(loras.rglob("*.safetensors")) | set(checkpoints.rglob("*.safetensors"))
@@ -210,7 +256,7 @@ def test_example_runs_headless_and_the_lora_changes_the_image(comfy_host, run_pr
         triggers = {n["inputs"]["trigger_word"] for n in _nodes(prompt, "LW_LoadImageDataset").values()}
         estimates = run.events("lw.train.memory")
         assert estimates and "expected peak memory" in estimates[0]["text"], "no memory estimate was shown"
-        family = "sdxl_base_v1-0" if "_sdxl" in name else "sd_v1"
+        family = BASE_VERSIONS[_family(name)]
         for path in new:
             metadata = load_lora(path).metadata
             assert metadata["modelspec.trigger_phrase"] in triggers, path
