@@ -1,16 +1,23 @@
 """The benchmark's models, built on the fly with random weights (nothing is downloaded).
 
-Two sizes of one SD1.5-detected model:
+Sizes (``SIZES``), each one model family at one resolution:
 
-- ``tiny``: the host tests' checkpoint (one UNet level, 19M UNet parameters) at 64x64 px:
+- ``tiny``: the host tests' SD1.5-detected checkpoint (one UNet level, 19M UNet parameters) at 64x64 px:
   overhead-bound, like a small GPU job whose time goes to Python and kernel launches.
 - ``real``: the full SD1.5 UNet (320/640/1280/1280 channels, 2 res blocks per level, the real
   transformer depths, 860M parameters) at 256x256 px: compute-bound, the closest a CPU gets to
   what a GPU user runs.
+- ``flux``: a Flux.1-dev-shaped DiT, one double and one single block at hidden 3072 (the real
+  width, ~0.5G parameters), with CLIP-L, a full-size fp8 T5-XXL and the Flux "ae" VAE, at 128x128 px
+  (the CPU stand-in for the real 512 px; ComfyUI pads T5 to 256 tokens, so the text stream is most
+  of the work at this size).
+- GPU sizes (``bench/gpu.sh``): ``real512`` (the SD1.5 UNet at 512 px), ``sdxl`` (the full SDXL
+  UNet, 2.6G parameters, at 1024 px) and ``flux512`` (the Flux-shaped DiT at 512 px).
 
-Both carry a full CLIP-L and a TAESD VAE. For ComfyUI they are state dicts keyed like a real
-.safetensors checkpoint (``ComfyUI`` classes, see tests/host/tiny_sd15.py); for the standalone
-engine and diffusers' script they are the same shapes in diffusers classes.
+SD1.5 and SDXL carry full text encoders and a TAESD VAE. For ComfyUI they are state dicts keyed like
+a real .safetensors checkpoint (``ComfyUI`` classes, see tests/host/tiny_sd15.py / tiny_sdxl.py); for
+the standalone engine and diffusers' script the SD1.5 shapes are rebuilt in diffusers classes. The
+Flux set is written as files, once per machine, by ``bench/flux.py`` (tests/fixtures/tiny_flux.py).
 """
 
 from __future__ import annotations
@@ -29,12 +36,27 @@ class Size:
     images: int  # dataset size
     warmup: int  # steps excluded from timing at the start of each run
     measured: int  # steps timed per run
+    family: str = "sd15"  # sd15 | sdxl | flux
+    model: str = ""  # the model, in words, for the table's heading
 
 
 SIZES = {
-    "tiny": Size("tiny", 64, 4, warmup=3, measured=12),
-    "real": Size("real", 256, 2, warmup=1, measured=2),
+    "tiny": Size("tiny", 64, 4, warmup=3, measured=12, model="SD1.5 tiny UNet (19M)"),
+    "real": Size("real", 256, 2, warmup=1, measured=2, model="SD1.5 UNet (860M)"),
+    "flux": Size("flux", 128, 2, warmup=1, measured=2, family="flux",
+                 model="Flux.1-dev-shaped DiT, 1 double + 1 single block at hidden 3072"),
+    # GPU sizes (bench/gpu.sh): the resolutions users train at.
+    "real512": Size("real512", 512, 2, warmup=2, measured=6, model="SD1.5 UNet (860M)"),
+    "sdxl": Size("sdxl", 1024, 2, warmup=2, measured=6, family="sdxl", model="SDXL UNet (2.6G)"),
+    "flux512": Size("flux512", 512, 2, warmup=2, measured=6, family="flux",
+                    model="Flux.1-dev-shaped DiT, 1 double + 1 single block at hidden 3072"),
 }
+
+# The real SDXL UNet (ComfyUI's model_detection SDXL entry, 2.6G parameters), the tiny fixture's
+# pinned values with SDXL's own widths and depths.
+REAL_SDXL_UNET_CHANGES = {"channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+                          "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                          "transformer_depth_middle": 10}
 
 
 def comfy_unet_config(size: str) -> dict:
@@ -45,13 +67,43 @@ def comfy_unet_config(size: str) -> dict:
 
 
 def comfy_state_dict(size: str, seed: int = 0):
-    """State dict of the ComfyUI checkpoint (fp32: the benchmark trains in fp32 on the CPU)."""
+    """State dict of the ComfyUI checkpoint (fp32: the benchmark trains fp32 base weights)."""
     import torch
 
     sys.path.insert(0, str(REPO / "tests" / "host"))
+    if SIZES[size].family == "sdxl":
+        return sdxl_state_dict(seed)
     import tiny_sd15
 
     return tiny_sd15.build_state_dict(seed, comfy_unet_config(size), dtype=torch.float32)
+
+
+def sdxl_unet(device: str = "meta"):
+    """ComfyUI's UNetModel with SDXL's real shape (on ``meta``: the shapes alone, for detection checks)."""
+    sys.path.insert(0, str(REPO / "tests" / "host"))
+    import comfy.ops
+    import tiny_sdxl
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return UNetModel(**{**tiny_sdxl.UNET_CONFIG, **REAL_SDXL_UNET_CHANGES}, device=device,
+                     operations=comfy.ops.disable_weight_init)
+
+
+def sdxl_state_dict(seed: int = 0) -> dict:
+    """The full SDXL checkpoint (UNet, CLIP-L, CLIP-G, TAESD) with random weights, fp32, keyed like a real
+    SDXL .safetensors: tests/host/tiny_sdxl.py's checkpoint (its text encoders and TAESD have the fixed
+    real shapes) with its UNet replaced by SDXL's real one."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests" / "host"))
+    import tiny_sdxl
+
+    prefix = "model.diffusion_model."
+    sd = {k: v.float() for k, v in tiny_sdxl.build_state_dict(seed).items() if not k.startswith(prefix)}
+    generator = torch.Generator().manual_seed(seed)
+    for k, v in sdxl_unet("meta").state_dict().items():
+        sd[prefix + k] = tiny_sdxl._random_fill(prefix + k, v, generator).float()
+    return sd
 
 
 def diffusers_unet_kwargs(size: str) -> dict:

@@ -7,11 +7,17 @@ every run through ``/proc/self/clear_refs``) and keeps ComfyUI's globals out of 
 
 Kinds:
 - ``native``: ComfyUI's own ``TrainLoraNode`` (comfy_extras/nodes_train.py), called as ComfyUI
-  calls nodes (under ``torch.inference_mode``), on latents and conditioning it is given.
+  calls nodes (under ``torch.inference_mode``), on latents and conditioning it is given (VAEEncode and
+  CLIPTextEncode of the same images and caption, once). 0.3.64's node is a V1 class (``train``), 0.33's
+  a V3 one (``execute``, every input a list); both are driven with the same settings.
 - ``node``: our Train LoRA node's code path (``nodes.train_nodes.run_training``) on the same
   ComfyUI MODEL/CLIP/VAE.
 - ``engine``: our engine standalone (``DiffusersBackend``), on the same shapes in diffusers classes.
 - ``use``: LoRA stacks, sampling and merging in ComfyUI.
+
+The device is the CPU (``--device cpu``: ComfyUI's ``--cpu``) or CUDA (``--device cuda``: ComfyUI picks
+the GPU itself, the engine is put there); on CUDA each run also reports the peak of
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from bench.models import SIZES, comfy_state_dict, diffusers_components, write_images
 
 SEND = sys.stdout  # answers only; everything else printed goes to stderr
+DEVICE = "cpu"  # set by main: cpu | cuda
 sys.stdout = sys.stderr
 
 
@@ -85,6 +92,13 @@ def release_memory() -> None:
         pass
 
 
+def cuda_in_use() -> bool:
+    """True when this worker computes on a CUDA GPU (its ComfyUI is not ``--cpu``, or the engine is on CUDA)."""
+    import torch
+
+    return DEVICE == "cuda" and torch.cuda.is_available()
+
+
 def count_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -94,15 +108,16 @@ def count_flops(fn) -> int:
 
 
 # ---- ComfyUI-side contenders --------------------------------------------------------------------
-def boot_comfy(comfyui: Path, base: Path):
-    """ComfyUI's modules on the CPU with paths under ``base`` (no server, no custom-node scan)."""
+def boot_comfy(comfyui: Path, base: Path, device: str = "cpu"):
+    """ComfyUI's modules with paths under ``base`` (no server, no custom-node scan), on the CPU
+    (``--cpu``) or on the GPU ComfyUI finds by itself."""
     for sub in ("models/checkpoints", "models/loras", "input", "output"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(comfyui))
     import comfy.options  # noqa: F401
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = device == "cpu"
     # PyTorch's SDPA attention, which ComfyUI picks by itself on NVIDIA GPUs (on a CPU it would pick
     # sub-quadratic attention): the setting the GPU users this bench stands for train with.
     args.use_pytorch_cross_attention = True
@@ -119,11 +134,17 @@ class ComfyModels:
         import torch
 
         import comfy.sd
+        import folder_paths
 
         self.size = SIZES[size]
-        with torch.inference_mode():
-            self.model, self.clip, self.vae, *_ = comfy.sd.load_state_dict_guess_config(comfy_state_dict(size))
-        import folder_paths
+        if self.size.family == "flux":
+            from bench import flux
+
+            self.model, self.clip, self.vae = flux.load(Path(folder_paths.base_path))
+        else:
+            with torch.inference_mode():  # fp32 base weights on every device (a GPU would pick fp16)
+                self.model, self.clip, self.vae, *_ = comfy.sd.load_state_dict_guess_config(
+                    comfy_state_dict(size), model_options={"dtype": torch.float32})
 
         self.input_dir = Path(folder_paths.get_input_directory())
         self.images = write_images(self.input_dir / "bench_images", self.size.images, self.size.pixels)
@@ -153,6 +174,11 @@ class NativeWorker:
 
         import comfy_extras.nodes_train as nt
 
+        settings = dict(batch_size=1, steps=steps, grad_accumulation_steps=1, learning_rate=1e-4,
+                        rank=variant["rank"], optimizer="AdamW", loss_function="MSE", seed=seed,
+                        training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
+                        gradient_checkpointing=variant.get("gc", False), existing_lora="[None]")
+
         clock = StepClock()
         init = nt.TrainSampler.__init__
 
@@ -166,15 +192,37 @@ class NativeWorker:
         nt.TrainSampler.__init__ = timed_init
         try:
             with torch.inference_mode():
-                out = nt.TrainLoraNode().train(
-                    self.m.model, self.latents, self.positive, batch_size=1, steps=steps, grad_accumulation_steps=1,
-                    learning_rate=1e-4, rank=variant["rank"], optimizer="AdamW", loss_function="MSE", seed=seed,
-                    training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
-                    gradient_checkpointing=variant.get("gc", False), existing_lora="[None]")
+                if hasattr(nt.TrainLoraNode, "train"):  # 0.3.64: V1 node -> (model, lora, loss, steps)
+                    lora = nt.TrainLoraNode().train(self.m.model, self.latents, self.positive, **settings)[1]
+                else:  # 0.33: V3 node, every input a list (is_input_list) -> (lora, loss, steps)
+                    extra = dict(quantized_backward=False, checkpoint_depth=1, offloading=False, bucket_mode=False,
+                                 bypass_mode=False)
+                    lists = {k: [v] for k, v in {**settings, **extra}.items()}
+                    lora = nt.TrainLoraNode.execute(model=[self.m.model], latents=[self.latents],
+                                                    positive=[self.positive], **lists).args[0]
         finally:
             nt.TrainSampler.__init__ = init
-        trainable = sum(t.numel() for t in out[1].values())
+        trainable = sum(t.numel() for t in lora.values())
         return clock, trainable
+
+
+def cache_encodes() -> None:
+    """Each caption encoded once for the worker's life, as the native worker's CLIPTextEncode does once.
+
+    A Flux caption costs a T5-XXL encode (~45 s on a 2-core CPU), which is not what the bench times:
+    steps are timed after the first (where our trainer encodes its captions), so this saves wall time
+    only, run after run."""
+    from lora_workbench.nodes.comfy.dit_backend import ComfyDiTBackend
+
+    encode, cache = ComfyDiTBackend.encode_prompts, {}
+
+    def cached(backend, prompts):
+        key = tuple(prompts)
+        if key not in cache:
+            cache[key] = encode(backend, prompts)
+        return cache[key]
+
+    ComfyDiTBackend.encode_prompts = cached
 
 
 class NodeWorker:
@@ -187,6 +235,8 @@ class NodeWorker:
                       min_bucket_side=px, max_bucket_side=px, repeats=1, shuffle_tags=False, keep_tokens=0,
                       caption_dropout=0.0, flip=False)
         self.dataset = LoadImageDataset.execute(folder=str(self.m.images), **common).args[0]
+        if self.m.size.family == "flux":
+            cache_encodes()
 
     def train(self, variant: dict, steps: int, seed: int):
         import torch
@@ -222,14 +272,14 @@ class NodeWorker:
 
 # ---- the standalone engine -----------------------------------------------------------------------
 class EngineWorker:
-    def __init__(self, size: str):
+    def __init__(self, size: str, device: str = "cpu"):
         from lora_workbench.training.model.backend import DiffusersBackend
         from lora_workbench.training.config import DatasetConfig
         from lora_workbench.training.data.dataset import scan_folder
 
         self.size = SIZES[size]
         self.tmp = Path(tempfile.mkdtemp(prefix="lw_bench_engine_"))
-        self.backend = DiffusersBackend(**diffusers_components(size, self.tmp / "tokenizer"))
+        self.backend = DiffusersBackend(**diffusers_components(size, self.tmp / "tokenizer"), device=device)
         px = self.size.pixels
         self.dcfg = DatasetConfig(path=str(write_images(self.tmp / "images", self.size.images, px)), resolution=px,
                                   enable_buckets=False, min_bucket_side=px, max_bucket_side=px)
@@ -366,13 +416,13 @@ class UseWorker:
 KINDS = {"native": NativeWorker, "node": NodeWorker, "engine": EngineWorker, "use": UseWorker}
 
 
-def serve(kind: str, size: str, comfyui: str | None) -> None:
+def serve(kind: str, size: str, comfyui: str | None, device: str = "cpu") -> None:
     if kind in ("native", "node", "use"):
-        boot_comfy(Path(comfyui), Path(tempfile.mkdtemp(prefix=f"lw_bench_{kind}_")))
+        boot_comfy(Path(comfyui), Path(tempfile.mkdtemp(prefix=f"lw_bench_{kind}_")), device)
     import torch
 
     torch.manual_seed(0)
-    worker = KINDS[kind](size)
+    worker = KINDS[kind](size, device) if kind == "engine" else KINDS[kind](size)
     release_memory()
     SEND.write(json.dumps({"ready": True, "rss": peak_rss()}) + "\n")
     SEND.flush()
@@ -393,6 +443,13 @@ def handle(worker, cmd: dict) -> dict:
     op = cmd["op"]
     if op == "train":
         release_memory()
+        cuda = cuda_in_use()
+        if cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            vram_start = torch.cuda.memory_allocated()
         reset_peak_rss()
         start = current_rss()
         size = SIZES[cmd["size"]]
@@ -400,6 +457,8 @@ def handle(worker, cmd: dict) -> dict:
         d = clock.durations(size.warmup)
         answer = {"step": statistics.median(d), "steps": d, "rss": peak_rss(), "rss_start": start,
                   "trainable": trainable}
+        if cuda:
+            answer.update(vram=torch.cuda.max_memory_allocated(), vram_start=vram_start)
         release_memory()  # an idle worker holds only what is live, beside the one that runs
         return answer
     if op == "flops":
@@ -434,8 +493,11 @@ def main() -> None:
     p.add_argument("kind", choices=list(KINDS))
     p.add_argument("size", choices=list(SIZES))
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ns = p.parse_args()
-    serve(ns.kind, ns.size, ns.comfyui)
+    global DEVICE
+    DEVICE = ns.device
+    serve(ns.kind, ns.size, ns.comfyui, ns.device)
 
 
 if __name__ == "__main__":
