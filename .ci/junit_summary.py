@@ -1,6 +1,6 @@
 """Counts of a pytest JUnit XML file as one line ("N passed, N failed, N skipped"), or with
---total FILE..., the sum of several. With --fail-on-skip-except WORD, exits 1 (listing them) when a test
-was skipped for a reason that does not mention WORD."""
+--total FILE..., the sum of several. With --fail-on-skip-except WORD (repeatable), exits 1 (listing them) when
+a test was skipped for a reason that mentions none of the WORDs."""
 
 import argparse
 import sys
@@ -34,7 +34,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("files", nargs="+")
     parser.add_argument("--total", action="store_true")
-    parser.add_argument("--fail-on-skip-except")
+    parser.add_argument("--fail-on-skip-except", action="append")
     args = parser.parse_args()
     if args.total:
         total = [0, 0, 0]
@@ -47,9 +47,10 @@ def main():
     if args.fail_on_skip_except is None:
         print(line(c))
         return 0
-    bad = [r for r in reasons if args.fail_on_skip_except not in r] if c is not None else reasons
+    allowed = args.fail_on_skip_except
+    bad = [r for r in reasons if not any(word in r for word in allowed)] if c is not None else reasons
     for r in bad:
-        print(f"skipped without a {args.fail_on_skip_except}-only reason: {r}")
+        print(f"skipped for a reason other than {' / '.join(allowed)}: {r}")
     return 1 if bad else 0
 
 
