@@ -401,8 +401,8 @@ def test_kohya_metadata_keys_and_values():
     assert sd1["modelspec.architecture"] == "stable-diffusion-v1/lora" and sd1["ss_resolution"] == "(512, 768)"
     with pytest.raises(TypeError, match="learnig_rate"):
         kohya_metadata(arch="sd1", learnig_rate=1e-4)
-    with pytest.raises(ValueError, match="sd3"):
-        kohya_metadata(arch="sd3")
+    with pytest.raises(ValueError, match="sd4"):
+        kohya_metadata(arch="sd4")
 
 
 def test_describe_lora(tmp_path, sd1):

@@ -24,6 +24,11 @@ blocks) and Inspire's FLUX-* names. Inspire fills the blocks after a short (20-v
 last value, so its FLUX-DBL-ALL and FLUX-DBL-TAIL6 also keep every single block; here the DBL presets
 keep the double blocks they name and zero the single blocks, as their names say.
 
+SD3.x ("sd3"): ``BASE, J00..J37``, where ``Jnn`` is ``joint_blocks.nn`` (39 values, SD3.5 large's 38 blocks)
+or ``BASE, J00..J23`` (25 values, SD3/3.5 medium's 24); ``BASE`` weighs the text encoders and the layers
+outside the blocks, as for Flux. Presets: ALL, NONE, ALL0.5, and FRONT / MID / BACK (BASE plus the first,
+middle or last third of the blocks a 38-block model has).
+
 Presets are LBW's (17 values, for SD1). For SDXL they are mapped by block name as LBW does, with one
 deliberate difference: LBW's presets do not name OUT00-OUT02, so LBW zeroes them and ``lbw=ALL``
 silently drops SDXL's three deepest output blocks; here those take the preset's OUT03 value, so ALL
@@ -41,7 +46,7 @@ from typing import Sequence
 from ..errors import LoraWorkbenchError
 from ..model import dit_keys as dk
 from ..model import keys as uk
-from ..model.archs import ARCH_TABLE
+from ..model.archs import ARCH_TABLE, SD3_LARGE_DEPTH
 from .files import LoraModule, LoraWeights
 
 OTHER = "OTHER"  # modules outside LBW's blocks: always weight 1
@@ -115,13 +120,35 @@ FLUX_PRESETS: dict[str, tuple[float, ...]] = {
     "FLUX-SINGLE-31to37": _flux_preset(set(), _singles(30, 37)),
 }
 
-# Block family of each arch: the UNet's layout, or "flux" for the BFL-layout DiTs (Chroma has Flux's blocks).
-_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else "flux") for a in ARCH_TABLE.values()}
-_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS}
-_SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS, "flux": FLUX_BLOCKS}
-_PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS, "flux": FLUX_PRESETS}
+# SD3.x: joint blocks of the largest (3.5 large); the medium ones take the short list.
+JOINT_BLOCKS = tuple(f"J{i:02d}" for i in range(SD3_LARGE_DEPTH))
+SD3_BLOCKS = ("BASE", *JOINT_BLOCKS)
+SD3_MEDIUM_BLOCKS = SD3_BLOCKS[: 1 + ARCH_TABLE["sd3"].dit.depth]
+
+
+def _sd3_preset(lo: int, hi: int) -> tuple[float, ...]:  # BASE + J<lo>..J<hi>, inclusive
+    return (1.0, *(1.0 if lo <= i <= hi else 0.0 for i in range(SD3_LARGE_DEPTH)))
+
+
+SD3_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0.0,) * len(SD3_BLOCKS),
+    "ALL": (1.0,) * len(SD3_BLOCKS),
+    "ALL0.5": (0.5,) * len(SD3_BLOCKS),
+    "FRONT": _sd3_preset(0, 12),
+    "MID": _sd3_preset(13, 25),
+    "BACK": _sd3_preset(26, SD3_LARGE_DEPTH - 1),
+}
+
+# Block family of each arch: the UNet's layout, "flux" for the BFL-layout DiTs (Chroma has Flux's blocks),
+# "sd3" for the MMDiT.
+_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else "sd3" if a.name == "sd3" else "flux")
+           for a in ARCH_TABLE.values()}
+_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_BLOCKS}
+_SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_MEDIUM_BLOCKS}
+_PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS, "flux": FLUX_PRESETS, "sd3": SD3_PRESETS}
 _LDM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.|middle_block\.")
-_DIT_BLOCK = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.")
+_DIT_BLOCK = re.compile(r"(double_blocks|single_blocks|joint_blocks)\.(\d+)\.")
+_DIT_LETTER = {"double_blocks": "D", "single_blocks": "S", "joint_blocks": "J"}
 
 
 class BlockWeightError(LoraWorkbenchError, ValueError):
@@ -165,7 +192,7 @@ def block_of(kohya_name: str, arch: str) -> str:
             f"{kohya_name!r} is not a kohya LoRA module name (lora_unet_* / lora_te*_*); block weights "
             "apply to kohya-named modules"
         )
-    if fam == "flux":
+    if fam in ("flux", "sd3"):
         return _dit_block(kohya_name, arch)
     try:
         _, diffusers_path = uk.parse_kohya_name(kohya_name, arch)
@@ -191,15 +218,19 @@ def _dit_block(kohya_name: str, arch: str) -> str:
     m = _DIT_BLOCK.match(path)
     if m is None:
         return "BASE"
-    block = f"{'D' if m.group(1) == 'double_blocks' else 'S'}{int(m.group(2)):02d}"
-    if block not in FLUX_BLOCKS:
-        raise BlockWeightError(f"{kohya_name!r} lies in {block}, which {arch} does not have ({FLUX_BLOCKS[1]}.."
-                               f"{DOUBLE_BLOCKS[-1]}, {SINGLE_BLOCKS[0]}..{SINGLE_BLOCKS[-1]})")
+    block = f"{_DIT_LETTER[m.group(1)]}{int(m.group(2)):02d}"
+    blocks = _FULL[_family(arch)]
+    if block not in blocks:
+        raise BlockWeightError(f"{kohya_name!r} lies in {block}, which {arch} does not have ({', '.join(blocks[1:3])}"
+                               f" .. {blocks[-1]})")
     return block
 
 
 def _usage(fam: str) -> str:
     short, full = _SHORT[fam], _FULL[fam]
+    if fam == "sd3":
+        return (f"sd3 takes {len(full)} values (BASE, {full[1]}..{full[-1]}: SD3.5 large) or {len(short)} (BASE, "
+                f"{short[1]}..{short[-1]}: SD3/3.5 medium), or a preset: {', '.join(_PRESETS[fam])}")
     if short == full:
         return (f"{fam} takes {len(full)} values (BASE, {full[1]}..{DOUBLE_BLOCKS[-1]}, {SINGLE_BLOCKS[0]}.."
                 f"{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}")
@@ -211,7 +242,7 @@ def parse_block_weights(spec: str | Sequence[float], arch: str) -> BlockWeights:
     """A preset name (``"OUTD"``, case-insensitive) or a comma list of numbers, for ``arch``.
 
     Short lists (17 for SD1/SD2, 12 for SDXL) give 0 to the blocks they do not name, as LBW does.
-    Flux / Chroma take 58 values (BASE, D00..D18, S00..S37) and no short form.
+    Flux / Chroma take 58 values (BASE, D00..D18, S00..S37) and no short form; SD3.x 39 (large) or 25 (medium).
     A wrong count raises :class:`BlockWeightError` naming the expected counts and blocks.
     """
     fam = _family(arch)

@@ -29,7 +29,7 @@ from ..config import SAVE_DTYPES
 from ..errors import LoraWorkbenchError
 from ..fsutil import FileExistsNoOverwriteError, atomic_write
 from ..model import keys as uk
-from ..model.archs import ARCHS, UNKNOWN
+from ..model.archs import ARCH_TABLE, ARCHS, UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,15 @@ def _kohya_hashes(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> tu
     return model, legacy
 
 
+def key_format(arch: str) -> str:
+    """The key format files of ``arch`` are written in: "kohya", or "diffusers" (``archs.Arch.file_format``)."""
+    return ARCH_TABLE[arch].file_format if arch in ARCH_TABLE else "kohya"
+
+
 def save_lora(path: str | os.PathLike, lora: LoraWeights, dtype: str | torch.dtype = "fp16",
               overwrite: bool = False) -> Path:
-    """Write ``lora`` as a kohya-format ``.safetensors`` file, atomically; returns the path.
+    """Write ``lora`` as a ``.safetensors`` file in its family's key format (kohya; diffusers for SD3.x, see
+    ``lora.diffusers_format``), atomically; returns the path.
 
     Adds ``sshs_model_hash``/``sshs_legacy_hash`` (kohya) and ``modelspec.hash_sha256`` ("0x" + sha256 of
     the tensor data, i.e. the same digest as sshs_model_hash). Refuses to replace an existing file
@@ -203,8 +209,17 @@ def save_lora(path: str | os.PathLike, lora: LoraWeights, dtype: str | torch.dty
         raise FileExistsNoOverwriteError(f"{path} already exists; choose another name or pass overwrite=True to replace it")
     if not lora.modules:
         raise ValueError(f"refusing to write {path}: the LoRA has no modules")
-    tensors = lora_state_dict(lora, dtype)
     metadata = {k: v for k, v in metadata_strings(lora.metadata).items() if k not in HASH_KEYS}
+    if key_format(lora.arch) == "diffusers":
+        from .diffusers_format import diffusers_state_dict
+
+        tensors = diffusers_state_dict(lora, dtype)
+        # the scale is folded into lora_B: every module is at alpha = rank now
+        if "ss_network_dim" in metadata:
+            metadata["ss_network_alpha"] = metadata["ss_network_dim"]
+        metadata["lw_key_format"] = "diffusers"
+    else:
+        tensors = lora_state_dict(lora, dtype)
     model, legacy = _kohya_hashes(tensors, metadata)
     metadata.update({"sshs_model_hash": model, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + model})
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)

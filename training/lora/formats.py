@@ -11,6 +11,8 @@ ComfyUI/BFL-native (``diffusion_model.double_blocks.0.img_attn.qkv``, or without
 OneTrainer (``lora_transformer_*``) and diffusers/peft/ai-toolkit (``transformer.transformer_blocks.0.attn.to_q``).
 diffusers splits the fused ``qkv`` / ``linear1`` into q, k, v (+ mlp); those parts are fused back into the
 BFL module exactly (``lora.fuse``), so every format comes out as the kohya file ComfyUI and kohya read.
+SD3.x (MMDiT, ``joint_blocks.N``) reads the same four forms; its files are written in diffusers' form
+(``lora.diffusers_format``), the only one diffusers' SD3 pipeline loads.
 """
 
 from __future__ import annotations
@@ -115,12 +117,19 @@ def _canonical(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolve
 
 
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
-              "final_layer.", "distilled_guidance_layer.")
+              "final_layer.", "distilled_guidance_layer.", "joint_blocks.", "context_embedder", "t_embedder.",
+              "y_embedder.")
 _DIFFUSERS_HEADS = ("transformer.", "base_model.model.", "")
 _ONETRAINER = re.compile(r"lora_transformer_(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)")
 # diffusers' norm_out.linear is BFL's final_layer.adaLN_modulation.1 with the (shift, scale) halves of its
-# output swapped (ComfyUI flux_to_diffusers: swap_scale_shift); a LoRA's up rows swap the same way.
-_SWAPPED = {"norm_out.linear": "final_layer.adaLN_modulation.1"}
+# output swapped (ComfyUI flux_to_diffusers / mmdit_to_diffusers: swap_scale_shift); a LoRA's up rows swap
+# the same way. SD3's last context block (pre-only) has such a modulation too, told apart by its rows.
+SWAP_IF_PRE_ONLY = 2  # _locate_dit's swap value for a module that swaps only if it is a pre-only modulation
+
+
+def _swapped(arch: str) -> dict[str, str]:
+    """diffusers path -> BFL path of the always-swapped modules (the outer ones) of ``arch``."""
+    return {d: b for b, d in dk.diffusers_swapped(arch).items() if "{last}" not in b}
 
 
 def _onetrainer_path(rest: str, arch: str) -> str | None:
@@ -128,7 +137,7 @@ def _onetrainer_path(rest: str, arch: str) -> str | None:
     m = _ONETRAINER.fullmatch(rest)
     if m:
         head = f"{m.group(1)}.0."
-        for ps in dk.diffusers_parts(arch, depth=1, depth_single=1, hidden=1).values():
+        for ps in dk.diffusers_parts(arch, depth=2, depth_single=1, hidden=1).values():
             for p, _ in ps:
                 if p.startswith(head) and p[len(head):].replace(".", "_") == m.group(3):
                     return f"{m.group(1)}.{m.group(2)}.{p[len(head):]}"
@@ -136,7 +145,7 @@ def _onetrainer_path(rest: str, arch: str) -> str | None:
     for ps in dk.diffusers_parts(arch, depth=0, depth_single=0, hidden=1).values():
         if ps[0][0].replace(".", "_") == rest[len("lora_transformer_"):]:
             return ps[0][0]
-    return {k.replace(".", "_"): k for k in _SWAPPED}.get(rest[len("lora_transformer_"):])
+    return {k.replace(".", "_"): k for k in _swapped(arch)}.get(rest[len("lora_transformer_"):])
 
 
 def _locate_dit(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolver,
@@ -160,12 +169,14 @@ def _locate_dit(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolv
             diff = prefix[len(head):]
             break
     if diff is not None:
-        if diff in _SWAPPED:
-            return dk.kohya_dit_name(_SWAPPED[diff]), 0, 1, True
+        swapped = _swapped(arch)
+        if diff in swapped:
+            return dk.kohya_dit_name(swapped[diff]), 0, 1, True
         found = dk.diffusers_to_bfl(diff, arch)
         if found is not None:
             bfl, part, n = found
-            return dk.kohya_dit_name(bfl), part, n, False
+            maybe = any(k.split(".", 2)[2] == bfl.split(".", 2)[-1] for k in dk.diffusers_swapped(arch) if "{last}" in k)
+            return dk.kohya_dit_name(bfl), part, n, SWAP_IF_PRE_ONLY if maybe else False
     component, path = _locate(prefix, style, arch, resolver)
     if component == "unet":
         raise uk.ModuleNameError(f"{prefix}: not a module of the {arch} transformer")
@@ -184,13 +195,17 @@ def _down_in_dims(sd: Mapping[str, Tensor], needle) -> set[int]:
 # Key names only a BFL-layout DiT LoRA has (kohya/ComfyUI/BFL, OneTrainer, diffusers Flux), and the ones
 # that tell Flux from Chroma: Chroma's blocks have no modulation layers and it has no vector/guidance input.
 _DIT_KEY = re.compile(
-    r"^(lora_unet_|(model\.)?diffusion_model\.)?(double|single)_blocks[._]\d+[._]"
+    r"^(lora_unet_|(model\.)?diffusion_model\.)?(double|single|joint)_blocks[._]\d+[._]"
     r"|^(lora_transformer_|(transformer|base_model\.model)\.)?(single_)?transformer_blocks[._]\d+[._]"
     r"(attn[._](to_[qkv]|add_|to_add_out|to_out)|ff_context|norm1_context|proj_mlp|proj_out|norm[._]linear)")
 _FLUX_ONLY = re.compile(r"(img|txt)_mod[._]lin|modulation[._]lin|guidance_in|vector_in|norm1(_context)?[._]linear"
                         r"|single_transformer_blocks[._]\d+[._]norm[._]linear|guidance_embedder|text_embedder"
                         r"|adaLN_modulation|norm_out")
 _CHROMA_ONLY = re.compile(r"distilled_guidance_layer")
+# SD3's MMDiT: its native names, diffusers' second image attention (SD3.5 medium), or diffusers' block
+# modules at SD3's widths (1536 medium, 2432 large; Flux's are 3072).
+_SD3_ONLY = re.compile(r"joint_blocks|x_block|context_block|transformer_blocks[._]\d+[._]attn2[._]")
+_SD3_WIDTHS = (1536, 2432)
 
 
 def _dit_family(keys: list[str], metadata: Mapping[str, str] | None) -> str | None:
@@ -198,16 +213,18 @@ def _dit_family(keys: list[str], metadata: Mapping[str, str] | None) -> str | No
     file's metadata; else "flux" (a LoRA of the shared blocks applies to both, see ``Arch.compatible``)."""
     if not any(_DIT_KEY.search(k) for k in keys):
         return None
+    named = arch_from_metadata(metadata or {})
+    if named == "sd3" or any(_SD3_ONLY.search(k) for k in keys):
+        return "sd3"
     if any(_CHROMA_ONLY.search(k) for k in keys):
         return "chroma"
     if any(_FLUX_ONLY.search(k) for k in keys):
         return "flux"
-    named = arch_from_metadata(metadata or {})
     return named if named in DIT_ARCHS else "flux"
 
 
 def detect_arch(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> str:
-    """The family of a LoRA state dict: "sd1", "sd2", "sdxl", "flux", "chroma" (``model.archs``) or "unknown",
+    """The family of a LoRA state dict: "sd1", "sd2", "sdxl", "flux", "chroma", "sd3" (``model.archs``) or "unknown",
     from its key names and the cross-attention / CLIP widths its down weights take as input.
 
     Flux vs Chroma: keys of modulation / vector / guidance layers mean Flux (Chroma has none), Chroma's
@@ -216,6 +233,11 @@ def detect_arch(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | 
     """
     keys = list(state_dict)
     dit = _dit_family(keys, metadata)
+    if dit == "flux" and not arch_from_metadata(metadata or {}) and not any(
+            "single_" in k or k.startswith("lora_unet_") for k in keys) and (
+            _down_in_dims(state_dict, lambda p: re.search(r"transformer_blocks_\d+_attn_(to_q|add_q_proj)$", p) is not None)
+            & set(_SD3_WIDTHS)):
+        return "sd3"  # a diffusers SD3 LoRA without SD3-only modules: its widths tell
     if dit is not None:
         return dit
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")) for k in keys):
@@ -267,7 +289,7 @@ def _relative_rows(name: str, arch: str) -> list[int]:
     """Output rows of each diffusers part of the fused BFL module ``name``, in units of the hidden width."""
     path = dk.parse_kohya_dit_name(name, arch)
     block, index, child = path.split(".", 2)
-    one = dk.diffusers_parts(arch, depth=1, depth_single=1, hidden=1)[f"{block}.0.{child}"]
+    one = dk.diffusers_parts(arch, depth=2, depth_single=1, hidden=1)[f"{block}.0.{child}"]
     return [r for _, r in one]
 
 
@@ -344,7 +366,7 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
     # BFL module (q / k / v ...), fused below.
     parts: dict[tuple[str, int], dict[str, Tensor]] = {}
     n_parts: dict[str, int] = {}
-    swapped: set[str] = set()
+    swapped: dict[str, int | bool] = {}
     raw_prefix: dict[tuple[str, int], str] = {}
     unknown: list[str] = []
     reasons: list[str] = []
@@ -369,7 +391,7 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
         slot[role] = tensor
         n_parts[name] = n
         if swap:
-            swapped.add(name)
+            swapped[name] = swap
         raw_prefix.setdefault((name, part), prefix)
     if unknown:
         hint = " (LyCORIS LoHa/LoKr/Tucker/OFT weights are not plain LoRA)" if any(
@@ -400,7 +422,10 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
         dora = slot.get("dora")
         if dora is not None and dora.dim() == 1:  # peft magnitude [out] -> kohya [out, 1, ...]
             dora = dora.reshape(-1, *([1] * (down.dim() - 1)))
-        if name in swapped:  # diffusers norm_out.linear: (scale, shift) rows -> BFL's (shift, scale)
+        swap = swapped.get(name, False)
+        if swap == SWAP_IF_PRE_ONLY:
+            swap = dk.is_pre_only_modulation(dk.parse_kohya_dit_name(name, arch), up.shape[0], down.shape[1], arch)
+        if swap:  # diffusers norm_out.linear: (scale, shift) rows -> BFL's (shift, scale)
             up = torch.cat(up.chunk(2, dim=0)[::-1])
         try:
             pieces[name, part] = LoraModule(down, up, alpha, dora)

@@ -6,7 +6,8 @@ The fused weight is the parts stacked by rows, so a LoRA per part is exactly one
 
     delta_fused = [s_1 B_1 A_1; ...; s_n B_n A_n] = blockdiag(s_1 B_1, ..., s_n B_n) @ cat(A_1, ..., A_n)
 
-with rank ``sum r_i``. The fused module keeps one scale ``s = alpha / rank``; when the parts' scales
+with rank ``sum r_i`` (parts that share one ``A``, as :func:`split_module` makes them, fuse back at rank
+``r``: ``[B_1; ...; B_n] A``). The fused module keeps one scale ``s = alpha / rank``; when the parts' scales
 differ, the ratio ``s_i / s`` goes into that part's rows of ``up`` (exact in fp32, one rounding in fp16).
 """
 
@@ -42,6 +43,13 @@ def fuse_modules(parts: Sequence[LoraModule | None], rows: Sequence[int] | None 
         raise LoraFormatError(f"parts take different input widths {sorted(widths)}; only parts of one layer fuse")
     if len(present) == 1 and len(parts) == 1:
         return present[0][1]
+    first = present[0][1]
+    if len(present) == len(parts) and all(
+            p.scale == first.scale and p.down.shape == first.down.shape and torch.equal(p.down, first.down)
+            for _, p in present):
+        # parts that share one down (a split_module output, e.g. a diffusers SD3 file we wrote): stacking
+        # their ups is the same delta at the parts' rank, not their sum
+        return LoraModule(first.down, torch.cat([p.up.to(first.up.dtype) for _, p in present]), first.alpha)
     dtype = present[0][1].up.dtype
     scale = next((p.scale for _, p in present if p.scale != 0), 1.0)
     downs, ups = [], []

@@ -6,15 +6,18 @@ components (so ``lora_te_`` for SD1/SD2, ``lora_te1_`` + ``lora_te2_`` for SDXL)
 widths that tell the families apart in a LoRA file (see ``lora.formats.detect_arch``).
 
 Two kinds of denoiser: ``"unet"`` (SD1/SD2/SDXL, named by ``keys.UNetLayout``) and ``"dit"``, the
-flow-matching transformers in Black Forest Labs' layout (Flux.1 dev/schnell, Chroma), described by a
-:class:`DiTSpec`: block counts, the Linear modules of one block, the modules outside the blocks and
-the LoRA target presets, all as BFL module paths (``double_blocks.0.img_attn.qkv``), which is how
-ComfyUI's model, kohya's ``networks/lora_flux.py`` and Civitai's Flux LoRAs name them.
+flow-matching transformers, described by a :class:`DiTSpec`: block counts, the Linear modules of one
+block, the modules outside the blocks, the LoRA target presets and the diffusers names of each module,
+all as the module paths of the reference model that ComfyUI loads: Black Forest Labs' layout for Flux.1
+dev/schnell and Chroma (``double_blocks.0.img_attn.qkv``, as kohya's ``networks/lora_flux.py`` and
+Civitai's Flux LoRAs name them), Stability's MMDiT for SD3.5 (``joint_blocks.0.x_block.attn.qkv``, as
+sd3.5's reference code, ComfyUI and kohya's ``networks/lora_sd3.py`` name them).
 
 Sources of the names: kohya sd-scripts ``library/sai_model_spec.py`` (``ARCH_FLUX_1_DEV`` =
 "flux-1-dev", ``ARCH_FLUX_1_SCHNELL``, ``ARCH_FLUX_1_CHROMA`` = "chroma", ``IMPL_FLUX``, ``IMPL_CHROMA``)
 and ``library/flux_utils.py`` (``MODEL_VERSION_FLUX_V1`` = "flux1", ``MODEL_VERSION_CHROMA`` = "chroma",
-written as ``ss_base_model_version`` by ``flux_train_network.py``).
+written as ``ss_base_model_version`` by ``flux_train_network.py``); SD3: ``ARCH_SD3_M`` = "stable-diffusion-3"
+followed by kohya's ``sd3_utils`` model type ("-medium", "-5-medium", "-5-large").
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ class DiTSpec:
     not_trained: tuple[str, ...] = ()
     double_prefix: str = "double_blocks"
     single_prefix: str = "single_blocks"
+    # diffusers' module names (its ``<Family>Transformer2DModel``): block child -> parts, each with its
+    # output rows as a multiple of the hidden width (``"mlp"``: hidden * mlp_ratio), in row order; one part
+    # is a rename, several split one fused module (q / k / v). outer: path -> diffusers path. swapped:
+    # diffusers modules whose output halves (shift, scale) come in the other order (ComfyUI's
+    # ``swap_scale_shift``): path -> diffusers path; "{last}" is the last double block's index, found by
+    # the module's rows (2 x hidden: a pre-only block's modulation) where the depth is unknown.
+    diffusers_blocks: tuple[str, str] = ("transformer_blocks", "single_transformer_blocks")
+    diffusers_double: Mapping[str, tuple[tuple[str, float | str], ...]] = field(default_factory=dict, hash=False)
+    diffusers_single: Mapping[str, tuple[tuple[str, float | str], ...]] = field(default_factory=dict, hash=False)
+    diffusers_outer: Mapping[str, str] = field(default_factory=dict, hash=False)
+    diffusers_swapped: Mapping[str, str] = field(default_factory=dict, hash=False)
+    pre_only_last: tuple[str, ...] = ()  # children the last double block lacks (SD3's pre-only context block)
     # How the family trains and samples (each host's backend reads these):
     # timestep_sampling: the default per variant ("" for all) - see ``train.schedules.sample_flow_sigmas``.
     #   Flux dev / Chroma: "flux_shift" (logit-normal shifted by image size, kohya's flux_shift, which is how
@@ -70,9 +85,15 @@ class DiTSpec:
 
     def module_paths(self) -> tuple[str, ...]:
         """Every Linear module path of the full-size model (blocks in order, then the outer modules)."""
-        out = [f"{self.double_prefix}.{i}.{m}" for i in range(self.depth) for m in self.double_modules]
+        out = [f"{self.double_prefix}.{i}.{m}" for i in range(self.depth) for m in self.double_modules
+               if not (i == self.depth - 1 and m in self.pre_only_last)]
         out += [f"{self.single_prefix}.{i}.{m}" for i in range(self.depth_single) for m in self.single_modules]
         return (*out, *self.outer_modules)
+
+    @property
+    def block_prefixes(self) -> tuple[str, ...]:
+        """The block lists' names (``double_blocks``, ``single_blocks``; ``joint_blocks`` alone for SD3)."""
+        return (self.double_prefix, self.single_prefix) if self.depth_single else (self.double_prefix,)
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,10 @@ class Arch:
     # ComfyUI ``comfy.model_base`` class names of this family's MODEL, matched exactly (Chroma subclasses
     # Flux, and so do Flux2 / LongCatImage, which are other families). Filled for the DiTs so far.
     comfy_models: tuple[str, ...] = ()
+    # The key format its LoRA files are written in: "kohya" (lora_unet_*.lora_down.weight + alpha) or
+    # "diffusers" (transformer.<diffusers path>.lora_A.weight, alpha folded into lora_B; for families whose
+    # diffusers pipeline reads no other format).
+    file_format: str = "kohya"
 
     @property
     def kohya_prefixes(self) -> tuple[str, ...]:
@@ -124,6 +149,37 @@ _DIT_PRESETS = {
     # (it names them without "transformer.") and kohya's loader never creates final_layer.
     "all": ("double_blocks.*", "single_blocks.*"),
 }
+# diffusers ``FluxTransformer2DModel`` names (ComfyUI ``comfy.utils.flux_to_diffusers`` is the map).
+_FLUX_DIFFUSERS_DOUBLE = {
+    "img_attn.qkv": (("attn.to_q", 1), ("attn.to_k", 1), ("attn.to_v", 1)),
+    "txt_attn.qkv": (("attn.add_q_proj", 1), ("attn.add_k_proj", 1), ("attn.add_v_proj", 1)),
+    "img_attn.proj": (("attn.to_out.0", 1),),
+    "txt_attn.proj": (("attn.to_add_out", 1),),
+    "img_mlp.0": (("ff.net.0.proj", "mlp"),),
+    "img_mlp.2": (("ff.net.2", 1),),
+    "txt_mlp.0": (("ff_context.net.0.proj", "mlp"),),
+    "txt_mlp.2": (("ff_context.net.2", 1),),
+    "img_mod.lin": (("norm1.linear", 6),),
+    "txt_mod.lin": (("norm1_context.linear", 6),),
+}
+_FLUX_DIFFUSERS_SINGLE = {
+    "linear1": (("attn.to_q", 1), ("attn.to_k", 1), ("attn.to_v", 1), ("proj_mlp", "mlp")),
+    "linear2": (("proj_out", 1),),
+    "modulation.lin": (("norm.linear", 3),),
+}
+_FLUX_DIFFUSERS_OUTER = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+_FLUX_DIFFUSERS = dict(diffusers_double=_FLUX_DIFFUSERS_DOUBLE, diffusers_single=_FLUX_DIFFUSERS_SINGLE,
+                       diffusers_outer=_FLUX_DIFFUSERS_OUTER,
+                       diffusers_swapped={"final_layer.adaLN_modulation.1": "norm_out.linear"})
 FLUX = DiTSpec(
     depth=19, depth_single=38, hidden=3072, mlp_ratio=4.0,
     double_modules=_FLUX_DOUBLE, single_modules=_FLUX_SINGLE,
@@ -132,7 +188,7 @@ FLUX = DiTSpec(
                    "final_layer.linear", "final_layer.adaLN_modulation.1"),
     presets=_DIT_PRESETS,
     timestep_sampling={"dev": "flux_shift", "schnell": "logit_normal", "": "flux_shift"},
-    train_guidance=1.0, sample_guidance=3.5, sample_cfg=1.0, context_tokens=256,
+    train_guidance=1.0, sample_guidance=3.5, sample_cfg=1.0, context_tokens=256, **_FLUX_DIFFUSERS,
 )
 # Chroma (ComfyUI ``comfy/ldm/chroma``): Flux's blocks without their modulation layers (one
 # ``distilled_guidance_layer`` computes all modulations), no vector_in/guidance_in, final_layer w/o adaLN.
@@ -143,8 +199,64 @@ CHROMA = DiTSpec(
     outer_modules=("img_in", "txt_in", "final_layer.linear"),
     presets=_DIT_PRESETS,
     not_trained=("distilled_guidance_layer",),
-    timestep_sampling={"": "flux_shift"}, sample_cfg=4.0,
+    timestep_sampling={"": "flux_shift"}, sample_cfg=4.0, **_FLUX_DIFFUSERS,
 )
+# SD3 / SD3.5 (Stability's MMDiT, ComfyUI ``comfy/ldm/modules/diffusionmodules/mmdit.py``): ``joint_blocks.N``
+# each hold an image stream (``x_block``) and a text stream (``context_block``); the last block's text
+# stream is pre-only (q/k/v and its modulation, no output projection or MLP). SD3.5 medium (MMDiT-X)
+# adds a second image self-attention (``x_block.attn2``) to its first 13 blocks. Large: 38 blocks at
+# 2432, medium: 24 at 1536 (hidden = 64 x depth). diffusers ``SD3Transformer2DModel`` names follow
+# ComfyUI's ``comfy.utils.mmdit_to_diffusers``.
+_SD3_X = ("x_block.attn.qkv", "x_block.attn.proj", "x_block.attn2.qkv", "x_block.attn2.proj",
+          "x_block.mlp.fc1", "x_block.mlp.fc2", "x_block.adaLN_modulation.1")
+_SD3_CONTEXT = ("context_block.attn.qkv", "context_block.attn.proj", "context_block.mlp.fc1",
+                "context_block.mlp.fc2", "context_block.adaLN_modulation.1")
+_SD3_ATTN = ("joint_blocks.*.x_block.attn.qkv", "joint_blocks.*.x_block.attn.proj",
+             "joint_blocks.*.x_block.attn2.qkv", "joint_blocks.*.x_block.attn2.proj",
+             "joint_blocks.*.context_block.attn.qkv", "joint_blocks.*.context_block.attn.proj")
+SD3 = DiTSpec(
+    depth=24, depth_single=0, hidden=1536, mlp_ratio=4.0,
+    double_modules=(*_SD3_X, *_SD3_CONTEXT), single_modules=(),
+    outer_modules=("context_embedder", "t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.mlp.0",
+                   "y_embedder.mlp.2", "final_layer.linear", "final_layer.adaLN_modulation.1"),
+    presets={
+        "attn": _SD3_ATTN,
+        "attn_ff": (*_SD3_ATTN, "joint_blocks.*.x_block.mlp.*", "joint_blocks.*.context_block.mlp.*"),
+        # every Linear of the blocks, modulations included (as "all" on Flux)
+        "all": ("joint_blocks.*",),
+    },
+    double_prefix="joint_blocks", single_prefix="",
+    # SD3's training practice (its paper, diffusers' train_dreambooth_lora_sd3 "logit_normal" 0/1,
+    # kohya's sd3 --weighting_scheme default) samples sigma logit-normally, with the model's shift 3.0
+    # applied by sampling only.
+    timestep_sampling={"": "logit_normal"}, sample_cfg=4.5, context_tokens=77 * 2 + 256,
+    diffusers_double={
+        "x_block.attn.qkv": (("attn.to_q", 1), ("attn.to_k", 1), ("attn.to_v", 1)),
+        "x_block.attn.proj": (("attn.to_out.0", 1),),
+        "x_block.attn2.qkv": (("attn2.to_q", 1), ("attn2.to_k", 1), ("attn2.to_v", 1)),
+        "x_block.attn2.proj": (("attn2.to_out.0", 1),),
+        "x_block.mlp.fc1": (("ff.net.0.proj", "mlp"),),
+        "x_block.mlp.fc2": (("ff.net.2", 1),),
+        "x_block.adaLN_modulation.1": (("norm1.linear", 6),),  # 9 on MMDiT-X blocks: a rename, rows unused
+        "context_block.attn.qkv": (("attn.add_q_proj", 1), ("attn.add_k_proj", 1), ("attn.add_v_proj", 1)),
+        "context_block.attn.proj": (("attn.to_add_out", 1),),
+        "context_block.mlp.fc1": (("ff_context.net.0.proj", "mlp"),),
+        "context_block.mlp.fc2": (("ff_context.net.2", 1),),
+        "context_block.adaLN_modulation.1": (("norm1_context.linear", 6),),
+    },
+    diffusers_outer={
+        "context_embedder": "context_embedder",
+        "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+        "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+        "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+        "final_layer.linear": "proj_out",
+    },
+    diffusers_swapped={"final_layer.adaLN_modulation.1": "norm_out.linear",
+                       "joint_blocks.{last}.context_block.adaLN_modulation.1": "transformer_blocks.{last}.norm1_context.linear"},
+    pre_only_last=("context_block.attn.proj", "context_block.mlp.fc1", "context_block.mlp.fc2"),
+)
+SD3_LARGE_DEPTH = 38  # SD3.5 large's joint blocks (hidden 2432); block weights cover both sizes
 
 ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     Arch("sd1", "SD1.x", "stable-diffusion-v1", "sd_v1", "diffusers", ("te",), 768, 768, "sd1"),
@@ -160,6 +272,14 @@ ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     Arch("chroma", "Chroma", "chroma", "chroma", "https://huggingface.co/lodestones/Chroma", (), 4096, 4096, "",
          kind="dit", dit=CHROMA, compatible=("flux",), network_module="networks.lora_flux",
          comfy_models=("Chroma",)),
+    # SD3.x: one family for 3 medium, 3.5 medium and 3.5 large (same module names; sizes differ). Their LoRAs
+    # are written in diffusers' key format: the one diffusers' StableDiffusion3Pipeline reads (it converts no
+    # other), and ComfyUI's LoraLoader maps it (comfy.lora: "Diffusers lora SD3").
+    Arch("sd3", "SD3.5", "stable-diffusion-3-5-large", "sd3", "https://github.com/Stability-AI/sd3.5", ("te1", "te2"),
+         4096, 1280, "", kind="dit", dit=SD3,
+         variants={"3-medium": "stable-diffusion-3-medium", "3.5-medium": "stable-diffusion-3-5-medium",
+                   "3.5-large": "stable-diffusion-3-5-large"},
+         network_module="networks.lora_sd3", comfy_models=("SD3",), file_format="diffusers"),
     # A flow-matching model a host loads that has no entry above: it still trains (every Linear, named
     # "lora_unet_" + its module path, which ComfyUI maps for any model), marked untested.
     Arch(OTHER_DIT, "a flow-matching model without a family entry (untested)", "unknown-flow", "unknown", "", (), 0, 0,
@@ -208,5 +328,7 @@ def arch_from_metadata(meta: Mapping[str, str]) -> str | None:
         return "sd2"
     if spec == "flux-1" or spec.startswith("flux-1-"):  # sd-scripts' ARCH_FLUX_1_UNKNOWN and other Flux.1 kinds
         return "flux"
+    if spec.startswith(("stable-diffusion-3", "stable-diffusion-v3")):  # kohya's and SwarmUI's SD3.x names
+        return "sd3"
     version = meta.get("ss_base_model_version", "")
     return next((a.name for a in ARCH_TABLE.values() if version == a.base_version), None)

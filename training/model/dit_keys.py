@@ -1,11 +1,14 @@
-"""Module names of BFL-layout transformers (Flux.1, Chroma): kohya LoRA names, target presets, and
-the diffusers names that split one BFL module into several.
+"""Module names of the flow-matching transformers in the family table (Flux.1, Chroma in BFL's layout,
+SD3.x in Stability's MMDiT layout): kohya LoRA names, target presets, and the diffusers names that split
+one reference module into several. "BFL path" below means the module path in the reference model
+ComfyUI loads (``double_blocks.0.img_attn.qkv``, ``joint_blocks.0.x_block.attn.qkv``).
 
 * kohya (sd-scripts ``networks/lora_flux.py``, ``LORA_PREFIX_FLUX = "lora_unet"``): the LoRA name is
   ``"lora_unet_" + path.replace(".", "_")`` where ``path`` is the module in the BFL/ComfyUI model
   (``double_blocks.0.img_attn.qkv`` -> ``lora_unet_double_blocks_0_img_attn_qkv``). ComfyUI's
   ``model_lora_keys_unet`` builds the same name from every ``diffusion_model.*.weight`` key.
-* diffusers (``FluxTransformer2DModel``; ComfyUI ``comfy.utils.flux_to_diffusers`` is the map): the fused
+* diffusers (``FluxTransformer2DModel`` / ``SD3Transformer2DModel``; ComfyUI's ``flux_to_diffusers`` /
+  ``mmdit_to_diffusers`` are the maps, kept per family in ``archs.DiTSpec.diffusers_*``): the fused
   ``img_attn.qkv`` is ``attn.to_q`` / ``to_k`` / ``to_v``, ``txt_attn.qkv`` is ``attn.add_q_proj`` /
   ``add_k_proj`` / ``add_v_proj``, a single block's ``linear1`` is ``attn.to_q`` / ``to_k`` / ``to_v`` +
   ``proj_mlp``. :func:`diffusers_parts` gives each BFL module's parts with their output rows, so a
@@ -37,8 +40,14 @@ def _spec(arch: str | DiTSpec) -> DiTSpec:
         return arch
     a = get_arch(arch)
     if a.dit is None:
-        raise ValueError(f"{a.label} is not a DiT family; BFL module names apply to flux/chroma")
+        raise ValueError(f"{a.label} is not a DiT family; transformer module names apply to {list(_dit_names())}")
     return a.dit
+
+
+def _dit_names() -> tuple[str, ...]:
+    from .archs import ARCH_TABLE
+
+    return tuple(a.name for a in ARCH_TABLE.values() if a.dit is not None)
 
 
 def strip_host_prefix(path: str) -> str:
@@ -60,7 +69,17 @@ def _table(spec: DiTSpec) -> dict[str, str]:
     return {p.replace(".", "_"): p for p in spec.module_paths()}
 
 
-_BLOCK = re.compile(r"(double_blocks|single_blocks)_(\d+)_(.+)")
+@lru_cache(maxsize=16)
+def _block_re(spec: DiTSpec, sep: str) -> re.Pattern:
+    """``<block list><sep><index><sep><child>`` for the family's block lists (``_`` in kohya names)."""
+    names = "|".join(re.escape(p) for p in spec.block_prefixes)
+    return re.compile(rf"({names}){re.escape(sep)}(\d+){re.escape(sep)}(.+)")
+
+
+def block_of_path(path: str, arch: str | DiTSpec) -> tuple[str, int] | None:
+    """(block list, index) of a BFL path (``("joint_blocks", 3)``), None for a module outside the blocks."""
+    m = _block_re(_spec(arch), ".").fullmatch(strip_host_prefix(path))
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def parse_kohya_dit_name(name: str, arch: str | DiTSpec, known_modules: Iterable[str] | None = None) -> str:
@@ -77,9 +96,9 @@ def parse_kohya_dit_name(name: str, arch: str | DiTSpec, known_modules: Iterable
         p = strip_host_prefix(p)
         if p.replace(".", "_") == rest:
             return p
-    m = _BLOCK.fullmatch(rest)
+    m = _block_re(spec, "_").fullmatch(rest)
     if m:
-        children = spec.double_modules if m.group(1) == "double_blocks" else spec.single_modules
+        children = spec.double_modules if m.group(1) == spec.double_prefix else spec.single_modules
         child = {c.replace(".", "_"): c for c in children}.get(m.group(3))
         if child is not None:
             return f"{m.group(1)}.{int(m.group(2))}.{child}"
@@ -139,81 +158,80 @@ def select_dit_targets(named_modules: Iterable[tuple[str, nn.Module]], preset: s
     if not out:
         raise ValueError(
             f"preset {preset!r} selects none of the model's {len(seen)} Linear modules (e.g. {seen[:3]}); "
-            "select_dit_targets expects a BFL-layout transformer (double_blocks.N / single_blocks.N)"
+            f"select_dit_targets expects the family's own BFL-layout modules ({' / '.join(p + '.N' for p in spec.block_prefixes)})"
         )
     return out
 
 
 def diffusers_parts(arch: str | DiTSpec, depth: int | None = None, depth_single: int | None = None,
                     hidden: int | None = None) -> dict[str, tuple[tuple[str, int], ...]]:
-    """BFL module path -> its diffusers ``FluxTransformer2DModel`` module(s), each with its output rows, in
-    row order. One part = a rename; several = a fused BFL module (``qkv``, ``linear1``).
+    """BFL module path -> its diffusers module(s), each with its output rows, in row order. One part = a
+    rename; several = a fused BFL module (``qkv``, ``linear1``).
 
-    ``depth`` / ``depth_single`` / ``hidden`` override the family's (tiny test models). Output rows follow
-    ComfyUI's ``flux_to_diffusers``: q, k, v = hidden each, single-block ``proj_mlp`` = hidden * mlp_ratio.
-    Modules without a diffusers counterpart in this family are absent.
+    ``depth`` / ``depth_single`` / ``hidden`` override the family's (tiny test models). Rows follow the family's
+    ``DiTSpec.diffusers_*`` tables (q, k, v = hidden each, MLP = hidden * mlp_ratio). Modules without a
+    diffusers counterpart in this family, and the swapped ones (see :func:`diffusers_swapped`), are absent.
     """
     spec = _spec(arch)
     nd = spec.depth if depth is None else depth
     ns = spec.depth_single if depth_single is None else depth_single
     h = spec.hidden if hidden is None else hidden
-    mlp = int(h * spec.mlp_ratio)
-    double = {
-        "img_attn.qkv": (("attn.to_q", h), ("attn.to_k", h), ("attn.to_v", h)),
-        "txt_attn.qkv": (("attn.add_q_proj", h), ("attn.add_k_proj", h), ("attn.add_v_proj", h)),
-        "img_attn.proj": (("attn.to_out.0", h),),
-        "txt_attn.proj": (("attn.to_add_out", h),),
-        "img_mlp.0": (("ff.net.0.proj", mlp),),
-        "img_mlp.2": (("ff.net.2", h),),
-        "txt_mlp.0": (("ff_context.net.0.proj", mlp),),
-        "txt_mlp.2": (("ff_context.net.2", h),),
-        "img_mod.lin": (("norm1.linear", 6 * h),),
-        "txt_mod.lin": (("norm1_context.linear", 6 * h),),
-    }
-    single = {
-        "linear1": (("attn.to_q", h), ("attn.to_k", h), ("attn.to_v", h), ("proj_mlp", mlp)),
-        "linear2": (("proj_out", h),),
-        "modulation.lin": (("norm.linear", 3 * h),),
-    }
-    outer = {
-        "img_in": "x_embedder", "txt_in": "context_embedder",
-        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-        "final_layer.linear": "proj_out",
-        # final_layer.adaLN_modulation.1 <-> norm_out.linear swaps its scale/shift halves: not a rename.
-    }
+
+    def rows(r) -> int:
+        return int(h * spec.mlp_ratio) if r == "mlp" else int(r * h)
+
+    double_head, single_head = spec.diffusers_blocks
     out: dict[str, tuple[tuple[str, int], ...]] = {}
     for i in range(nd):
-        for child, parts in double.items():
-            if child in spec.double_modules:
-                out[f"{spec.double_prefix}.{i}.{child}"] = tuple((f"transformer_blocks.{i}.{p}", r) for p, r in parts)
+        for child, parts in spec.diffusers_double.items():
+            if child in spec.double_modules and not (i == nd - 1 and child in spec.pre_only_last):
+                out[f"{spec.double_prefix}.{i}.{child}"] = tuple(
+                    (f"{double_head}.{i}.{p}", rows(r)) for p, r in parts)
     for i in range(ns):
-        for child, parts in single.items():
+        for child, parts in spec.diffusers_single.items():
             if child in spec.single_modules:
-                out[f"{spec.single_prefix}.{i}.{child}"] = tuple(
-                    (f"single_transformer_blocks.{i}.{p}", r) for p, r in parts)
-    for bfl, diff in outer.items():
+                out[f"{spec.single_prefix}.{i}.{child}"] = tuple((f"{single_head}.{i}.{p}", rows(r)) for p, r in parts)
+    for bfl, diff in spec.diffusers_outer.items():
         if bfl in spec.outer_modules:
             out[bfl] = ((diff, -1),)  # rows unknown without the model's channels; a rename needs none
     return out
 
 
-_DIFF_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
+def diffusers_swapped(arch: str | DiTSpec) -> dict[str, str]:
+    """BFL path -> diffusers path of the modules whose two output halves diffusers stores the other way
+    round (shift/scale: ComfyUI's ``swap_scale_shift``); ``{last}`` stands for the last double block."""
+    return dict(_spec(arch).diffusers_swapped)
+
+
+def is_pre_only_modulation(path: str, up_rows: int, in_features: int, arch: str | DiTSpec) -> bool:
+    """Whether ``path`` is the modulation of a pre-only block (SD3's last context block), told by its rows: 2
+    (shift, scale) per hidden unit instead of 6. Such a module is one of :func:`diffusers_swapped`'s."""
+    spec = _spec(arch)
+    last = [k for k in spec.diffusers_swapped if "{last}" in k]
+    if not last:
+        return False
+    found = block_of_path(path, spec)
+    if found is None:
+        return False
+    child = strip_host_prefix(path).split(".", 2)[2]
+    return any(k.split(".", 2)[2] == child for k in last) and up_rows == 2 * in_features
+
+
+@lru_cache(maxsize=16)
+def _diff_block_re(spec: DiTSpec) -> re.Pattern:
+    names = "|".join(re.escape(p) for p in spec.diffusers_blocks[: len(spec.block_prefixes)])
+    return re.compile(rf"({names})\.(\d+)\.(.+)")
 
 
 def diffusers_to_bfl(path: str, arch: str | DiTSpec) -> tuple[str, int, int] | None:
-    """``(BFL path, part index, number of parts)`` of a diffusers Flux module path (any block index), or None
-    if this family's BFL model has no such module: ``transformer_blocks.3.attn.to_k`` ->
+    """``(BFL path, part index, number of parts)`` of a diffusers module path (any block index), or None
+    if this family's model has no such module: Flux's ``transformer_blocks.3.attn.to_k`` ->
     ``("double_blocks.3.img_attn.qkv", 1, 3)``."""
     spec = _spec(arch)
-    m = _DIFF_BLOCK.fullmatch(path)
+    m = _diff_block_re(spec).fullmatch(path)
     if m:  # look the child up in block 0 of a one-block model, then put the index back
         i, child = int(m.group(2)), m.group(3)
-        parts = diffusers_parts(spec, depth=1, depth_single=1, hidden=1)
+        parts = diffusers_parts(spec, depth=2, depth_single=1, hidden=1)  # block 0 of 2: not a pre-only one
         head = f"{m.group(1)}.0.{child}"
         for bfl, ps in parts.items():
             for k, (p, _) in enumerate(ps):

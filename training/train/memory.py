@@ -151,7 +151,22 @@ CHROMA = ModelShape(
     "Chroma", replace(FLUX_DEV.unet, modulation=False), (T5_XXL,), unet_params=8_899_983_424,
     te_params=(T5_XXL_PARAMS,), vae_params=FLUX_AE_PARAMS, latent_factor=8, latent_channels=16,
 )
-PRESET_SHAPES = {"sd1": SD15, "sd2": replace(SD15, name="SD2"), "sdxl": SDXL, "flux": FLUX_DEV, "chroma": CHROMA}
+# SD3.5 (Stability's MMDiT, counted on diffusers' SD3Transformer2DModel with the released configs): joint
+# blocks are two-stream blocks like Flux's double blocks (hidden = 64 x depth, head 64), no single blocks;
+# CLIP-L + CLIP-G (77 tokens) and T5-XXL (77 tokens at least; 256 in diffusers' pipeline) in one sequence.
+# Medium's MMDiT-X second attention in 13 blocks is not modelled (about 5% of its blocks' activations).
+CLIP_G = TextEncoderShape(1280, 32, 20, 5120)
+CLIP_G_PARAMS = 694_659_840
+SD35_LARGE = ModelShape(
+    "SD3.5 large", DiTShape(hidden=2432, double_blocks=38, single_blocks=0, heads=38, context_tokens=77 + 256),
+    (CLIP_L, CLIP_G, replace(T5_XXL, tokens=256)), unet_params=8_056_627_520,
+    te_params=(CLIP_L_PARAMS, CLIP_G_PARAMS, T5_XXL_PARAMS), vae_params=FLUX_AE_PARAMS, latent_factor=8,
+    latent_channels=16,
+)
+SD35_MEDIUM = replace(SD35_LARGE, name="SD3.5 medium", unet=replace(SD35_LARGE.unet, hidden=1536, double_blocks=24,
+                                                                     heads=24), unet_params=2_243_171_520)
+PRESET_SHAPES = {"sd1": SD15, "sd2": replace(SD15, name="SD2"), "sdxl": SDXL, "flux": FLUX_DEV, "chroma": CHROMA,
+                 "sd3": SD35_LARGE, "sd3.5-medium": SD35_MEDIUM}
 
 
 @dataclass
@@ -338,6 +353,11 @@ def kohya_swapped_blocks(d: DiTShape, blocks_to_swap: int) -> tuple[int, int]:
     twice the rest single ones (a double block weighs about two single ones), at most all but two of each."""
     if blocks_to_swap == 0:
         return 0, 0
+    if d.single_blocks == 0:  # SD3's joint blocks only: kohya's sd3 --blocks_to_swap counts them one by one
+        if not 0 < blocks_to_swap <= d.double_blocks - 2:
+            raise ValueError(f"offloaded_blocks={blocks_to_swap!r} is not possible for this model: use "
+                             f"0..{d.double_blocks - 2} (kohya's --blocks_to_swap; {d.double_blocks} joint blocks)")
+        return blocks_to_swap, 0
     double = blocks_to_swap // 2
     single = (blocks_to_swap - double) * 2
     if blocks_to_swap < 0 or double > d.double_blocks - 2 or single > d.single_blocks - 2:
@@ -570,18 +590,19 @@ def flux_table(shape: ModelShape = FLUX_DEV, rank: int = 16, preset: str = "all"
                                             preset=preset, gradient_checkpointing=ckpt, optimizer=opt,
                                             lora_params=lora, text_encoders_resident=False, offloaded_blocks=n)
                         row[(res, batch)] = e.total / GIB
-                    for k_swap, k_opt, k_batch, gb in KOHYA_FLUX_DEV:
+                    for k_swap, k_opt, k_batch, gb in KOHYA_FLUX_DEV if shape is FLUX_DEV else ():
                         if (base, ckpt, opt, n) == ("fp8", True, k_opt, k_swap):
                             row["kohya"] = f"{gb} GB at batch {k_batch}"
                     rows.append(row)
     return rows
 
 
-def flux_table_markdown(shape: ModelShape = FLUX_DEV, rank: int = 16, preset: str = "all") -> str:
+def flux_table_markdown(shape: ModelShape = FLUX_DEV, rank: int = 16, preset: str = "all",
+                        swapped: Sequence[int] = (0, 16, 28)) -> str:
     """:func:`flux_table` as a Markdown table (the README's)."""
     head = ["base", "grad. ckpt", "optimizer", "blocks swapped"] + [f"{r} px b{b}" for r, b in TABLE_SIZES] + ["kohya"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in flux_table(shape, rank, preset):
+    for row in flux_table(shape, rank, preset, swapped):
         cells = [row["base"], "on" if row["checkpointing"] else "off", row["optimizer"], str(row["swapped"])]
         cells += [f"{row[size]:.1f}" for size in TABLE_SIZES] + [row["kohya"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -593,8 +614,10 @@ if __name__ == "__main__":  # python -m lora_workbench.training.train.memory --t
     import sys
 
     ap = argparse.ArgumentParser(description="Print the memory-estimate table of a model family (GiB).")
-    ap.add_argument("--table", choices=("flux", "chroma"), default="flux")
+    ap.add_argument("--table", choices=("flux", "chroma", "sd3", "sd3.5-medium"), default="flux")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--preset", choices=("attn", "attn_ff", "all"), default="all")
     args = ap.parse_args()
-    sys.stdout.write(flux_table_markdown(PRESET_SHAPES[args.table], args.rank, args.preset))
+    shape = PRESET_SHAPES[args.table]
+    swapped = (0, 16, 28) if shape.unet.double_blocks > 30 or shape.unet.single_blocks else (0, 8, 16)
+    sys.stdout.write(flux_table_markdown(shape, args.rank, args.preset, swapped))
