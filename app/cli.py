@@ -151,11 +151,12 @@ def _device_and_dtype(device: str | None, weight_dtype: str | None, model: str |
 
     from ..training.lora.files import torch_dtype
     from ..training.model.flux import pipeline_family
+    from ..training.model.sd3 import is_sd3_pipeline
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if weight_dtype is None:
-        # Flux/Chroma overflow in fp16: bf16 is what they are released and run in.
-        dit = model is not None and pipeline_family(model) is not None
+        # Flux/Chroma/SD3 overflow in fp16: bf16 is what they are released and run in.
+        dit = model is not None and (pipeline_family(model) is not None or is_sd3_pipeline(model))
         weight_dtype = ("bf16" if dit else "fp16") if dev.type == "cuda" else "fp32"
     if weight_dtype == "fp8":
         return dev, torch.float8_e4m3fn

@@ -3,8 +3,10 @@
 
 Keys are ``transformer.<diffusers module>.lora_A.weight`` / ``.lora_B.weight``, as diffusers'
 ``train_dreambooth_lora_sd3.py`` writes them and ComfyUI's LoraLoader maps them ("Diffusers lora SD3" in
-``comfy/lora.py``). A module diffusers splits (the fused ``qkv``) is written as its parts: each part keeps
-the whole ``lora_A`` and takes its rows of ``lora_B``, which is exact (``lora.fuse.split_module``). The
+``comfy/lora.py``). A module diffusers splits (the fused ``qkv``) is written as its parts: a LoRA trained on
+the fused layer as parts that keep the whole ``lora_A`` and take their rows of ``lora_B``
+(``lora.fuse.split_module``), one trained on diffusers' split layers as those parts again
+(``lora.fuse.split_block_diagonal``); both exact. The
 scale ``alpha / rank`` is folded into ``lora_B`` and no ``.alpha`` key is written, so that every reader
 applies ``B @ A`` at strength 1: diffusers takes peft's ``lora_alpha = r`` when a file says nothing, and
 ComfyUI applies a LoRA without alpha at scale 1. Modules diffusers stores with their (shift, scale) halves
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from ..model import dit_keys as dk
 from .files import LoraFormatError, LoraModule, LoraWeights, torch_dtype
-from .fuse import split_module
+from .fuse import split_block_diagonal, split_module
 
 DIFFUSERS_HEAD = "transformer."
 
@@ -67,8 +69,12 @@ def diffusers_modules(lora: LoraWeights) -> dict[str, LoraModule]:
         if len(parts) == 1:
             out[names[0]] = folded
             continue
-        for part_name, piece in zip(names, split_module(folded, _rows(parts, folded))):
-            out[part_name] = piece
+        rows = _rows(parts, folded)
+        # parts trained apart (diffusers' own split layers) go back at their own rank; a LoRA trained on the
+        # fused layer (ComfyUI's qkv) shares its lora_A among the parts
+        pieces = split_block_diagonal(folded, rows) or split_module(folded, rows)
+        for part_name, piece in zip(names, pieces):
+            out[part_name] = LoraModule(piece.down, piece.up, float(piece.rank))
     return out
 
 

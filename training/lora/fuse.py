@@ -84,3 +84,23 @@ def split_module(module: LoraModule, rows: Sequence[int]) -> list[LoraModule]:
         raise LoraFormatError("a DoRA module cannot be split: its magnitude is per row of the fused weight")
     ups = torch.split(module.up, list(rows), dim=0)
     return [LoraModule(module.down, u.contiguous(), module.alpha) for u in ups]
+
+
+def split_block_diagonal(module: LoraModule, rows: Sequence[int]) -> list[LoraModule] | None:
+    """The parts a :func:`fuse_modules` of equal-rank parts came from, each at its own rank (``down`` rows and
+    ``up`` columns of its block), or None when ``module`` is not block-diagonal in that way (then
+    :func:`split_module` is the exact split)."""
+    n = len(rows)
+    if n < 2 or module.rank % n or int(module.up.shape[0]) != sum(rows) or module.dora_scale is not None:
+        return None
+    r = module.rank // n
+    out, o = [], 0
+    for i, d in enumerate(rows):
+        block = module.up[o:o + d]
+        if torch.cat([block[:, :i * r], block[:, (i + 1) * r:]], dim=1).count_nonzero():
+            return None
+        # the part's own scale equals the fused one: alpha / rank with both divided by n
+        out.append(LoraModule(module.down[i * r:(i + 1) * r].clone(), block[:, i * r:(i + 1) * r].clone(),
+                              module.alpha / n))
+        o += d
+    return out
