@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from ..training.model.archs import distilled_notice
 from ..training.model.backend import Backend
 from ..training.config import DatasetConfig, TrainConfig, listing
 from ..training.data.dataset import class_config, scan_folder
@@ -145,6 +146,9 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
     cb = callbacks or (TqdmCallbacks() if dist.is_main else TrainCallbacks())
     try:
         backend = load_backend()
+        distilled = distilled_notice(getattr(backend, "model_name", ""))
+        if distilled:
+            log.warning(distilled)
         class_records = None
         if class_dir is not None:
             from ..training.train.class_images import diffusers_renderer, existing_class_images, generate_class_images

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..training.config import PRESETS, SCHEDULERS, TIMESTEP_SAMPLINGS, TrainConfig
 from ..training.lora.files import lora_state_dict, save_lora
+from ..training.model.archs import distilled_notice
 from ..training.fsutil import unique_path
 from ..training.train.checkpoints import step_files
 from ..training.train.state import load_state
@@ -84,12 +85,16 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
         # A new run must not replace an earlier run's step saves: give it its own name.
         cfg = dataclasses.replace(cfg, output_name=final.stem)
     # The graph's MODEL/CLIP, or private clones where this host cannot train them in place.
-    backend = comfy_backend(*comfy_host.trainable(model, clip), vae)
+    backend = comfy_backend(*comfy_host.trainable(model, clip), vae, model_name=comfy_host.model_file_name(model))
     notice = ""
     if getattr(backend, "untested", False):
         notice = (f"untested model family (ComfyUI's {backend.config_name}): it trains as a flow-matching "
                   "transformer with every Linear layer named as ComfyUI loads it; check the result. ")
         log.warning(notice)
+    distilled = distilled_notice(backend.model_name)
+    if distilled:
+        notice += distilled + " "
+        log.warning(distilled)
     cls_recs = class_records(class_images, dataset.config)
     data = TrainData(dataset.records, dataset.config, cls_recs, class_images.prompt if class_images else "")
     trainer = Trainer(backend, data, cfg, ComfyCallbacks(node_id, cfg.steps, notice),

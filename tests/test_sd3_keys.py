@@ -132,3 +132,25 @@ def test_block_weights_name_joint_blocks_for_both_sizes():
     assert parse_block_weights("front", "sd3").values["J12"] == 1.0
     with pytest.raises(BlockWeightError, match="2 values; sd3 takes 39 values"):
         parse_block_weights("1,2", "sd3")
+
+
+def test_turbo_models_get_the_train_on_base_notice(tmp_path, caplog):
+    """A step-distilled checkpoint is trained only with a warning that names the fix (train on Base, apply to
+    Turbo); the CLI logs it before training."""
+    from lora_workbench.app.folder_training import train_folder
+    from lora_workbench.training.config import TrainConfig
+    from helpers import make_images, tiny_dataset_cfg
+
+    notice = archs.distilled_notice("models/checkpoints/sd3.5_large_turbo.safetensors")
+    assert "'sd3.5_large_turbo.safetensors'" in notice and "Base" in notice and "apply it to Turbo" in notice
+    assert archs.distilled_notice("z_image_turbo_bf16.safetensors")
+    assert archs.distilled_notice("sd3.5_large.safetensors") == archs.distilled_notice("") == ""
+
+    from fixtures.tiny_sd3_pipeline import tiny_sd3_pipeline
+    from lora_workbench.training.model.sd3 import DiffusersSD3Backend
+
+    imgs = make_images(tmp_path / "img", n=1)
+    be = DiffusersSD3Backend(tiny_sd3_pipeline(with_t5=False), model_name="tiny-sd3.5-large-turbo")
+    with caplog.at_level("WARNING"):
+        train_folder(tiny_dataset_cfg(imgs), TrainConfig(rank=2, steps=1, preset="attn"), lambda: be, tmp_path / "out")
+    assert "looks like a Turbo" in caplog.text

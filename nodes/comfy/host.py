@@ -17,6 +17,7 @@ Nothing else in the pack asks which ComfyUI it runs on.
 | prompt encoding sets the CLIP's ``execution_device`` inside ``cuda_device_context`` | by 0.33 | ``encode_token_weights`` |
 | ``comfy.model_management.in_training``: DiT kernels keep gradients only while it is set | after 0.3.64 | ``in_training`` |
 | dynamic patchers cannot be trained in place: the host's trainer works on a non-dynamic clone | with dynamic VRAM | ``trainable`` |
+| a loaded MODEL remembers its file (``ModelPatcher.cached_patcher_init``); before, a MODEL has no file name | with dynamic VRAM | ``model_file_name`` |
 """
 
 from __future__ import annotations
@@ -159,6 +160,19 @@ def materialize(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- training ----------------------------------------------------------------------------------------
+def model_file_name(model) -> str:
+    """The file a MODEL was loaded from (Load Checkpoint / Load Diffusion Model), as its base name; "" where the
+    host does not keep it (0.3.64) or the MODEL did not come from a file."""
+    import os
+
+    init = getattr(model, "cached_patcher_init", None)
+    try:
+        path = init[1][0]
+    except (TypeError, IndexError):
+        return ""
+    return os.path.basename(path) if isinstance(path, (str, os.PathLike)) else ""
+
+
 def trainable(model, clip):
     """The MODEL and CLIP to wrap with LoRA layers: the graph's own ones, or private clones where the host
     needs them.

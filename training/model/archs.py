@@ -22,6 +22,7 @@ followed by kohya's ``sd3_utils`` model type ("-medium", "-5-medium", "-5-large"
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -332,3 +333,21 @@ def arch_from_metadata(meta: Mapping[str, str]) -> str | None:
         return "sd3"
     version = meta.get("ss_base_model_version", "")
     return next((a.name for a in ARCH_TABLE.values() if version == a.base_version), None)
+
+
+# Step-distilled ("Turbo") checkpoints: training one directly erodes its distillation (kohya, ai-toolkit and
+# OneTrainer either train a de-distillation adapter or train on the Base model); what we do is warn and name
+# the fix, since a user may still want it (see ``distilled_notice``).
+_TURBO = re.compile(r"turbo", re.IGNORECASE)
+
+
+def distilled_notice(model_name: str) -> str:
+    """A warning for a model whose name says it is step-distilled (Z-Image Turbo, SD3.5 Large Turbo, SDXL Turbo),
+    naming the fix; "" for any other name."""
+    name = str(model_name).replace("\\", "/").rsplit("/", 1)[-1]
+    if not _TURBO.search(name):
+        return ""
+    return (f"{name!r} looks like a Turbo (step-distilled) model: training it directly wears off its distillation, "
+            "so its few-step images turn soft or noisy. Train the LoRA on the Base model it was distilled from "
+            "(Z-Image Base, SD3.5 Large, SDXL) and apply it to Turbo: Apply LoRA Stack and the LoRA Grid load a "
+            "Base-trained LoRA on the Turbo model.")
