@@ -185,6 +185,22 @@ class ComfyModels(Backend):
         return images.reshape(-1, *images.shape[-3:]).float().clamp(0.0, 1.0).cpu()
 
     # ---- host glue ---------------------------------------------------------------------------
+    releases_text_encoders = True
+
+    def release_text_encoders(self) -> bool:
+        """The CLIP unloaded through ComfyUI's model management (``free_memory`` with every other loaded model
+        kept), as ComfyUI frees a model it needs the room of: its weights go to the offload device and it leaves
+        ``current_loaded_models``. A later CLIPTextEncode loads it again. False if it was not loaded."""
+        patcher = self.clip.patcher
+        loaded = [m for m in mm.current_loaded_models if m.model is patcher]
+        if not loaded:
+            return False
+        others = [m for m in mm.current_loaded_models if m.model is not patcher]
+        for device in {m.device for m in loaded}:
+            mm.free_memory(1e30, device, keep_loaded=others)
+        self.text_encoders_resident = False
+        return not any(m.model is patcher for m in mm.current_loaded_models)
+
     @contextlib.contextmanager
     def training_context(self, memory_required: int = 0) -> Iterator["ComfyModels"]:
         """Load the models the ComfyUI way, leave inference mode, restore everything on exit.

@@ -94,8 +94,9 @@ class ComfyDiTBackend(ComfyModels):
     """LoRA training of a flow-matching diffusion transformer loaded by ComfyUI."""
 
     prediction_type = "flow"
-    # The CLIP stays loaded with the model for the whole run (previews encode their prompt late), so the
-    # memory estimate counts it; unloading it once captions are cached is issue 17's.
+    # The CLIP is loaded with the model; the trainer releases it once every caption and the preview prompt are
+    # encoded (``ComfyModels.release_text_encoders``), unless it must stay (shuffled tags), and the estimate
+    # counts it only then.
     text_encoders_resident = True
 
     def __init__(self, model, clip, vae, model_name: str = ""):
@@ -145,9 +146,9 @@ class ComfyDiTBackend(ComfyModels):
     def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
         if text_encoder:
             raise UnsupportedModelError(
-                f"train_text_encoder is on, but {self._label()} LoRAs train the diffusion transformer only (its T5 "
-                "text encoder is too large to train on consumer GPUs, and Flux LoRAs rarely carry one). Turn "
-                "train_text_encoder off."
+                f"train_text_encoder is on, but {self._label()} LoRAs train the diffusion transformer only (its "
+                "text encoders include a T5 or LLM too large to train on consumer GPUs, and LoRAs for these models "
+                "rarely carry one). Turn train_text_encoder off."
             )
         named = list(self.roots()["unet"].named_modules())
         if self.family is not None:
@@ -256,22 +257,31 @@ class ComfyDiTBackend(ComfyModels):
 
         dm = self.roots()["unet"]
         doubles, singles = getattr(dm, "double_blocks", ()), getattr(dm, "single_blocks", ())
+        joint = getattr(dm, "joint_blocks", ())  # SD3's MMDiT: two-stream blocks, as Flux's double blocks
         hidden = getattr(dm, "hidden_size", None)
-        if hidden is None or not (doubles or singles):
+        if hidden is None or not (doubles or singles or joint):
             return None
-        mlp = doubles[0].img_mlp[0].out_features if doubles else 4 * hidden
-        encoders = [getattr(self.clip.cond_stage_model, n) for n in ("clip_l", "t5xxl")
-                    if hasattr(self.clip.cond_stage_model, n)]
+        if joint:
+            mlp = joint[0].x_block.mlp.fc1.out_features
+            heads = getattr(dm, "num_heads", None) or hidden // 64
+        else:
+            mlp = doubles[0].img_mlp[0].out_features if doubles else 4 * hidden
+            heads = getattr(dm, "num_heads", hidden // 128)
+        encoders = [getattr(self.clip.cond_stage_model, n) for n in ("clip_l", "clip_g", "t5xxl")
+                    if getattr(self.clip.cond_stage_model, n, None) is not None]
         te_params = tuple(sum(p.numel() for p in te.parameters()) for te in encoders)
         te_dtypes = tuple(memory._dtype_name(_main_dtype(te)) for te in encoders)
-        # ComfyUI pads Flux's T5 tokens to its tokenizer's min_length (256); Chroma's are not padded.
+        # ComfyUI pads Flux's T5 tokens to its tokenizer's min_length (256); Chroma's are not padded. SD3 joins
+        # CLIP's 77 tokens and T5's (77 at least) in one sequence.
         t5 = getattr(self.clip.tokenizer, "t5xxl", None)
         context = getattr(t5, "min_length", None) if getattr(t5, "min_length", 1) > 1 else 512
-        shape = memory.DiTShape(hidden=hidden, double_blocks=len(doubles), single_blocks=len(singles),
-                                heads=getattr(dm, "num_heads", hidden // 128), mlp_ratio=mlp / hidden,
+        if joint:
+            context = 77 + (context if t5 is not None and context else 0)
+        shape = memory.DiTShape(hidden=hidden, double_blocks=len(doubles) or len(joint), single_blocks=len(singles),
+                                heads=heads, mlp_ratio=mlp / hidden,
                                 context_tokens=context, patch_size=self.patch_size,
                                 latent_channels=self.latent_channels,
-                                modulation=bool(doubles and hasattr(doubles[0], "img_mod")))
+                                modulation=bool(joint or (doubles and hasattr(doubles[0], "img_mod"))))
         return memory.ModelShape(
             self._label(), shape, (), unet_params=sum(p.numel() for p in dm.parameters()),
             te_params=te_params, vae_params=sum(p.numel() for p in self.vae.first_stage_model.parameters()),

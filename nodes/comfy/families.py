@@ -21,6 +21,7 @@ MODEL_CONFIGS = (
     ("FluxSchnell", "flux", True),  # before Flux, its base class
     ("Flux", "flux", True),
     ("Chroma", "chroma", True),
+    ("SD3", "sd3", True),
 )
 
 
@@ -49,5 +50,13 @@ VARIANTS = {"FluxSchnell": "schnell", "Flux": "dev"}  # config class -> the fami
 
 
 def family_variant(model) -> str | None:
-    """The named variant of a MODEL's family ("dev" / "schnell" for Flux.1), None where it has none."""
-    return VARIANTS.get(type(model.model.model_config).__name__)
+    """The named variant of a MODEL's family ("dev" / "schnell" for Flux.1; "3-medium", "3.5-medium" or
+    "3.5-large" for SD3.x, told by the config ComfyUI detected: MMDiT-X layers mean 3.5 medium, RMS q/k norms
+    without them 3.5 large, neither SD3 medium), None where it has none."""
+    config = model.model.model_config
+    if type(config).__name__ == "SD3":
+        unet = config.unet_config
+        if unet.get("x_block_self_attn_layers"):
+            return "3.5-medium"
+        return "3.5-large" if unet.get("qk_norm") else "3-medium"
+    return VARIANTS.get(type(config).__name__)

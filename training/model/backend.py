@@ -105,6 +105,14 @@ class Backend(ABC):
         """The model's shape for the memory estimate (a ``memory.ModelShape``), or None if unknown."""
         return None
 
+    # Whether :meth:`release_text_encoders` gives memory back (a host with its own model management).
+    releases_text_encoders = False
+
+    def release_text_encoders(self) -> bool:
+        """Give the text encoders' memory back once every prompt the run needs is encoded (cached); True if
+        something was released. A later encode must still work (the host reloads them). Default: nothing."""
+        return False
+
     def finalize_lora(self, lora: LoraWeights) -> LoraWeights:
         """The LoRA as read out of the trained modules, in the file's modules; this default is ``lora``.
 

@@ -15,7 +15,7 @@ import torch
 
 from ..config import DatasetConfig, TrainConfig
 from ..data.buckets import BucketBatchSampler, load_pixels, size_conditioning
-from ..data.captions import build_caption
+from ..data.captions import build_caption, trained_caption
 from ..data.dataset import ImageDataset
 from ..data.images import ImageRecord
 from ..model.backend import Backend
@@ -131,6 +131,28 @@ class Batches:
         for p in pos if mb.class_idx else ():
             sizes.append(size_conditioning(self.class_records[mb.class_idx[p]], mb.bucket))
         return sizes
+
+    def fixed_captions(self) -> list[str] | None:
+        """Every caption a step can train on, when they are a fixed set (no tag shuffling): each image's caption
+        as trained, "" when captions drop out, and the class images' captions. None when shuffling makes them
+        unbounded."""
+        if self.dcfg.shuffle_tags:
+            return None
+        out = [trained_caption(r.caption, self.dcfg) for r in self.records]
+        if self.dcfg.caption_dropout > 0:
+            out.append("")
+        out += [r.caption or self.class_prompt for r in self.class_records]
+        return list(dict.fromkeys(out))
+
+    def precache_conds(self, prompts: list[str]) -> None:
+        """Encode ``prompts`` into the caption cache now (what :meth:`cond` with ``use_cache`` reads)."""
+        for i in range(0, len(prompts), 8):
+            self.cond(prompts[i:i + 8], use_cache=True)
+            self.cb.on_progress("encoding captions", min(i + 8, len(prompts)), len(prompts))
+
+    def encode_cached(self, prompts: list[str]) -> Any:
+        """:meth:`cond` with the cache: prompts encoded before the text encoders were released stay usable."""
+        return self.cond(prompts, use_cache=True)
 
     def cond(self, captions: list[str], use_cache: bool) -> Any:
         """The backend's conditioning for ``captions``; with ``use_cache`` each caption is encoded once

@@ -35,7 +35,7 @@ from .interface import RunOptions, TrainCallbacks, TrainData, TrainingError, Tra
 from ..interrupt import signals_held
 from ..lora.files import LoraWeights
 from .optim import make_optimizer
-from .preview import preview_on_step
+from .preview import preview_on_step, preview_prompt
 from .schedules import (FLOW_SAMPLINGS, add_noise, flow_add_noise, flow_target, make_lr_scheduler,
                         sample_flow_sigmas, target_for)
 from .state import TrainingState, check_compatible, load_state
@@ -79,6 +79,7 @@ class Trainer:
                                self.dist, self.cb)
         self.targets: list[network.LoraTarget] = []
         self._estimate: tuple | None = None  # (memory estimate,) once computed
+        self.prompts_precached = False  # set by run(): the captions and preview prompts were encoded up front
         self._fingerprints: tuple[str, str | None] | None = None
         self._extracted: tuple[int, LoraWeights] | None = None  # (step, LoRA read out at that step)
         self.started_at: float | None = None
@@ -145,6 +146,8 @@ class Trainer:
         if not self.lora_targets():
             raise TrainingError(f"preset {cfg.preset!r} found no layers to train in this model")
         self.check_objective()
+        release = self._plan_text_encoder_release()
+        self.prompts_precached = release is not None  # previews then read the cache (the encoders may be gone)
         estimate = self.memory_estimate()
         if estimate is not None:
             log.info("expected peak memory on %s: %s", be.device, estimate.summary())
@@ -158,6 +161,11 @@ class Trainer:
             # Encode every image before LoRA layers wrap the model: the VAE runs once, and a host that
             # offloads models (ComfyUI lowvram) does not shuffle the wrapped UNet around mid-training.
             self.batches.precache_latents()
+        if release is not None:
+            # Every prompt the run needs, encoded now; then the host may take the text encoders off the GPU.
+            self.batches.precache_conds(release)
+            if be.release_text_encoders():
+                log.info("text encoders released after encoding %d prompts", len(release))
         # The one place LoRA weights are put on the devices the model computes on.
         params = network.inject(roots, self.targets, cfg.rank, cfg.alpha,
                                 conv_rank=cfg.effective_conv_rank, conv_alpha=cfg.effective_conv_alpha,
@@ -399,6 +407,24 @@ class Trainer:
         elif sampling not in ("uniform", "logit_normal"):
             raise ConfigError(f"timestep_sampling={sampling!r} is for flow-matching models, and this model predicts "
                               f"{prediction!r} with a DDPM schedule; use default, uniform or logit_normal")
+
+    def _plan_text_encoder_release(self) -> list[str] | None:
+        """The prompts to encode before the text encoders can leave (the captions and the preview's), or None
+        when they must stay: the backend cannot release them, a text encoder trains, embeddings are not cached,
+        or shuffled tags make the captions unbounded. A planned release takes them out of the estimate."""
+        cfg, be = self.cfg, self.backend
+        if not be.releases_text_encoders or cfg.train_text_encoder or not cfg.cache_text_embeddings:
+            return None
+        prompts = self.batches.fixed_captions()
+        if prompts is None:
+            log.info("text encoders stay loaded: shuffled tags make every step's caption new")
+            return None
+        if cfg.preview_every:
+            prompts.append(preview_prompt(self))
+            if be.prediction_type != "flow" or be.preview_guidance != 1:
+                prompts.append("")  # the preview's negative prompt
+        be.text_encoders_resident = False
+        return list(dict.fromkeys(prompts))
 
     def memory_estimate(self) -> MemoryEstimate | None:
         """This run's expected peak memory (``memory.MemoryEstimate``), None if the backend cannot tell.
