@@ -143,6 +143,21 @@ def tiny_sdxl_checkpoint(comfy_host) -> Path:
     return write_checkpoint(comfy_host.base_directory / "models" / "checkpoints" / "tiny_sdxl.safetensors")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_checkpoint(comfy_host, tmp_path_factory) -> Path:
+    """A tiny all-in-one SD3.5 medium checkpoint (``fixtures/tiny_sd3.py``: MMDiT-X at hidden 128, CLIP-L +
+    CLIP-G, no T5) linked into the host's models/checkpoints; both hosts load it."""
+    from fixtures import tiny_sd3
+
+    path = tiny_sd3.build_sd3_checkpoint(tmp_path_factory.mktemp("tiny_sd3"), "medium",
+                                         vae_decoder_ch=tiny_sd3.host_vae_decoder_ch())
+    target = comfy_host.base_directory / "models" / "checkpoints" / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        os.link(path, target)
+    return target
+
+
 def _host_pins_flux_width() -> bool:
     """True on a ComfyUI that builds every Flux at hidden 3072 whatever the file says (0.3.64)."""
     import comfy.model_detection

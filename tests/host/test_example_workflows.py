@@ -82,17 +82,19 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
 
 DIT_FAMILIES = ("flux", "chroma")  # examples named *_flux / *_chroma load a tiny set through UNETLoader & co.
 # family -> its ss_base_model_version
-BASE_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma"}
+BASE_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma", "sd3": "sd3"}
+# examples named *_<family> whose checkpoint is one all-in-one file -> the fixture of its tiny checkpoint
+CHECKPOINT_FIXTURES = {"sdxl": "tiny_sdxl_checkpoint", "sd3": "tiny_sd3_checkpoint"}
 
 
 def _family(name: str) -> str:
-    return next((f for f in ("sdxl", *DIT_FAMILIES) if f"_{f}" in name), "sd1")
+    return next((f for f in (*CHECKPOINT_FIXTURES, *DIT_FAMILIES) if f"_{f}" in name), "sd1")
 
 
 def _checkpoint(name: str, request) -> Path:
-    """The tiny checkpoint of the example's model family (a DiT example loads no checkpoint: the SD1.5 one
-    stands in for any CheckpointLoaderSimple it may have)."""
-    return request.getfixturevalue("tiny_sdxl_checkpoint" if "_sdxl" in name else "tiny_sd15_checkpoint")
+    """The tiny checkpoint of the example's model family (a DiT example loaded through UNETLoader has none:
+    the SD1.5 one stands in for any CheckpointLoaderSimple it may have)."""
+    return request.getfixturevalue(CHECKPOINT_FIXTURES.get(_family(name), "tiny_sd15_checkpoint"))
 
 
 def _dit_files(name: str, request) -> dict | None:
