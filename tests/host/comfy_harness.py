@@ -160,6 +160,41 @@ def assert_every_lora_key_loaded(log_text: str, model, clip, lora) -> None:
     assert len(clip.patcher.patches) == len(lora.modules) - n_unet
 
 
+def comfy_denoised(model, x_t, sigma, cond):
+    """What ComfyUI's ``apply_model`` samples with for a DiT backend's ``cond`` (``DiTCond``): the model's own
+    ``extra_conds`` of the text states, pooled output and guidance, then ``denoised`` at ``sigma``."""
+    import comfy.model_management as mm
+    import torch
+
+    kwargs = {"cross_attn": torch.cat(cond.contexts)}
+    if cond.pooled[0] is not None:
+        kwargs["pooled_output"] = torch.cat(cond.pooled)
+    if cond.guidance is not None:
+        kwargs["guidance"] = cond.guidance
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+        conds = {k: v.process_cond(batch_size=len(sigma), device=x_t.device, area=None).cond
+                 for k, v in model.model.extra_conds(noise=x_t, device=x_t.device, **kwargs).items()}
+        return model.model.apply_model(x_t, sigma, **conds).float()
+
+
+def loraloader_output(model, clip, vae, lora_name: str, x_t, sigma, cond):
+    """(MODEL, CLIP, raw output) after ComfyUI's LoraLoader applies ``lora_name`` at 1.0: the backend's
+    prediction on the patched weights (patched in place, as sampling does)."""
+    import comfy.model_management as mm
+    import nodes
+    import torch
+
+    from lora_workbench.nodes.comfy.backend import comfy_backend
+
+    with torch.inference_mode():
+        m, c = nodes.LoraLoader().load_lora(model, clip, lora_name, 1.0, 1.0)
+        mm.load_models_gpu([m], force_patch_weights=True)
+    be = comfy_backend(m, c, vae)
+    with torch.inference_mode(), be.training_context(), torch.no_grad():
+        return m, c, be.predict(x_t, sigma, cond).float()
+
+
 def load_tiny_dit(family: str, files: dict):
     """(MODEL, CLIP, VAE) of a tiny DiT set loaded as a user's graph loads it: UNETLoader, DualCLIPLoader (flux)
     or CLIPLoader (chroma), VAELoader."""

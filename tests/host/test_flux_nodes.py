@@ -130,21 +130,12 @@ def test_loss_of_a_fixed_set_falls(trained):
 
 def test_predict_is_comfyui_sampling(trained, dit):
     """The backend's raw output is what ComfyUI's ``apply_model`` samples with: denoised = x_t - sigma * out."""
-    import comfy.model_management as mm
+    from comfy_harness import comfy_denoised
 
     family, model, *_ = dit
     be = trained["backend"]
     x_t, sigma, cond = trained["x_t"], trained["sigma"], trained["cond"]
-    kwargs = {"cross_attn": torch.cat(cond.contexts)}
-    if cond.pooled[0] is not None:
-        kwargs["pooled_output"] = torch.cat(cond.pooled)
-    if cond.guidance is not None:
-        kwargs["guidance"] = cond.guidance
-    with torch.inference_mode():
-        mm.load_models_gpu([model])
-        conds = {k: v.process_cond(batch_size=len(sigma), device=x_t.device, area=None).cond
-                 for k, v in model.model.extra_conds(noise=x_t, device=x_t.device, **kwargs).items()}
-        denoised = model.model.apply_model(x_t, sigma, **conds).float()
+    denoised = comfy_denoised(model, x_t, sigma, cond)
     with torch.inference_mode(), be.training_context(), torch.no_grad():
         ours = be.predict(x_t, sigma, cond).float()
     # without the LoRA (the context removed it): the base model
@@ -169,8 +160,7 @@ def test_file_metadata_names_the_family(trained):
 def test_loraloader_loads_every_key_and_matches_the_trained_model(trained, dit, comfy_host, caplog):
     """The saved file in ComfyUI's LoraLoader: no unloaded key, one patch per module, and the patched MODEL's
     output equals the trained MODEL's to 1e-5."""
-    import comfy.model_management as mm
-    import nodes
+    from comfy_harness import loraloader_output
 
     from lora_workbench.training.lora.files import save_lora
 
@@ -178,16 +168,9 @@ def test_loraloader_loads_every_key_and_matches_the_trained_model(trained, dit, 
     name = f"lw_{family}/trained.safetensors"
     path = comfy_host.base_directory / "models" / "loras" / name
     save_lora(path, trained["result"].lora, dtype="fp32")
-    with caplog.at_level(logging.WARNING), torch.inference_mode():
-        m, c = nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING):
+        m, c, patched = loraloader_output(model, clip, vae, name, trained["x_t"], trained["sigma"], trained["cond"])
     assert_every_lora_key_loaded(caplog.text, m, c, trained["result"].lora)
-    from lora_workbench.nodes.comfy.backend import comfy_backend
-
-    be = comfy_backend(m, c, vae)
-    with torch.inference_mode():
-        mm.load_models_gpu([m], force_patch_weights=True)
-    with torch.inference_mode(), be.training_context(), torch.no_grad():
-        patched = be.predict(trained["x_t"], trained["sigma"], trained["cond"]).float()
     assert torch.allclose(patched, trained["trained_out"], atol=1e-5), (patched - trained["trained_out"]).abs().max()
 
 

@@ -119,7 +119,7 @@ def test_tiny_checkpoint_trains_as_sd35_medium(sd3, trained):
     names = set(trained["result"].lora.modules)
     depth = len(model.model.diffusion_model.joint_blocks)
     # every Linear of the blocks, the MMDiT-X second attention and the last block's pre-only modulation included
-    assert {f"lora_unet_joint_blocks_0_x_block_attn2_qkv",
+    assert {"lora_unet_joint_blocks_0_x_block_attn2_qkv",
             f"lora_unet_joint_blocks_{depth - 1}_context_block_adaLN_modulation_1"} <= names
     assert f"lora_unet_joint_blocks_{depth - 1}_context_block_mlp_fc1" not in names  # pre-only: no MLP
 
@@ -142,17 +142,11 @@ def test_loss_of_a_fixed_set_falls(trained):
 
 def test_predict_is_comfyui_sampling(trained, sd3):
     """The backend's raw output is what ComfyUI's ``apply_model`` samples with: denoised = x_t - sigma * out."""
-    import comfy.model_management as mm
+    from comfy_harness import comfy_denoised
 
-    model = sd3[0]
     be = trained["backend"]
     x_t, sigma, cond = trained["x_t"], trained["sigma"], trained["cond"]
-    kwargs = {"cross_attn": torch.cat(cond.contexts), "pooled_output": torch.cat(cond.pooled)}
-    with torch.inference_mode():
-        mm.load_models_gpu([model])
-        conds = {k: v.process_cond(batch_size=len(sigma), device=x_t.device, area=None).cond
-                 for k, v in model.model.extra_conds(noise=x_t, device=x_t.device, **kwargs).items()}
-        denoised = model.model.apply_model(x_t, sigma, **conds).float()
+    denoised = comfy_denoised(sd3[0], x_t, sigma, cond)
     with torch.inference_mode(), be.training_context(), torch.no_grad():
         ours = be.predict(x_t, sigma, cond).float()
     assert torch.allclose(x_t - sigma.view(-1, 1, 1, 1) * ours, denoised, atol=1e-5)
@@ -176,20 +170,12 @@ def test_file_is_diffusers_format_and_names_the_family(comfy_host, saved):
 
 
 def test_loraloader_loads_every_key_and_matches_the_trained_model(trained, sd3, saved, caplog):
-    import comfy.model_management as mm
-    import nodes
-
-    from lora_workbench.nodes.comfy.backend import comfy_backend
+    from comfy_harness import loraloader_output
 
     model, clip, vae, _ = sd3
-    with caplog.at_level(logging.WARNING), torch.inference_mode():
-        m, c = nodes.LoraLoader().load_lora(model, clip, saved, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING):
+        m, c, patched = loraloader_output(model, clip, vae, saved, trained["x_t"], trained["sigma"], trained["cond"])
     assert_every_lora_key_loaded(caplog.text, m, c, trained["result"].lora)
-    be = comfy_backend(m, c, vae)
-    with torch.inference_mode():
-        mm.load_models_gpu([m], force_patch_weights=True)
-    with torch.inference_mode(), be.training_context(), torch.no_grad():
-        patched = be.predict(trained["x_t"], trained["sigma"], trained["cond"]).float()
     assert torch.allclose(patched, trained["trained_out"], atol=1e-5), (patched - trained["trained_out"]).abs().max()
 
 

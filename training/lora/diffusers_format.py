@@ -65,7 +65,7 @@ def diffusers_modules(lora: LoraWeights) -> dict[str, LoraModule]:
         parts = parts_of.get(template)
         if parts is None:
             raise LoraFormatError(f"module {name} ({path}) has no diffusers counterpart in {arch}")
-        names = [p.replace(f".0.", f".{block[1]}.", 1) if block else p for p, _ in parts]
+        names = [p.replace(".0.", f".{block[1]}.", 1) if block else p for p, _ in parts]
         if len(parts) == 1:
             out[names[0]] = folded
             continue

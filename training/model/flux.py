@@ -130,6 +130,25 @@ def image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
 
 
+@torch.no_grad()
+def encode_shifted(vae, pixels: torch.Tensor, device) -> torch.Tensor:
+    """Latents from a 16-channel VAE's mode as Flux's and SD3's pipelines make them:
+    ``(z - shift_factor) * scaling_factor``, float32."""
+    vae_dtype = next(vae.parameters()).dtype
+    lat = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist.mode()
+    shift = vae.config.get("shift_factor") or 0.0
+    return ((lat - shift) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def decode_shifted(vae, latents: torch.Tensor, device) -> torch.Tensor:
+    """The inverse of :func:`encode_shifted`, decoded: images [B, H, W, 3] in 0..1, float32 on the CPU."""
+    vae_dtype = next(vae.parameters()).dtype
+    shift = vae.config.get("shift_factor") or 0.0
+    img = vae.decode(latents.to(device, dtype=vae_dtype) / vae.config.scaling_factor + shift).sample.float()
+    return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
 class DiffusersFluxBackend(Backend):
     """Flux.1 dev/schnell (``FluxTransformer2DModel`` + CLIP-L + T5) or Chroma (``ChromaTransformer2DModel``
     + T5) with a 16-channel VAE and ``FlowMatchEulerDiscreteScheduler``; prediction type "flow".
@@ -279,22 +298,13 @@ class DiffusersFluxBackend(Backend):
         """Not defined: a flow model has no DDPM schedule."""
         raise NotImplementedError(f"{self.arch} is a flow-matching model: it has no alphas_cumprod")
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Latents [B, 16, h, w] from the VAE's mode: ``(z - shift_factor) * scaling_factor``, as FluxPipeline."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        lat = self.vae.encode(pixels.to(self.device, dtype=vae_dtype)).latent_dist.mode()
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return ((lat - shift) * self.vae.config.scaling_factor).float()
+        """Latents [B, 16, h, w], as FluxPipeline makes them (:func:`encode_shifted`)."""
+        return encode_shifted(self.vae, pixels, self.device)
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images [B, H, W, 3] in 0..1, float32 on the CPU."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        shift = self.vae.config.get("shift_factor") or 0.0
-        z = latents.to(self.device, dtype=vae_dtype) / self.vae.config.scaling_factor + shift
-        img = self.vae.decode(z).sample.float()
-        return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        """Images [B, H, W, 3] in 0..1, float32 on the CPU (:func:`decode_shifted`)."""
+        return decode_shifted(self.vae, latents, self.device)
 
     def encode_prompts(self, prompts: list[str]) -> FluxCond:
         """T5's last hidden states, and CLIP-L's pooled output (Flux) or the token mask (Chroma), as the pipelines."""

@@ -32,7 +32,7 @@ from ..lora.fuse import fuse_modules
 from ..lora.network import LoraTarget
 from .backend import Backend, ModelLoadError
 from .dit_keys import diffusers_to_bfl, is_pre_only_modulation, kohya_dit_name, matches_preset, parse_kohya_dit_name
-from .flux import FP8, split_fused
+from .flux import FP8, decode_shifted, encode_shifted, split_fused
 
 log = logging.getLogger(__name__)
 
@@ -171,20 +171,12 @@ class DiffusersSD3Backend(Backend):
     def alphas_cumprod(self) -> torch.Tensor:
         raise NotImplementedError("SD3 is a flow-matching model: it has no alphas_cumprod")
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Latents [B, 16, h, w] from the VAE's mode: ``(z - shift_factor) * scaling_factor``."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        lat = self.vae.encode(pixels.to(self.device, dtype=vae_dtype)).latent_dist.mode()
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return ((lat - shift) * self.vae.config.scaling_factor).float()
+        """Latents [B, 16, h, w] as StableDiffusion3Pipeline makes them (shift 0.0609, scale 1.5305 on SD3.5)."""
+        return encode_shifted(self.vae, pixels, self.device)
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae_dtype = next(self.vae.parameters()).dtype
-        shift = self.vae.config.get("shift_factor") or 0.0
-        img = self.vae.decode(latents.to(self.device, dtype=vae_dtype) / self.vae.config.scaling_factor + shift).sample
-        return ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        return decode_shifted(self.vae, latents, self.device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> SD3Cond:
