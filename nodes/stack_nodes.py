@@ -84,7 +84,9 @@ class ApplyLoraStack(io.ComfyNode):
                                         "LoRA Block Weight: a preset (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, "
                                         "NONE) or a comma list of 17 (SD1) / 12 (SDXL) values. Flux.1 / Chroma, as "
                                         "in Inspire's loader: 58 values (BASE, double blocks D00-D18, single blocks "
-                                        "S00-S37) or a preset (ALL, NONE, DOUBLE, SINGLE, FLUX-*). Empty: off."),
+                                        "S00-S37) or a preset (ALL, NONE, DOUBLE, SINGLE, FLUX-*). SD3.5: 39 "
+                                        "(BASE, joint blocks J00-J37) or 25 (medium: J00-J23) values, or ALL, NONE, "
+                                        "FRONT, MID, BACK. Empty: off."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),

@@ -130,15 +130,16 @@ class TrainLora(io.ComfyNode):
             display_name="Train LoRA (LoRA Workbench)",
             category="LoRA Workbench/training",
             description="Trains a LoRA on your images with the model already loaded (no second copy): SD1.x, "
-                        "SDXL (both CLIP-L and CLIP-G get a LoRA with the text encoder on), Flux.1 dev / schnell "
-                        "and Chroma (the transformer; load it in fp8 to fit 12-16 GB), and other flow-matching "
+                        "SDXL (both CLIP-L and CLIP-G get a LoRA with the text encoder on), Flux.1 dev / schnell, "
+                        "Chroma and SD3.5 (the transformer; load it in fp8 to fit 12-16 GB), and other flow-matching "
                         "models ComfyUI loads (untested, said on the node). Connect Class Images for DreamBooth prior preservation. Shows the expected peak "
                         "memory first, then the loss and preview images while it runs; Cancel keeps a resumable "
                         "state and the LoRA so far.",
             inputs=[
                 io.Model.Input("model", tooltip="MODEL of an SD1.x or SDXL-family (SDXL, Pony, Illustrious, "
                                                 "SSD-1B, Segmind Vega, KOALA) checkpoint, or of a Flux.1 / Chroma "
-                                                "Load Diffusion Model (fp8_e4m3fn weights train in bf16)."),
+                                                "Load Diffusion Model (fp8_e4m3fn weights train in bf16), or an "
+                                                "SD3.5 checkpoint."),
                 io.Clip.Input("clip", tooltip="CLIP of the same checkpoint (Flux: DualCLIPLoader clip_l + t5xxl, "
                                               "type flux; Chroma: CLIPLoader t5xxl, type chroma)."),
                 io.Vae.Input("vae", tooltip="VAE of the same checkpoint (Flux / Chroma: ae.safetensors); it "
@@ -176,8 +177,8 @@ class TrainLora(io.ComfyNode):
                 io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="default",
                                tooltip="Which noise levels training sees. default: the model family's practice "
                                        "(uniform for SD1.x/SDXL; Flux dev and Chroma: flux_shift, logit-normal "
-                                       "shifted by resolution as Flux samples; schnell: logit_normal). shift and "
-                                       "flux_shift are for flow models (Flux, Chroma).", optional=True),
+                                       "shifted by resolution as Flux samples; schnell and SD3.5: logit_normal). "
+                                       "shift and flux_shift are for flow models (Flux, Chroma, SD3.5).", optional=True),
                 ClassImages.Input("class_images", optional=True, tooltip="Prior-preservation images."),
             ],
             outputs=OUTPUTS,

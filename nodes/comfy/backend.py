@@ -68,8 +68,8 @@ def check_supported(model, model_name: str = "") -> str:
         raise UnsupportedModelError(
             f"{shown} cannot be trained yet: LoRA Workbench trains SD1.x models (ComfyUI's SD15), SDXL "
             "models (SDXL, SSD-1B, Segmind Vega, KOALA; Pony and Illustrious are SDXL) and flow-matching "
-            "transformers (Flux.1 dev / schnell, Chroma; other flow models untested); other UNet families come "
-            "later. Load an SD1.5-, SDXL-, Flux- or Chroma-based model."
+            "transformers (Flux.1 dev / schnell, Chroma, SD3.5; other flow models untested); other UNet families "
+            "come later. Load an SD1.5-, SDXL-, Flux-, Chroma- or SD3.5-based model."
         )
     return arch
 

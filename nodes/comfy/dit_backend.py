@@ -105,7 +105,7 @@ class ComfyDiTBackend(ComfyModels):
             sampling = type(model.get_model_object("model_sampling")).__mro__[1:3]
             raise UnsupportedModelError(
                 f"the model samples with {' / '.join(c.__name__ for c in sampling)}, not a flow-matching (CONST) "
-                "objective; this path trains flow-matching transformers (Flux, Chroma). Remove the ModelSampling* "
+                "objective; this path trains flow-matching transformers (Flux, Chroma, SD3.5). Remove the ModelSampling* "
                 "node that changed it, or load the model without it."
             )
         family, self.config_name = model_family(model)
