@@ -85,6 +85,18 @@ class DiTCond:
         return self._map(lambda t: t.to(*args, **kwargs))
 
 
+def _tokenize_plain(clip, text: str):
+    """The CLIP's tokens of ``text`` with ComfyUI's ``(word:1.2)`` weighting off (captions are plain text).
+    Tokenizers that always turn it off themselves (Z-Image's, which passes ``disable_weights`` on) refuse a
+    second one: they get the text alone."""
+    try:
+        return clip.tokenize(text, disable_weights=True)
+    except TypeError as e:
+        if "disable_weights" not in str(e):
+            raise
+        return clip.tokenize(text)
+
+
 def is_flow_model(model) -> bool:
     """True when ComfyUI samples this MODEL with the rectified-flow (CONST) objective."""
     return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
@@ -174,7 +186,7 @@ class ComfyDiTBackend(ComfyModels):
         self._require_context()
         contexts, pooled, extras = [], [], []
         for text in prompts:
-            tokens = self.clip.tokenize(text, disable_weights=True)
+            tokens = _tokenize_plain(self.clip, text)
             encoder = self.clip.cond_stage_model
             encoder.reset_clip_options()
             if self.clip.layer_idx is not None:
