@@ -271,15 +271,23 @@ class ComfyDiTBackend(ComfyModels):
         doubles, singles = getattr(dm, "double_blocks", ()), getattr(dm, "single_blocks", ())
         joint = getattr(dm, "joint_blocks", ())  # SD3's MMDiT: two-stream blocks, as Flux's double blocks
         hidden = getattr(dm, "hidden_size", None)
-        if hidden is None or not (doubles or singles or joint):
+        layers = getattr(dm, "layers", ()) if hasattr(dm, "noise_refiner") else ()  # Z-Image's NextDiT
+        if layers:
+            # Single-stream blocks (refiners included) counted as Flux-style single blocks: no per-block
+            # modulation Linear of width 3h (NextDiT modulates from a 256-wide vector), and an MLP width that
+            # gives SwiGLU's three matrices the same parameters (1.5 x its hidden width).
+            hidden, heads = dm.dim, dm.n_heads
+            singles = [*layers, *dm.noise_refiner, *dm.context_refiner]
+            mlp = 1.5 * layers[0].feed_forward.w1.out_features
+        elif hidden is None or not (doubles or singles or joint):
             return None
-        if joint:
+        elif joint:
             mlp = joint[0].x_block.mlp.fc1.out_features
             heads = getattr(dm, "num_heads", None) or hidden // 64
         else:
             mlp = doubles[0].img_mlp[0].out_features if doubles else 4 * hidden
             heads = getattr(dm, "num_heads", hidden // 128)
-        encoders = [getattr(self.clip.cond_stage_model, n) for n in ("clip_l", "clip_g", "t5xxl")
+        encoders = [getattr(self.clip.cond_stage_model, n) for n in ("clip_l", "clip_g", "t5xxl", "qwen3_4b")
                     if getattr(self.clip.cond_stage_model, n, None) is not None]
         te_params = tuple(sum(p.numel() for p in te.parameters()) for te in encoders)
         te_dtypes = tuple(memory._dtype_name(_main_dtype(te)) for te in encoders)
@@ -293,7 +301,8 @@ class ComfyDiTBackend(ComfyModels):
                                 heads=heads, mlp_ratio=mlp / hidden,
                                 context_tokens=context, patch_size=self.patch_size,
                                 latent_channels=self.latent_channels,
-                                modulation=bool(joint or (doubles and hasattr(doubles[0], "img_mod"))))
+                                modulation=bool(joint or (doubles and hasattr(doubles[0], "img_mod"))),
+                                context_dim=getattr(getattr(dm, "cap_embedder", [None, None])[1], "in_features", 4096))
         return memory.ModelShape(
             self._label(), shape, (), unet_params=sum(p.numel() for p in dm.parameters()),
             te_params=te_params, vae_params=sum(p.numel() for p in self.vae.first_stage_model.parameters()),

@@ -101,11 +101,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.host)
 
 
+def _host_has_zimage() -> bool:
+    """Whether this ComfyUI knows Z-Image (its ``supported_models.ZImage``, after 0.3.64): read from its source, so
+    the answer needs no booted host."""
+    source = COMFYUI_PATH / "comfy" / "supported_models.py" if COMFYUI_PATH else None
+    return bool(source and source.is_file() and "class ZImage(" in source.read_text(encoding="utf-8"))
+
+
 def pytest_runtest_setup(item):
     # Skipping from here (not with a skip marker per test) makes pytest fold every host test's
     # skip into one summary line at this location.
     if SKIP_REASON:
         pytest.skip(SKIP_REASON)
+    if "zimage" in item.nodeid and not _host_has_zimage():
+        pytest.skip(HOST_LIMIT_ZIMAGE)
 
 
 @pytest.fixture(scope="session")
@@ -156,6 +165,25 @@ def tiny_sd3_checkpoint(comfy_host, tmp_path_factory) -> Path:
     if not target.exists():
         os.link(path, target)
     return target
+
+
+HOST_LIMIT_ZIMAGE = ("host limit: this ComfyUI has no Z-Image (comfy.supported_models.ZImage, added after 0.3.64); "
+                     "the Z-Image tests run on 0.33+")
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_files(comfy_host, tmp_path_factory) -> dict:
+    """{"dit", "te", "vae"}: the names UNETLoader / CLIPLoader (type lumina2) / VAELoader list for the tiny Z-Image set
+    (``fixtures/tiny_zimage.py``), written once per session and linked into the host's model folders; a host-limit
+    skip on a ComfyUI without Z-Image (0.3.64)."""
+    import comfy.supported_models
+
+    from fixtures import tiny_zimage
+
+    if not hasattr(comfy.supported_models, "ZImage"):
+        pytest.skip(HOST_LIMIT_ZIMAGE)
+    paths = tiny_zimage.build_zimage_set(tmp_path_factory.mktemp("tiny_zimage"))
+    return tiny_zimage.link_zimage_set(paths, comfy_host.base_directory / "models")
 
 
 def _host_pins_flux_width() -> bool:

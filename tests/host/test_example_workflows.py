@@ -80,9 +80,10 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
     return list(EXAMPLE_LORAS)
 
 
-DIT_FAMILIES = ("flux", "chroma")  # examples named *_flux / *_chroma load a tiny set through UNETLoader & co.
+DIT_FAMILIES = ("flux", "chroma", "zimage")  # examples named *_<family> load a tiny set through UNETLoader & co.
 # family -> its ss_base_model_version
-BASE_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma", "sd3": "sd3"}
+BASE_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma", "sd3": "sd3",
+                 "zimage": "zimage"}
 # examples named *_<family> whose checkpoint is one all-in-one file -> the fixture of its tiny checkpoint
 CHECKPOINT_FIXTURES = {"sdxl": "tiny_sdxl_checkpoint", "sd3": "tiny_sd3_checkpoint"}
 
@@ -103,6 +104,8 @@ def _dit_files(name: str, request) -> dict | None:
     family = _family(name)
     if family not in DIT_FAMILIES:
         return None
+    if family == "zimage":
+        return request.getfixturevalue("tiny_zimage_files")
     return request.getfixturevalue("tiny_dit_files")(family)
 
 
@@ -140,7 +143,7 @@ def _with_host_files(prompt: dict, ckpt_name: str, lora_names: list[str], dit: d
         for node in _nodes(prompt, "DualCLIPLoader").values():
             node["inputs"].update(clip_name1=dit["clip_l"], clip_name2=dit["t5xxl"])
         for node in _nodes(prompt, "CLIPLoader").values():
-            node["inputs"]["clip_name"] = dit["t5xxl"]
+            node["inputs"]["clip_name"] = dit.get("te") or dit["t5xxl"]
         for node in _nodes(prompt, "VAELoader").values():
             node["inputs"]["vae_name"] = dit["vae"]
     for node in _nodes(prompt, "LW_LoraStack").values():

@@ -24,6 +24,9 @@ blocks) and Inspire's FLUX-* names. Inspire fills the blocks after a short (20-v
 last value, so its FLUX-DBL-ALL and FLUX-DBL-TAIL6 also keep every single block; here the DBL presets
 keep the double blocks they name and zero the single blocks, as their names say.
 
+Z-Image: ``BASE, L00..L29`` (31 values), ``Lnn`` its main ``layers.nn``; the refiner blocks and the layers
+outside the blocks are BASE. Presets ALL, NONE, ALL0.5.
+
 SD3.x ("sd3"): ``BASE, J00..J37``, where ``Jnn`` is ``joint_blocks.nn`` (39 values, SD3.5 large's 38 blocks)
 or ``BASE, J00..J23`` (25 values, SD3/3.5 medium's 24); ``BASE`` weighs the text encoders and the layers
 outside the blocks, as for Flux. Presets: ALL, NONE, ALL0.5, and FRONT / MID / BACK (BASE plus the first,
@@ -139,16 +142,24 @@ SD3_PRESETS: dict[str, tuple[float, ...]] = {
     "BACK": _sd3_preset(26, SD3_LARGE_DEPTH - 1),
 }
 
+# Z-Image: its 30 main layers; the refiners and outer layers are BASE.
+ZIMAGE_BLOCKS = ("BASE", *(f"L{i:02d}" for i in range(ARCH_TABLE["zimage"].dit.depth)))
+ZIMAGE_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0.0,) * len(ZIMAGE_BLOCKS), "ALL": (1.0,) * len(ZIMAGE_BLOCKS), "ALL0.5": (0.5,) * len(ZIMAGE_BLOCKS),
+}
+
 # Block family of each arch: the UNet's layout, "flux" for the BFL-layout DiTs (Chroma has Flux's blocks),
-# "sd3" for the MMDiT.
-_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else "sd3" if a.name == "sd3" else "flux")
+# "sd3" for the MMDiT, "zimage" for Z-Image.
+_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else a.name if a.name in ("sd3", "zimage") else "flux")
            for a in ARCH_TABLE.values()}
-_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_BLOCKS}
-_SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_MEDIUM_BLOCKS}
-_PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS, "flux": FLUX_PRESETS, "sd3": SD3_PRESETS}
+_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_BLOCKS, "zimage": ZIMAGE_BLOCKS}
+_SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_MEDIUM_BLOCKS,
+          "zimage": ZIMAGE_BLOCKS}
+_PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS, "flux": FLUX_PRESETS, "sd3": SD3_PRESETS,
+            "zimage": ZIMAGE_PRESETS}
 _LDM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.|middle_block\.")
-_DIT_BLOCK = re.compile(r"(double_blocks|single_blocks|joint_blocks)\.(\d+)\.")
-_DIT_LETTER = {"double_blocks": "D", "single_blocks": "S", "joint_blocks": "J"}
+_DIT_BLOCK = re.compile(r"(double_blocks|single_blocks|joint_blocks|layers)\.(\d+)\.")
+_DIT_LETTER = {"double_blocks": "D", "single_blocks": "S", "joint_blocks": "J", "layers": "L"}
 
 
 class BlockWeightError(LoraWorkbenchError, ValueError):
@@ -192,7 +203,7 @@ def block_of(kohya_name: str, arch: str) -> str:
             f"{kohya_name!r} is not a kohya LoRA module name (lora_unet_* / lora_te*_*); block weights "
             "apply to kohya-named modules"
         )
-    if fam in ("flux", "sd3"):
+    if fam in ("flux", "sd3", "zimage"):
         return _dit_block(kohya_name, arch)
     try:
         _, diffusers_path = uk.parse_kohya_name(kohya_name, arch)
@@ -231,6 +242,8 @@ def _usage(fam: str) -> str:
     if fam == "sd3":
         return (f"sd3 takes {len(full)} values (BASE, {full[1]}..{full[-1]}: SD3.5 large) or {len(short)} (BASE, "
                 f"{short[1]}..{short[-1]}: SD3/3.5 medium), or a preset: {', '.join(_PRESETS[fam])}")
+    if fam == "zimage":
+        return f"zimage takes {len(full)} values (BASE, {full[1]}..{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}"
     if short == full:
         return (f"{fam} takes {len(full)} values (BASE, {full[1]}..{DOUBLE_BLOCKS[-1]}, {SINGLE_BLOCKS[0]}.."
                 f"{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}")

@@ -3,7 +3,8 @@
 
 Keys are ``transformer.<diffusers module>.lora_A.weight`` / ``.lora_B.weight``, as diffusers'
 ``train_dreambooth_lora_sd3.py`` writes them and ComfyUI's LoraLoader maps them ("Diffusers lora SD3" in
-``comfy/lora.py``). A module diffusers splits (the fused ``qkv``) is written as its parts: a LoRA trained on
+``comfy/lora.py``); Z-Image's are ``diffusion_model.<diffusers module>...``, as ai-toolkit writes them and
+both ComfyUI (its Lumina2 branch) and diffusers' ``ZImagePipeline`` read them. A module diffusers splits (the fused ``qkv``) is written as its parts: a LoRA trained on
 the fused layer as parts that keep the whole ``lora_A`` and take their rows of ``lora_B``
 (``lora.fuse.split_module``), one trained on diffusers' split layers as those parts again
 (``lora.fuse.split_block_diagonal``); both exact. The
@@ -22,7 +23,6 @@ from ..model import dit_keys as dk
 from .files import LoraFormatError, LoraModule, LoraWeights, torch_dtype
 from .fuse import split_block_diagonal, split_module
 
-DIFFUSERS_HEAD = "transformer."
 
 
 def _rows(parts: tuple[tuple[str, int], ...], module: LoraModule) -> list[int]:
@@ -79,11 +79,13 @@ def diffusers_modules(lora: LoraWeights) -> dict[str, LoraModule]:
 
 
 def diffusers_state_dict(lora: LoraWeights, dtype: str | torch.dtype | None = None) -> dict[str, Tensor]:
-    """The file's tensors: ``transformer.<path>.lora_A.weight`` / ``.lora_B.weight``, contiguous, on the CPU."""
+    """The file's tensors: ``<head><path>.lora_A.weight`` / ``.lora_B.weight`` (head ``transformer.`` for SD3,
+    ``diffusion_model.`` for Z-Image: ``DiTSpec.diffusers_head``), contiguous, on the CPU."""
     dt = None if dtype is None else torch_dtype(dtype)
+    head = dk._spec(lora.arch).diffusers_head
     out: dict[str, Tensor] = {}
     for path, m in diffusers_modules(lora).items():
         # parts of a split module share one lora_A: each key gets its own copy (safetensors stores no aliases)
-        out[f"{DIFFUSERS_HEAD}{path}.lora_A.weight"] = m.down.detach().to("cpu", dt or m.down.dtype).clone()
-        out[f"{DIFFUSERS_HEAD}{path}.lora_B.weight"] = m.up.detach().to("cpu", dt or m.up.dtype).contiguous()
+        out[f"{head}{path}.lora_A.weight"] = m.down.detach().to("cpu", dt or m.down.dtype).clone()
+        out[f"{head}{path}.lora_B.weight"] = m.up.detach().to("cpu", dt or m.up.dtype).contiguous()
     return out

@@ -118,7 +118,8 @@ def _canonical(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolve
 
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
               "final_layer.", "distilled_guidance_layer.", "joint_blocks.", "context_embedder", "t_embedder.",
-              "y_embedder.")
+              "y_embedder.", "layers.", "noise_refiner.", "context_refiner.", "x_embedder", "cap_embedder.",
+              "all_x_embedder.", "all_final_layer.")
 _DIFFUSERS_HEADS = ("transformer.", "base_model.model.", "")
 _ONETRAINER = re.compile(r"lora_transformer_(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)")
 # diffusers' norm_out.linear is BFL's final_layer.adaLN_modulation.1 with the (shift, scale) halves of its
@@ -148,6 +149,24 @@ def _onetrainer_path(rest: str, arch: str) -> str | None:
     return {k.replace(".", "_"): k for k in _swapped(arch)}.get(rest[len("lora_transformer_"):])
 
 
+def _underscored_diffusers_path(rest: str, arch: str) -> str | None:
+    """The diffusers path written with "_" for "." (musubi's ``lora_unet_layers_0_attention_to_q`` without its
+    ``lora_unet_``), looked up among the family's diffusers names: never guessed."""
+    spec = dk._spec(arch)
+    heads = spec.diffusers_blocks[:2] if spec.depth_single else spec.diffusers_blocks[:1]
+    names = [h for h in (*heads, *(p for p, _, _ in spec.extra_blocks)) if h]
+    m = re.fullmatch(rf"({'|'.join(re.escape(n) for n in names)})_(\d+)_(.+)", rest) if names else None
+    if m:
+        head = f"{m.group(1)}.0."
+        for ps in dk.diffusers_parts(arch, depth=2, depth_single=1, hidden=1).values():
+            for part, _ in ps:
+                if part.startswith(head) and part[len(head):].replace(".", "_") == m.group(3):
+                    return f"{m.group(1)}.{m.group(2)}.{part[len(head):]}"
+        return None
+    return next((ps[0][0] for ps in dk.diffusers_parts(arch, depth=0, depth_single=0, hidden=1).values()
+                 if ps[0][0].replace(".", "_") == rest), None)
+
+
 def _locate_dit(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolver,
                 known: tuple[str, ...]) -> tuple[str, int, int, bool]:
     """(kohya name, part index, number of parts, swap halves) of a raw module prefix of a DiT LoRA.
@@ -155,12 +174,27 @@ def _locate_dit(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolv
     Several parts = one diffusers piece of a fused BFL module (fused again by the caller); swap = diffusers'
     ``norm_out.linear``, whose up rows come in the other order. Text-encoder names go the SD way."""
     if prefix.startswith("lora_unet_"):
-        return dk.kohya_dit_name(dk.parse_kohya_dit_name(prefix, arch, known)), 0, 1, False
+        try:
+            return dk.kohya_dit_name(dk.parse_kohya_dit_name(prefix, arch, known)), 0, 1, False
+        except uk.ModuleNameError:
+            # musubi-tuner's names: kohya's prefix before diffusers' (split) module path
+            diff = _underscored_diffusers_path(prefix[len("lora_unet_"):], arch)
+            found = dk.diffusers_to_bfl(diff, arch) if diff else None
+            if found is None:
+                raise
+            return dk.kohya_dit_name(found[0]), found[1], found[2], False
     bfl = dk.strip_host_prefix(prefix)
     if bfl.startswith(_BFL_ROOTS) or bfl in known:  # ComfyUI / BFL-native: the model's own path
         if bfl.startswith("distilled_guidance_layer."):
             raise uk.ModuleNameError(f"{prefix}: Chroma's distilled_guidance_layer takes no LoRA here")
-        return dk.kohya_dit_name(dk.parse_kohya_dit_name(dk.kohya_dit_name(bfl), arch, known)), 0, 1, False
+        try:
+            return dk.kohya_dit_name(dk.parse_kohya_dit_name(dk.kohya_dit_name(bfl), arch, known)), 0, 1, False
+        except uk.ModuleNameError:
+            # diffusers' names under ComfyUI's prefix (ai-toolkit's Z-Image files): a split part of a fused module
+            found = dk.diffusers_to_bfl(bfl, arch)
+            if found is None:
+                raise
+            return dk.kohya_dit_name(found[0]), found[1], found[2], False
     if bfl != prefix:
         raise uk.ModuleNameError(f"{prefix}: not a module of the {arch} transformer")
     diff = _onetrainer_path(prefix, arch) if prefix.startswith("lora_transformer_") else None
@@ -197,7 +231,11 @@ def _down_in_dims(sd: Mapping[str, Tensor], needle) -> set[int]:
 _DIT_KEY = re.compile(
     r"^(lora_unet_|(model\.)?diffusion_model\.)?(double|single|joint)_blocks[._]\d+[._]"
     r"|^(lora_transformer_|(transformer|base_model\.model)\.)?(single_)?transformer_blocks[._]\d+[._]"
-    r"(attn[._](to_[qkv]|add_|to_add_out|to_out)|ff_context|norm1_context|proj_mlp|proj_out|norm[._]linear)")
+    r"(attn[._](to_[qkv]|add_|to_add_out|to_out)|ff_context|norm1_context|proj_mlp|proj_out|norm[._]linear)"
+    r"|^(lora_unet_|(model\.)?diffusion_model\.|transformer\.)?(layers|noise_refiner|context_refiner)[._]\d+[._]"
+    r"(attention|feed_forward|adaLN)")
+# Z-Image: its refiner blocks, or single-stream layers with "attention" / "feed_forward" children
+_ZIMAGE_ONLY = re.compile(r"noise_refiner|context_refiner|(^|[._])layers[._]\d+[._](attention|feed_forward)")
 _FLUX_ONLY = re.compile(r"(img|txt)_mod[._]lin|modulation[._]lin|guidance_in|vector_in|norm1(_context)?[._]linear"
                         r"|single_transformer_blocks[._]\d+[._]norm[._]linear|guidance_embedder|text_embedder"
                         r"|adaLN_modulation|norm_out")
@@ -214,6 +252,8 @@ def _dit_family(keys: list[str], metadata: Mapping[str, str] | None) -> str | No
     if not any(_DIT_KEY.search(k) for k in keys):
         return None
     named = arch_from_metadata(metadata or {})
+    if named == "zimage" or any(_ZIMAGE_ONLY.search(k) for k in keys):
+        return "zimage"
     if named == "sd3" or any(_SD3_ONLY.search(k) for k in keys):
         return "sd3"
     if any(_CHROMA_ONLY.search(k) for k in keys):

@@ -66,6 +66,11 @@ class DiTSpec:
     diffusers_outer: Mapping[str, str] = field(default_factory=dict, hash=False)
     diffusers_swapped: Mapping[str, str] = field(default_factory=dict, hash=False)
     pre_only_last: tuple[str, ...] = ()  # children the last double block lacks (SD3's pre-only context block)
+    # Further block lists (Z-Image's refiners): (prefix, depth, Linear children); diffusers names them alike and
+    # their children as ``diffusers_double`` names the double blocks' children.
+    extra_blocks: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
+    # What a written file puts before each diffusers module path (``file_format`` "diffusers")
+    diffusers_head: str = "transformer."
     # How the family trains and samples (each host's backend reads these):
     # timestep_sampling: the default per variant ("" for all) - see ``train.schedules.sample_flow_sigmas``.
     #   Flux dev / Chroma: "flux_shift" (logit-normal shifted by image size, kohya's flux_shift, which is how
@@ -89,12 +94,23 @@ class DiTSpec:
         out = [f"{self.double_prefix}.{i}.{m}" for i in range(self.depth) for m in self.double_modules
                if not (i == self.depth - 1 and m in self.pre_only_last)]
         out += [f"{self.single_prefix}.{i}.{m}" for i in range(self.depth_single) for m in self.single_modules]
+        out += [f"{prefix}.{i}.{m}" for prefix, depth, mods in self.extra_blocks for i in range(depth) for m in mods]
         return (*out, *self.outer_modules)
 
     @property
     def block_prefixes(self) -> tuple[str, ...]:
-        """The block lists' names (``double_blocks``, ``single_blocks``; ``joint_blocks`` alone for SD3)."""
-        return (self.double_prefix, self.single_prefix) if self.depth_single else (self.double_prefix,)
+        """The block lists' names (``double_blocks``, ``single_blocks``; ``joint_blocks`` alone for SD3; Z-Image's
+        ``layers`` and its refiners)."""
+        main = (self.double_prefix, self.single_prefix) if self.depth_single else (self.double_prefix,)
+        return (*main, *(prefix for prefix, _, _ in self.extra_blocks))
+
+    def children_of(self, prefix: str) -> tuple[str, ...]:
+        """The Linear children of one block of the list ``prefix``."""
+        if prefix == self.double_prefix:
+            return self.double_modules
+        if prefix == self.single_prefix:
+            return self.single_modules
+        return next((mods for p, _, mods in self.extra_blocks if p == prefix), ())
 
 
 @dataclass(frozen=True)
@@ -258,6 +274,43 @@ SD3 = DiTSpec(
     pre_only_last=("context_block.attn.proj", "context_block.mlp.fc1", "context_block.mlp.fc2"),
 )
 SD3_LARGE_DEPTH = 38  # SD3.5 large's joint blocks (hidden 2432); block weights cover both sizes
+# Z-Image (Tongyi's single-stream DiT; ComfyUI ``comfy/ldm/lumina/model.py`` NextDiT at width 3840): 30 main
+# ``layers`` over the joined image and text tokens, plus 2 ``noise_refiner`` blocks (image tokens) and 2
+# ``context_refiner`` blocks (text tokens, no modulation) before them. Attention is one fused ``qkv`` in
+# ComfyUI, ``to_q`` / ``to_k`` / ``to_v`` in diffusers' ZImageTransformer2DModel (``comfy.utils.z_image_to_diffusers``
+# is the map); the feed-forward is SwiGLU (w1, w3 in, w2 out).
+_ZI_BLOCK = ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+             "adaLN_modulation.0")
+_ZI_ATTN = ("layers.*.attention.*", "noise_refiner.*.attention.*", "context_refiner.*.attention.*")
+ZIMAGE = DiTSpec(
+    depth=30, depth_single=0, hidden=3840, mlp_ratio=10240 / 3840,
+    double_modules=_ZI_BLOCK, single_modules=(),
+    outer_modules=("x_embedder", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.linear",
+                   "final_layer.adaLN_modulation.1"),
+    presets={"attn": _ZI_ATTN,
+             "attn_ff": (*_ZI_ATTN, "layers.*.feed_forward.*", "noise_refiner.*.feed_forward.*",
+                         "context_refiner.*.feed_forward.*"),
+             "all": ("layers.*", "noise_refiner.*", "context_refiner.*")},
+    double_prefix="layers", single_prefix="",
+    extra_blocks=(("noise_refiner", 2, _ZI_BLOCK), ("context_refiner", 2, _ZI_BLOCK[:-1])),
+    # Trained as SD3 is (logit-normal sigmas; ComfyUI samples it with shift 3.0)
+    timestep_sampling={"": "logit_normal"}, sample_cfg=4.0, context_tokens=512,
+    diffusers_blocks=("layers", ""),
+    diffusers_double={
+        "attention.qkv": (("attention.to_q", 1), ("attention.to_k", 1), ("attention.to_v", 1)),
+        "attention.out": (("attention.to_out.0", 1),),
+        "feed_forward.w1": (("feed_forward.w1", "mlp"),),
+        "feed_forward.w2": (("feed_forward.w2", 1),),
+        "feed_forward.w3": (("feed_forward.w3", "mlp"),),
+        "adaLN_modulation.0": (("adaLN_modulation.0", 4),),
+    },
+    diffusers_outer={"x_embedder": "all_x_embedder.2-1", "cap_embedder.1": "cap_embedder.1",
+                     "t_embedder.mlp.0": "t_embedder.mlp.0", "t_embedder.mlp.2": "t_embedder.mlp.2",
+                     "final_layer.linear": "all_final_layer.2-1.linear",
+                     "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1"},
+    # ai-toolkit's Z-Image files (diffusers names under ComfyUI's prefix): ComfyUI and diffusers both read them
+    diffusers_head="diffusion_model.",
+)
 
 ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     Arch("sd1", "SD1.x", "stable-diffusion-v1", "sd_v1", "diffusers", ("te",), 768, 768, "sd1"),
@@ -281,6 +334,12 @@ ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
          variants={"3-medium": "stable-diffusion-3-medium", "3.5-medium": "stable-diffusion-3-5-medium",
                    "3.5-large": "stable-diffusion-3-5-large"},
          network_module="networks.lora_sd3", comfy_models=("SD3",), file_format="diffusers"),
+    # Z-Image (Base and Turbo: one family, the same weights' shapes; Turbo is step-distilled, see
+    # ``distilled_notice``). Files: ai-toolkit's key format, the one ComfyUI (comfy.lora, Lumina2 branch) and
+    # diffusers' ZImagePipeline both read.
+    Arch("zimage", "Z-Image", "z-image", "zimage", "https://github.com/Tongyi-MAI/Z-Image", (), 2560, 2560, "",
+         kind="dit", dit=ZIMAGE, network_module="networks.lora_zimage", comfy_models=("ZImage",),
+         file_format="diffusers"),
     # A flow-matching model a host loads that has no entry above: it still trains (every Linear, named
     # "lora_unet_" + its module path, which ComfyUI maps for any model), marked untested.
     Arch(OTHER_DIT, "a flow-matching model without a family entry (untested)", "unknown-flow", "unknown", "", (), 0, 0,
@@ -331,6 +390,8 @@ def arch_from_metadata(meta: Mapping[str, str]) -> str | None:
         return "flux"
     if spec.startswith(("stable-diffusion-3", "stable-diffusion-v3")):  # kohya's and SwarmUI's SD3.x names
         return "sd3"
+    if spec.startswith(("z-image", "z_image", "zimage")):
+        return "zimage"
     version = meta.get("ss_base_model_version", "")
     return next((a.name for a in ARCH_TABLE.values() if version == a.base_version), None)
 

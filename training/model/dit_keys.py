@@ -98,7 +98,7 @@ def parse_kohya_dit_name(name: str, arch: str | DiTSpec, known_modules: Iterable
             return p
     m = _block_re(spec, "_").fullmatch(rest)
     if m:
-        children = spec.double_modules if m.group(1) == spec.double_prefix else spec.single_modules
+        children = spec.children_of(m.group(1))
         child = {c.replace(".", "_"): c for c in children}.get(m.group(3))
         if child is not None:
             return f"{m.group(1)}.{int(m.group(2))}.{child}"
@@ -191,6 +191,11 @@ def diffusers_parts(arch: str | DiTSpec, depth: int | None = None, depth_single:
         for child, parts in spec.diffusers_single.items():
             if child in spec.single_modules:
                 out[f"{spec.single_prefix}.{i}.{child}"] = tuple((f"{single_head}.{i}.{p}", rows(r)) for p, r in parts)
+    for prefix, depth_extra, children in spec.extra_blocks:
+        for i in range(depth_extra):
+            for child, parts in spec.diffusers_double.items():
+                if child in children:
+                    out[f"{prefix}.{i}.{child}"] = tuple((f"{prefix}.{i}.{p}", rows(r)) for p, r in parts)
     for bfl, diff in spec.diffusers_outer.items():
         if bfl in spec.outer_modules:
             out[bfl] = ((diff, -1),)  # rows unknown without the model's channels; a rename needs none
@@ -219,7 +224,8 @@ def is_pre_only_modulation(path: str, up_rows: int, in_features: int, arch: str 
 
 @lru_cache(maxsize=16)
 def _diff_block_re(spec: DiTSpec) -> re.Pattern:
-    names = "|".join(re.escape(p) for p in spec.diffusers_blocks[: len(spec.block_prefixes)])
+    heads = spec.diffusers_blocks[:2] if spec.depth_single else spec.diffusers_blocks[:1]
+    names = "|".join(re.escape(p) for p in (*heads, *(prefix for prefix, _, _ in spec.extra_blocks)))
     return re.compile(rf"({names})\.(\d+)\.(.+)")
 
 

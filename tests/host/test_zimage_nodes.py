@@ -1,0 +1,222 @@
+"""Z-Image inside ComfyUI with its family entry: train on the MODEL / CLIP / VAE that UNETLoader, CLIPLoader
+(type lumina2) and VAELoader give, save the LoRA in ai-toolkit's key format, load it with LoraLoader and with
+diffusers' ZImagePipeline, and use it through LoRA Stack (block weights), the LoRA Grid and the merges.
+
+On the tiny set of ``fixtures/tiny_zimage.py`` (ComfyUI pins Z-Image's width at 3840: one main layer, the two
+noise and two context refiners, a full-size Qwen3-4B in fp8). The DiT is loaded at the default weight dtype
+(fp32 on a CPU) so the LoRA comparisons hold to 1e-5. ComfyUI 0.3.64 has no Z-Image: one host-limit skip.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+from comfy_harness import assert_every_lora_key_loaded
+
+CAPTION = "a photo of a red ball"
+TRIGGER = "sks"  # make_dataset's trigger
+STEPS = 20
+RANK, ALPHA = 4, 2.0
+SEED = 7
+FOLDER = "lw_zimage"
+
+
+@pytest.fixture(scope="module")
+def zi(tiny_zimage_files):
+    """(MODEL, CLIP, VAE, file names) of the tiny Z-Image set as a user's graph loads it."""
+    from comfy_harness import release_models
+    from fixtures import tiny_zimage
+
+    model, clip, vae = tiny_zimage.load_tiny_zimage(tiny_zimage_files, weight_dtype="default")
+    yield model, clip, vae, tiny_zimage_files
+    del model, clip, vae
+    release_models()
+
+
+@pytest.fixture(scope="module")
+def trained(zi, tmp_path_factory):
+    """A LoRA trained through the node's code path on every Linear of the blocks (preset "all"), with a fixed
+    set's loss (fixed noise and sigmas) before and after."""
+    import comfy.model_management as mm
+
+    from lora_workbench.nodes.comfy.backend import comfy_backend
+    from lora_workbench.training.config import TrainConfig
+    from lora_workbench.training.train.schedules import flow_add_noise, flow_target
+    from lora_workbench.training.train.trainer import TrainData, Trainer
+    from test_flux_nodes import make_dataset, pixels
+
+    model, clip, vae, names = zi
+    records, dcfg = make_dataset(tmp_path_factory.mktemp("zimage_photos"))
+    backend = comfy_backend(model, clip, vae, model_name=names["dit"])
+    cfg = TrainConfig(rank=RANK, alpha=ALPHA, preset="all", steps=STEPS, lr=4e-3, seed=0, output_name="tiny_zimage")
+    trainer = Trainer(backend, TrainData(records, dcfg), cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.inference_mode(), backend.training_context():
+        x0 = backend.encode_images(pixels(records))
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.tensor([0.3, 0.7])[: len(records)]
+        cond = backend.encode_prompts([f"{TRIGGER}, {CAPTION}"] * len(records))
+        target = flow_target(x0, noise)
+        x_t = flow_add_noise(x0, noise, sigma)
+
+        def fixed_loss():
+            with torch.no_grad():
+                return float(((backend.predict(x_t, sigma, cond).float() - target) ** 2).mean())
+
+        before = fixed_loss()
+        result = trainer.run(keep_injected=True)
+        clip_loaded = any(m.model is clip.patcher for m in mm.current_loaded_models)
+        after = fixed_loss()
+        with torch.no_grad():
+            trained_out = backend.predict(x_t, sigma, cond).float()
+    lora = result.lora
+    lora.metadata.update(trainer.metadata(STEPS))
+    return dict(backend=backend, result=result, before=before, after=after, x_t=x_t, sigma=sigma, cond=cond,
+                trained_out=trained_out, clip_loaded=clip_loaded, trainer=trainer)
+
+
+@pytest.fixture(scope="module")
+def saved(comfy_host, trained) -> str:
+    from lora_workbench.training.lora.files import save_lora
+
+    path = comfy_host.base_directory / "models" / "loras" / FOLDER / "trained.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lora(path, trained["result"].lora, dtype="fp32", overwrite=True)
+    return f"{FOLDER}/trained.safetensors"
+
+
+def test_zimage_trains_as_its_family(zi, trained):
+    be = trained["backend"]
+    assert be.arch == "zimage" and not be.untested and be.timestep_sampling_default == "logit_normal"
+    assert be.flow_shift == pytest.approx(3.0)
+    names = set(trained["result"].lora.modules)
+    # the main layer and both refiners, modulation included where a block has one (not the context refiners)
+    assert {"lora_unet_layers_0_attention_qkv", "lora_unet_layers_0_adaLN_modulation_0",
+            "lora_unet_noise_refiner_1_feed_forward_w3", "lora_unet_context_refiner_0_attention_out"} <= names
+    assert "lora_unet_context_refiner_0_adaLN_modulation_0" not in names
+    assert not trained["clip_loaded"], "the Qwen3 encoder should leave once the prompts are encoded"
+
+
+def test_loss_of_a_fixed_set_falls(trained):
+    # The pinned 3840-wide model with one random main layer learns slowly: a tenth off in 20 steps
+    assert trained["after"] < 0.9 * trained["before"], (trained["before"], trained["after"])
+    assert all(math.isfinite(v) for v in trained["result"].losses)
+
+
+def test_file_is_ai_toolkit_format_and_names_the_family(comfy_host, saved):
+    import safetensors
+
+    path = comfy_host.base_directory / "models" / "loras" / saved
+    with safetensors.safe_open(path, "pt") as f:
+        keys, md = list(f.keys()), f.metadata()
+    assert all(k.startswith("diffusion_model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert "diffusion_model.layers.0.attention.to_q.lora_A.weight" in keys
+    assert "diffusion_model.noise_refiner.0.attention.to_out.0.lora_B.weight" in keys
+    assert md["modelspec.architecture"] == "z-image/lora" and md["ss_base_model_version"] == "zimage"
+
+
+def test_loraloader_loads_every_key_and_matches_the_trained_model(trained, zi, saved, caplog):
+    from comfy_harness import loraloader_output
+
+    model, clip, vae, _ = zi
+    with caplog.at_level(logging.WARNING):
+        m, c, patched = loraloader_output(model, clip, vae, saved, trained["x_t"], trained["sigma"], trained["cond"])
+    assert_every_lora_key_loaded(caplog.text, m, c, trained["result"].lora)
+    assert torch.allclose(patched, trained["trained_out"], atol=1e-5), (patched - trained["trained_out"]).abs().max()
+
+
+def test_diffusers_pipeline_loads_the_file_and_reproduces_the_trained_model(trained, zi, comfy_host, saved):
+    from diffusers import ZImagePipeline
+    from fixtures import tiny_zimage
+
+    # from the file: the live MODEL's weights may hold a LoraLoader patch (ComfyUI patches in place while loaded)
+    dit_file = comfy_host.base_directory / "models" / "diffusion_models" / zi[3]["dit"]
+    transformer = tiny_zimage.to_diffusers_zimage(dit_file)
+    pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    x_t, sigma, cond = trained["x_t"], trained["sigma"], trained["cond"]
+    # ComfyUI's NextDiT attends to the caption's real tokens only (its attention mask); diffusers takes them unpadded
+    mask = cond.extras[0].get("attention_mask") if cond.extras else None
+    n = int(mask[0].sum()) if mask is not None else cond.contexts[0].shape[1]
+    context = torch.cat([c[:, :n] for c in cond.contexts]).float()
+    with torch.no_grad():
+        base = tiny_zimage.diffusers_forward(transformer, x_t.float(), sigma, context)
+        pipe.load_lora_weights(str(comfy_host.base_directory / "models" / "loras" / saved))
+        theirs = tiny_zimage.diffusers_forward(transformer, x_t.float(), sigma, context)
+    assert (theirs - base).abs().max() > 1e-3, "the LoRA did not change diffusers' output"
+    ours = trained["trained_out"]
+    assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
+
+
+def sample(model, conditioning) -> torch.Tensor:
+    import nodes
+
+    latent = {"samples": torch.zeros([1, 16, 8, 8])}
+    with torch.inference_mode():
+        (out,) = nodes.common_ksampler(model, SEED, 2, 1.0, "euler", "simple", conditioning, conditioning, latent)
+    return out["samples"].float()
+
+
+def test_stack_block_weights_grid_and_merges(comfy_host, zi, saved, trained, caplog):
+    import comfy.model_management as mm
+    import comfy.sd
+    import nodes
+
+    from lora_workbench.nodes.grid_nodes import LoraGrid
+    from lora_workbench.nodes.merge_nodes import MergeLoras, MergeLorasToCheckpoint
+    from lora_workbench.training.lora.block_weights import BlockWeightError
+    from lora_workbench.training.lora.files import save_lora
+    from test_flux_use_nodes import apply_stack, stack_rows
+
+    model, clip, vae, _ = zi
+    with torch.inference_mode():
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(CAPTION))
+    base = sample(model, cond)
+    stack = stack_rows([{"lora": saved, "model_strength": 0.8}])
+    with caplog.at_level(logging.WARNING):
+        m, _, triggers = apply_stack(model, clip, stack)
+    assert "lora key not loaded" not in caplog.text and triggers == TRIGGER
+    with torch.inference_mode():
+        chained = nodes.LoraLoader().load_lora(model, clip, saved, 0.8, 1.0)[0]
+    stacked = sample(m, cond)
+    assert (stacked - base).abs().max() > 1e-3 and torch.equal(stacked, sample(chained, cond))
+    full = stack_rows([{"lora": saved}])
+    assert torch.equal(sample(apply_stack(model, clip, full, "NONE")[0], cond), base)
+    with pytest.raises(BlockWeightError, match="3 values; zimage takes 31 values"):
+        apply_stack(model, clip, full, "1,2,3")
+
+    with torch.inference_mode():
+        grid, images = LoraGrid.execute(model, clip, vae, loras=f"None\n{saved}", strengths="0, 1", positive=CAPTION,
+                                        negative="", seed=SEED, steps=2, cfg=1.0, sampler_name="euler",
+                                        scheduler="simple", width=64, height=64).result
+    assert images.shape == (4, 64, 64, 3) and torch.equal(images[0], images[2])
+    assert (images[3] - images[0]).abs().max() > 1e-3
+
+    concat = MergeLoras.execute("concat", RANK, lora_stack=stack).result[0]
+    save_lora(comfy_host.base_directory / "models" / "loras" / FOLDER / "concat.safetensors", concat, dtype="fp32",
+              overwrite=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        m2, c2 = nodes.LoraLoader().load_lora(model, clip, f"{FOLDER}/concat.safetensors", 1.0, 1.0)
+    assert_every_lora_key_loaded(caplog.text, m2, c2, concat)
+    assert torch.allclose(sample(m2, cond), stacked, atol=1e-5)
+
+    with torch.inference_mode():
+        merged_path = MergeLorasToCheckpoint.execute(model, clip, vae, f"{FOLDER}/merged", "fp32",
+                                                     lora_stack=stack).result[0]
+    merged = None
+    try:
+        with torch.inference_mode():  # what CheckpointLoaderSimple does, without the 4 GB text encoder
+            merged = comfy.sd.load_checkpoint_guess_config(merged_path, output_vae=False, output_clip=False)[0]
+        assert type(merged.model.model_config).__name__ == "ZImage"
+        assert torch.allclose(sample(merged, cond), stacked, atol=1e-5)
+    finally:
+        merged = None
+        mm.unload_all_models()
+        gc.collect()
+        os.unlink(merged_path)
