@@ -160,6 +160,39 @@ def assert_every_lora_key_loaded(log_text: str, model, clip, lora) -> None:
     assert len(clip.patcher.patches) == len(lora.modules) - n_unet
 
 
+def train_on_fixed_set(backend, records, dcfg, cfg, caption: str, callbacks=None) -> dict:
+    """Train ``backend`` as Train LoRA does (inference mode, the host's training context), with the loss of a
+    fixed set (the records' latents, fixed noise, sigmas 0.3 / 0.7, ``caption``) before and after, and the trained
+    model's raw output on it. Returns {trainer, result, before, after, x_t, sigma, cond, trained_out}."""
+    import torch
+
+    from lora_workbench.training.train.schedules import flow_add_noise, flow_target
+    from lora_workbench.training.train.trainer import TrainData, Trainer
+    from test_flux_nodes import pixels
+
+    trainer = Trainer(backend, TrainData(records, dcfg), cfg, callbacks)
+    g = torch.Generator().manual_seed(7)
+    with torch.inference_mode(), backend.training_context():
+        x0 = backend.encode_images(pixels(records))
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.tensor([0.3, 0.7])[: len(records)]
+        cond = backend.encode_prompts([caption] * len(records))
+        target = flow_target(x0, noise)
+        x_t = flow_add_noise(x0, noise, sigma)
+
+        def fixed_loss():
+            with torch.no_grad():
+                return float(((backend.predict(x_t, sigma, cond).float() - target) ** 2).mean())
+
+        before = fixed_loss()
+        result = trainer.run(keep_injected=True)
+        after = fixed_loss()
+        with torch.no_grad():
+            trained_out = backend.predict(x_t, sigma, cond).float()
+    return dict(trainer=trainer, result=result, before=before, after=after, x_t=x_t, sigma=sigma, cond=cond,
+                trained_out=trained_out)
+
+
 def comfy_denoised(model, x_t, sigma, cond):
     """What ComfyUI's ``apply_model`` samples with for a DiT backend's ``cond`` (``DiTCond``): the model's own
     ``extra_conds`` of the text states, pooled output and guidance, then ``denoised`` at ``sigma``."""

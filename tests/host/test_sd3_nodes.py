@@ -45,13 +45,13 @@ def sd3(tiny_sd3_checkpoint):
 def trained(sd3, tmp_path_factory):
     """A LoRA trained through the node's code path on every Linear of the blocks (preset "all": the pre-only
     block's modulation too), with a fixed set's loss (fixed noise and sigmas) before and after."""
-    from lora_workbench.nodes.comfy.backend import comfy_backend
-    from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.train.schedules import flow_add_noise, flow_target
     import comfy.model_management as mm
 
-    from lora_workbench.training.train.trainer import TrainCallbacks, TrainData, Trainer
-    from test_flux_nodes import make_dataset, pixels
+    from comfy_harness import train_on_fixed_set
+    from lora_workbench.nodes.comfy.backend import comfy_backend
+    from lora_workbench.training.config import TrainConfig
+    from lora_workbench.training.train.trainer import TrainCallbacks
+    from test_flux_nodes import make_dataset
 
     model, clip, vae, path = sd3
     records, dcfg = make_dataset(tmp_path_factory.mktemp("sd3_photos"))
@@ -67,29 +67,11 @@ def trained(sd3, tmp_path_factory):
         def on_preview(self, step, images, prompt):
             previews.append((step, images))
 
-    trainer = Trainer(backend, TrainData(records, dcfg), cfg, Seen())
-    g = torch.Generator().manual_seed(7)
-    with torch.inference_mode(), backend.training_context():
-        x0 = backend.encode_images(pixels(records))
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = torch.tensor([0.3, 0.7])[: len(records)]
-        cond = backend.encode_prompts([f"{TRIGGER}, {CAPTION}"] * len(records))
-        target = flow_target(x0, noise)
-        x_t = flow_add_noise(x0, noise, sigma)
-
-        def fixed_loss():
-            with torch.no_grad():
-                return float(((backend.predict(x_t, sigma, cond).float() - target) ** 2).mean())
-
-        before = fixed_loss()
-        result = trainer.run(keep_injected=True)
-        clip_loaded = any(m.model is clip.patcher for m in mm.current_loaded_models)
-        after = fixed_loss()
-        with torch.no_grad():
-            trained_out = backend.predict(x_t, sigma, cond).float()
-    return dict(backend=backend, result=result, before=before, after=after, x_t=x_t, sigma=sigma, cond=cond,
-                trained_out=trained_out, trainer=trainer, encodes=encodes, released_after=released_after,
-                clip_loaded=clip_loaded, previews=previews)
+    out = train_on_fixed_set(backend, records, dcfg, cfg, f"{TRIGGER}, {CAPTION}", Seen())
+    # the fixed set's conditioning was encoded before the run: nothing after it loads the CLIP again
+    clip_loaded = any(m.model is clip.patcher for m in mm.current_loaded_models)
+    return dict(out, backend=backend, encodes=encodes, released_after=released_after, clip_loaded=clip_loaded,
+                previews=previews)
 
 
 @pytest.fixture(scope="module")

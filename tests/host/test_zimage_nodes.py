@@ -45,40 +45,19 @@ def trained(zi, tmp_path_factory):
     set's loss (fixed noise and sigmas) before and after."""
     import comfy.model_management as mm
 
+    from comfy_harness import train_on_fixed_set
     from lora_workbench.nodes.comfy.backend import comfy_backend
     from lora_workbench.training.config import TrainConfig
-    from lora_workbench.training.train.schedules import flow_add_noise, flow_target
-    from lora_workbench.training.train.trainer import TrainData, Trainer
-    from test_flux_nodes import make_dataset, pixels
+    from test_flux_nodes import make_dataset
 
     model, clip, vae, names = zi
     records, dcfg = make_dataset(tmp_path_factory.mktemp("zimage_photos"))
     backend = comfy_backend(model, clip, vae, model_name=names["dit"])
     cfg = TrainConfig(rank=RANK, alpha=ALPHA, preset="all", steps=STEPS, lr=4e-3, seed=0, output_name="tiny_zimage")
-    trainer = Trainer(backend, TrainData(records, dcfg), cfg)
-    g = torch.Generator().manual_seed(7)
-    with torch.inference_mode(), backend.training_context():
-        x0 = backend.encode_images(pixels(records))
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = torch.tensor([0.3, 0.7])[: len(records)]
-        cond = backend.encode_prompts([f"{TRIGGER}, {CAPTION}"] * len(records))
-        target = flow_target(x0, noise)
-        x_t = flow_add_noise(x0, noise, sigma)
-
-        def fixed_loss():
-            with torch.no_grad():
-                return float(((backend.predict(x_t, sigma, cond).float() - target) ** 2).mean())
-
-        before = fixed_loss()
-        result = trainer.run(keep_injected=True)
-        clip_loaded = any(m.model is clip.patcher for m in mm.current_loaded_models)
-        after = fixed_loss()
-        with torch.no_grad():
-            trained_out = backend.predict(x_t, sigma, cond).float()
-    lora = result.lora
-    lora.metadata.update(trainer.metadata(STEPS))
-    return dict(backend=backend, result=result, before=before, after=after, x_t=x_t, sigma=sigma, cond=cond,
-                trained_out=trained_out, clip_loaded=clip_loaded, trainer=trainer)
+    out = train_on_fixed_set(backend, records, dcfg, cfg, f"{TRIGGER}, {CAPTION}")
+    out["clip_loaded"] = any(m.model is clip.patcher for m in mm.current_loaded_models)
+    out["result"].lora.metadata.update(out["trainer"].metadata(STEPS))
+    return dict(out, backend=backend)
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,6 @@ _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in."
               "y_embedder.", "layers.", "noise_refiner.", "context_refiner.", "x_embedder", "cap_embedder.",
               "all_x_embedder.", "all_final_layer.")
 _DIFFUSERS_HEADS = ("transformer.", "base_model.model.", "")
-_ONETRAINER = re.compile(r"lora_transformer_(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)")
 # diffusers' norm_out.linear is BFL's final_layer.adaLN_modulation.1 with the (shift, scale) halves of its
 # output swapped (ComfyUI flux_to_diffusers / mmdit_to_diffusers: swap_scale_shift); a LoRA's up rows swap
 # the same way. SD3's last context block (pre-only) has such a modulation too, told apart by its rows.
@@ -135,18 +134,8 @@ def _swapped(arch: str) -> dict[str, str]:
 
 def _onetrainer_path(rest: str, arch: str) -> str | None:
     """diffusers path of OneTrainer's ``lora_transformer_<diffusers path with _>`` (lookup, not guessing)."""
-    m = _ONETRAINER.fullmatch(rest)
-    if m:
-        head = f"{m.group(1)}.0."
-        for ps in dk.diffusers_parts(arch, depth=2, depth_single=1, hidden=1).values():
-            for p, _ in ps:
-                if p.startswith(head) and p[len(head):].replace(".", "_") == m.group(3):
-                    return f"{m.group(1)}.{m.group(2)}.{p[len(head):]}"
-        return None
-    for ps in dk.diffusers_parts(arch, depth=0, depth_single=0, hidden=1).values():
-        if ps[0][0].replace(".", "_") == rest[len("lora_transformer_"):]:
-            return ps[0][0]
-    return {k.replace(".", "_"): k for k in _swapped(arch)}.get(rest[len("lora_transformer_"):])
+    tail = rest[len("lora_transformer_"):]
+    return _underscored_diffusers_path(tail, arch) or {k.replace(".", "_"): k for k in _swapped(arch)}.get(tail)
 
 
 def _underscored_diffusers_path(rest: str, arch: str) -> str | None:
