@@ -70,6 +70,7 @@ if _missing():
     pytest.skip(f"browser tests skipped: {_missing()}", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import ElementNotInteractableException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -176,6 +177,18 @@ def set_widgets(driver, node_id, values: dict) -> None:
             w.value = value; w.callback?.(value);
         }
         app.graph.setDirtyCanvas(true, true);""", node_id, values)
+
+
+def click(driver, element) -> None:
+    """Click as a user does once the element shows: a DOM widget is drawn with its node on a later canvas
+    frame, which a loaded machine may not have reached yet."""
+    def clicked(_):
+        try:
+            element.click()
+            return True
+        except ElementNotInteractableException:
+            return False
+    WebDriverWait(driver, 30, 0.2).until(clicked, message=f"{element.get_attribute('class')} never became clickable")
 
 
 def show_node(driver, node_id, scale=1.0) -> None:
@@ -377,18 +390,18 @@ def test_lora_stack_editor_rows_reach_the_queued_prompt(editor, server, tiny_sd1
 
     add = editor_root.find_element(By.CSS_SELECTOR, ".lw-stack-add")
     for _ in range(3):
-        add.click()
+        click(editor, add)
     assert len(rows()) == 3
     pick(1, LORAS["character"])
     pick(2, LORAS["style"])
     pick(3, LORAS["lighting"])
     type_number(2, ".lw-model", 0.6)
     type_number(2, ".lw-clip", 0.3)
-    row(3).find_element(By.CSS_SELECTOR, ".lw-enabled").click()  # lighting off
-    row(3).find_element(By.CSS_SELECTOR, ".lw-up").click()  # character, lighting, style
-    row(2).find_element(By.CSS_SELECTOR, ".lw-up").click()  # lighting, character, style
-    row(2).find_element(By.CSS_SELECTOR, ".lw-remove").click()  # lighting, style
-    add.click()
+    click(editor, row(3).find_element(By.CSS_SELECTOR, ".lw-enabled"))  # lighting off
+    click(editor, row(3).find_element(By.CSS_SELECTOR, ".lw-up"))  # character, lighting, style
+    click(editor, row(2).find_element(By.CSS_SELECTOR, ".lw-up"))  # lighting, character, style
+    click(editor, row(2).find_element(By.CSS_SELECTOR, ".lw-remove"))  # lighting, style
+    click(editor, add)
     pick(3, LORAS["character"])  # lighting (off), style (0.6 / 0.3), character
     assert [Select(r.find_element(By.CSS_SELECTOR, "select")).first_selected_option.get_attribute("value")
             for r in rows()] == [LORAS["lighting"], LORAS["style"], LORAS["character"]]
