@@ -27,6 +27,9 @@ keep the double blocks they name and zero the single blocks, as their names say.
 Z-Image: ``BASE, L00..L29`` (31 values), ``Lnn`` its main ``layers.nn``; the refiner blocks and the layers
 outside the blocks are BASE. Presets ALL, NONE, ALL0.5.
 
+FLUX.2 klein ("flux2"): ``BASE, D00..D07, S00..S23`` (33 values, klein 9B's 8 double and 24 single blocks) or
+``BASE, D00..D04, S00..S19`` (26, klein 4B's 5 + 20); BASE as for Flux. Presets ALL, NONE, ALL0.5, DOUBLE, SINGLE.
+
 SD3.x ("sd3"): ``BASE, J00..J37``, where ``Jnn`` is ``joint_blocks.nn`` (39 values, SD3.5 large's 38 blocks)
 or ``BASE, J00..J23`` (25 values, SD3/3.5 medium's 24); ``BASE`` weighs the text encoders and the layers
 outside the blocks, as for Flux. Presets: ALL, NONE, ALL0.5, and FRONT / MID / BACK (BASE plus the first,
@@ -148,15 +151,27 @@ ZIMAGE_PRESETS: dict[str, tuple[float, ...]] = {
     "NONE": (0.0,) * len(ZIMAGE_BLOCKS), "ALL": (1.0,) * len(ZIMAGE_BLOCKS), "ALL0.5": (0.5,) * len(ZIMAGE_BLOCKS),
 }
 
-# Block family of each arch: the UNet's layout, "flux" for the BFL-layout DiTs (Chroma has Flux's blocks),
-# "sd3" for the MMDiT, "zimage" for Z-Image.
-_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else a.name if a.name in ("sd3", "zimage") else "flux")
+# FLUX.2 klein: 9B's 8 double + 24 single blocks (the full list), 4B's 5 + 20 (the short one), Inspire's order.
+_FLUX2_DIT = ARCH_TABLE["flux2"].dit
+FLUX2_BLOCKS = ("BASE", *(f"D{i:02d}" for i in range(_FLUX2_DIT.depth)),
+                *(f"S{i:02d}" for i in range(_FLUX2_DIT.depth_single)))
+FLUX2_KLEIN_4B_BLOCKS = ("BASE", *(f"D{i:02d}" for i in range(5)), *(f"S{i:02d}" for i in range(20)))
+FLUX2_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0.0,) * len(FLUX2_BLOCKS), "ALL": (1.0,) * len(FLUX2_BLOCKS), "ALL0.5": (0.5,) * len(FLUX2_BLOCKS),
+    "DOUBLE": tuple(1.0 if b[0] in "BD" else 0.0 for b in FLUX2_BLOCKS),
+    "SINGLE": tuple(1.0 if b[0] in "BS" else 0.0 for b in FLUX2_BLOCKS),
+}
+
+# Block family of each arch: the UNet's layout, "flux" for the Flux.1-layout DiTs (Chroma has Flux's blocks),
+# "flux2" for FLUX.2, "sd3" for the MMDiT, "zimage" for Z-Image.
+_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else a.name if a.name in ("sd3", "zimage", "flux2") else "flux")
            for a in ARCH_TABLE.values()}
-_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_BLOCKS, "zimage": ZIMAGE_BLOCKS}
+_FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_BLOCKS, "zimage": ZIMAGE_BLOCKS,
+         "flux2": FLUX2_BLOCKS}
 _SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_MEDIUM_BLOCKS,
-          "zimage": ZIMAGE_BLOCKS}
+          "zimage": ZIMAGE_BLOCKS, "flux2": FLUX2_KLEIN_4B_BLOCKS}
 _PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS, "flux": FLUX_PRESETS, "sd3": SD3_PRESETS,
-            "zimage": ZIMAGE_PRESETS}
+            "zimage": ZIMAGE_PRESETS, "flux2": FLUX2_PRESETS}
 _LDM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.|middle_block\.")
 _DIT_BLOCK = re.compile(r"(double_blocks|single_blocks|joint_blocks|layers)\.(\d+)\.")
 _DIT_LETTER = {"double_blocks": "D", "single_blocks": "S", "joint_blocks": "J", "layers": "L"}
@@ -203,7 +218,7 @@ def block_of(kohya_name: str, arch: str) -> str:
             f"{kohya_name!r} is not a kohya LoRA module name (lora_unet_* / lora_te*_*); block weights "
             "apply to kohya-named modules"
         )
-    if fam in ("flux", "sd3", "zimage"):
+    if fam in ("flux", "sd3", "zimage", "flux2"):
         return _dit_block(kohya_name, arch)
     try:
         _, diffusers_path = uk.parse_kohya_name(kohya_name, arch)
@@ -242,6 +257,9 @@ def _usage(fam: str) -> str:
     if fam == "sd3":
         return (f"sd3 takes {len(full)} values (BASE, {full[1]}..{full[-1]}: SD3.5 large) or {len(short)} (BASE, "
                 f"{short[1]}..{short[-1]}: SD3/3.5 medium), or a preset: {', '.join(_PRESETS[fam])}")
+    if fam == "flux2":
+        return (f"flux2 takes {len(full)} values (BASE, D00..D07, S00..S23: FLUX.2 klein 9B) or {len(short)} (BASE, "
+                f"D00..D04, S00..S19: klein 4B), or a preset: {', '.join(_PRESETS[fam])}")
     if fam == "zimage":
         return f"zimage takes {len(full)} values (BASE, {full[1]}..{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}"
     if short == full:
@@ -255,7 +273,8 @@ def parse_block_weights(spec: str | Sequence[float], arch: str) -> BlockWeights:
     """A preset name (``"OUTD"``, case-insensitive) or a comma list of numbers, for ``arch``.
 
     Short lists (17 for SD1/SD2, 12 for SDXL) give 0 to the blocks they do not name, as LBW does.
-    Flux / Chroma take 58 values (BASE, D00..D18, S00..S37) and no short form; SD3.x 39 (large) or 25 (medium).
+    Flux / Chroma take 58 values (BASE, D00..D18, S00..S37) and no short form; SD3.x 39 (large) or 25 (medium);
+    FLUX.2 klein 33 (9B) or 26 (4B).
     A wrong count raises :class:`BlockWeightError` naming the expected counts and blocks.
     """
     fam = _family(arch)

@@ -229,15 +229,41 @@ _FLUX_ONLY = re.compile(r"(img|txt)_mod[._]lin|modulation[._]lin|guidance_in|vec
                         r"|single_transformer_blocks[._]\d+[._]norm[._]linear|guidance_embedder|text_embedder"
                         r"|adaLN_modulation|norm_out")
 _CHROMA_ONLY = re.compile(r"distilled_guidance_layer")
+# FLUX.2: its shared modulation Linears and diffusers' names for its fused single-block input, SwiGLU MLP and
+# single-block output (Flux.1's is proj_out there).
+_FLUX2_ONLY = re.compile(r"stream_modulation|to_qkv_mlp_proj|ff(_context)?[._]linear_(in|out)|time_guidance_embed"
+                         r"|single_transformer_blocks[._]\d+[._]attn[._]to_out")
+# BFL names shared with Flux.1, told apart by output rows per input width: FLUX.2's SwiGLU MLP makes img_mlp.0
+# 6 x hidden (Flux.1: 4) and linear1 9 x hidden (Flux.1: 7).
+_FLUX2_ROWS = ((re.compile(r"(img|txt)_mlp[._]0$"), 6), (re.compile(r"single_blocks[._]\d+[._]linear1$"), 9))
 # SD3's MMDiT: its native names, diffusers' second image attention (SD3.5 medium), or diffusers' block
 # modules at SD3's widths (1536 medium, 2432 large; Flux's are 3072).
 _SD3_ONLY = re.compile(r"joint_blocks|x_block|context_block|transformer_blocks[._]\d+[._]attn2[._]")
 _SD3_WIDTHS = (1536, 2432)
 
 
-def _dit_family(keys: list[str], metadata: Mapping[str, str] | None) -> str | None:
-    """"flux" / "chroma" for a BFL-layout DiT LoRA, None for any other. Keys decide when they can; else the
-    file's metadata; else "flux" (a LoRA of the shared blocks applies to both, see ``Arch.compatible``)."""
+def _flux2_rows(sd: Mapping[str, Tensor]) -> bool:
+    """True when a BFL-named up weight has FLUX.2's rows per input width (see ``_FLUX2_ROWS``)."""
+    downs = {}
+    for k, v in sd.items():
+        split = _split_key(k)
+        if split and split[1] == "down" and v.dim() >= 2:
+            downs[split[0]] = int(v.shape[1])
+    for k, v in sd.items():
+        split = _split_key(k)
+        if not split or split[1] != "up" or v.dim() < 2 or split[0] not in downs:
+            continue
+        for pattern, ratio in _FLUX2_ROWS:
+            if pattern.search(split[0]) and int(v.shape[0]) == ratio * downs[split[0]]:
+                return True
+    return False
+
+
+def _dit_family(keys: list[str], metadata: Mapping[str, str] | None,
+                state_dict: Mapping[str, Tensor] | None = None) -> str | None:
+    """"flux" / "chroma" / "flux2" / "sd3" / "zimage" for a DiT LoRA, None for any other. Keys (and FLUX.2's MLP
+    rows) decide when they can; else the file's metadata; else "flux" (a LoRA of the shared blocks applies to Flux
+    and Chroma, see ``Arch.compatible``)."""
     if not any(_DIT_KEY.search(k) for k in keys):
         return None
     named = arch_from_metadata(metadata or {})
@@ -245,6 +271,9 @@ def _dit_family(keys: list[str], metadata: Mapping[str, str] | None) -> str | No
         return "zimage"
     if named == "sd3" or any(_SD3_ONLY.search(k) for k in keys):
         return "sd3"
+    if named == "flux2" or any(_FLUX2_ONLY.search(k) for k in keys) or (
+            state_dict is not None and _flux2_rows(state_dict)):
+        return "flux2"
     if any(_CHROMA_ONLY.search(k) for k in keys):
         return "chroma"
     if any(_FLUX_ONLY.search(k) for k in keys):
@@ -261,7 +290,7 @@ def detect_arch(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | 
     (``modelspec.architecture`` / ``ss_base_model_version``) names, else "flux".
     """
     keys = list(state_dict)
-    dit = _dit_family(keys, metadata)
+    dit = _dit_family(keys, metadata, state_dict)
     if dit == "flux" and not arch_from_metadata(metadata or {}) and not any(
             "single_" in k or k.startswith("lora_unet_") for k in keys) and (
             _down_in_dims(state_dict, lambda p: re.search(r"transformer_blocks_\d+_attn_(to_q|add_q_proj)$", p) is not None)

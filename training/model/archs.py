@@ -312,6 +312,44 @@ ZIMAGE = DiTSpec(
     diffusers_head="diffusion_model.",
 )
 
+# FLUX.2 (Black Forest Labs' ``flux2``, ComfyUI ``comfy/ldm/flux`` with ``image_model="flux2"``): Flux.1's block
+# layout without per-block modulation (three shared Linears outside the blocks modulate every double / single
+# block), a SwiGLU MLP (``img_mlp.0`` gives 2 x 3 x hidden rows), no biases, 128 latent channels at patch size 1.
+# klein 4B: 5 double + 20 single blocks at 3072, Qwen3-4B's three tapped layers (7680 wide) as context; klein 9B:
+# 8 + 24 at 4096 with Qwen3-8B (12288). diffusers ``Flux2Transformer2DModel`` names (its
+# ``convert_flux2_transformer_checkpoint_to_diffusers`` and ``_convert_non_diffusers_flux2_lora_to_diffusers``): the
+# single blocks' linear1 stays fused (``attn.to_qkv_mlp_proj``).
+_FLUX2_DOUBLE = tuple(m for m in _FLUX_DOUBLE if not m.endswith("_mod.lin"))
+FLUX2 = DiTSpec(
+    depth=8, depth_single=24, hidden=4096, mlp_ratio=3.0,  # klein 9B's counts: block weights cover both sizes
+    double_modules=_FLUX2_DOUBLE, single_modules=("linear1", "linear2"),
+    outer_modules=("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
+                   "guidance_in.out_layer", "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin",
+                   "single_stream_modulation.lin", "final_layer.linear", "final_layer.adaLN_modulation.1"),
+    presets=_DIT_PRESETS,
+    # musubi-tuner's flux2_shift: Flux's resolution shift over FLUX.2's tokens (one per latent pixel), which is
+    # what flux_shift computes here from the backend's patch size
+    timestep_sampling={"": "flux_shift"}, sample_cfg=4.0, context_tokens=512,
+    diffusers_double={
+        **{k: v for k, v in _FLUX_DIFFUSERS_DOUBLE.items() if not k.endswith("_mod.lin") and "_mlp." not in k},
+        "img_mlp.0": (("ff.linear_in", 6),), "img_mlp.2": (("ff.linear_out", 1),),
+        "txt_mlp.0": (("ff_context.linear_in", 6),), "txt_mlp.2": (("ff_context.linear_out", 1),),
+    },
+    diffusers_single={"linear1": (("attn.to_qkv_mlp_proj", 9),), "linear2": (("attn.to_out", 1),)},
+    diffusers_outer={
+        "img_in": "x_embedder", "txt_in": "context_embedder",
+        "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+        "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+        "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+        "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+        "single_stream_modulation.lin": "single_stream_modulation.linear",
+        "final_layer.linear": "proj_out",
+    },
+    diffusers_swapped={"final_layer.adaLN_modulation.1": "norm_out.linear"},
+)
+
 ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     Arch("sd1", "SD1.x", "stable-diffusion-v1", "sd_v1", "diffusers", ("te",), 768, 768, "sd1"),
     Arch("sd2", "SD2.x", "stable-diffusion-v2-512", "sd_v2", "diffusers", ("te",), 1024, 1024, "sd1",
@@ -326,6 +364,13 @@ ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     Arch("chroma", "Chroma", "chroma", "chroma", "https://huggingface.co/lodestones/Chroma", (), 4096, 4096, "",
          kind="dit", dit=CHROMA, compatible=("flux",), network_module="networks.lora_flux",
          comfy_models=("Chroma",)),
+    # FLUX.2 klein (4B, 9B): kohya's key format (lora_unet_ + BFL names, as for Flux.1), which ComfyUI maps for any
+    # model and diffusers' Flux2KleinPipeline converts (``_convert_kohya_flux2_lora_to_diffusers``); modelspec names
+    # are musubi-tuner's (``ARCH_FLUX_2_KLEIN_4B`` ...). Not compatible with Flux.1: other widths and MLPs.
+    Arch("flux2", "FLUX.2 klein", "Flux.2-klein-4b", "flux2", "https://github.com/black-forest-labs/flux2", (), 7680,
+         2560, "", kind="dit", dit=FLUX2,
+         variants={"klein-4b": "Flux.2-klein-4b", "klein-9b": "Flux.2-klein-9b"},
+         network_module="networks.lora_flux_2", comfy_models=("Flux2",)),
     # SD3.x: one family for 3 medium, 3.5 medium and 3.5 large (same module names; sizes differ). Their LoRAs
     # are written in diffusers' key format: the one diffusers' StableDiffusion3Pipeline reads (it converts no
     # other), and ComfyUI's LoraLoader maps it (comfy.lora: "Diffusers lora SD3").
@@ -390,6 +435,8 @@ def arch_from_metadata(meta: Mapping[str, str]) -> str | None:
         return "flux"
     if spec.startswith(("stable-diffusion-3", "stable-diffusion-v3")):  # kohya's and SwarmUI's SD3.x names
         return "sd3"
+    if spec.lower().startswith(("flux.2-", "flux-2-")):
+        return "flux2"
     if spec.startswith(("z-image", "z_image", "zimage")):
         return "zimage"
     version = meta.get("ss_base_model_version", "")
@@ -400,12 +447,21 @@ def arch_from_metadata(meta: Mapping[str, str]) -> str | None:
 # OneTrainer either train a de-distillation adapter or train on the Base model); what we do is warn and name
 # the fix, since a user may still want it (see ``distilled_notice``).
 _TURBO = re.compile(r"turbo", re.IGNORECASE)
+# FLUX.2 klein ships a step-distilled model under the plain name (flux-2-klein-4b) and the undistilled one as
+# "klein-base" (flux-2-klein-base-4b): BFL's guide and musubi-tuner train on the base model.
+_KLEIN = re.compile(r"klein", re.IGNORECASE)
+_KLEIN_BASE = re.compile(r"klein[-_ .]?base|base[-_ .]?klein", re.IGNORECASE)
 
 
 def distilled_notice(model_name: str) -> str:
-    """A warning for a model whose name says it is step-distilled (Z-Image Turbo, SD3.5 Large Turbo, SDXL Turbo),
-    naming the fix; "" for any other name."""
+    """A warning for a model whose name says it is step-distilled (Z-Image Turbo, SD3.5 Large Turbo, SDXL Turbo, the
+    FLUX.2 klein that is not "base"), naming the fix; "" for any other name."""
     name = str(model_name).replace("\\", "/").rsplit("/", 1)[-1]
+    if _KLEIN.search(name) and not _KLEIN_BASE.search(name):
+        return (f"{name!r} looks like the step-distilled FLUX.2 klein: training it directly wears off its "
+                "distillation, so its 4-step images turn soft or noisy. Train the LoRA on FLUX.2 klein Base "
+                "(flux-2-klein-base-4b / -9b) and apply it to the distilled klein: Apply LoRA Stack and the LoRA Grid "
+                "load a Base-trained LoRA on it.")
     if not _TURBO.search(name):
         return ""
     return (f"{name!r} looks like a Turbo (step-distilled) model: training it directly wears off its distillation, "
