@@ -49,6 +49,33 @@ def test_family_shapes_carry_the_real_parameter_counts():
     assert M.FLUX_SCHNELL.unet.context_tokens == 256 and M.FLUX_SCHNELL.te_params == M.FLUX_DEV.te_params
 
 
+def test_klein_and_zimage_shapes_carry_the_real_parameter_counts():
+    """FLUX.2 klein 4B / 9B and Z-Image: the shapes' counts are diffusers' models with the released configs, and a
+    block's parameters in the estimate are the real block's (SwiGLU counted as a plain MLP of the same size)."""
+    from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        klein4 = Flux2Transformer2DModel(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                                         joint_attention_dim=7680, guidance_embeds=False)
+        klein9 = Flux2Transformer2DModel(num_layers=8, num_single_layers=24, num_attention_heads=32,
+                                         joint_attention_dim=12288, guidance_embeds=False)
+        zimage = ZImageTransformer2DModel()
+    for shape, model in ((M.FLUX2_KLEIN_4B, klein4), (M.FLUX2_KLEIN_9B, klein9)):
+        assert shape.unet_params == sum(p.numel() for p in model.parameters())
+        double, single = shape.unet.block_params()
+        assert double == pytest.approx(sum(p.numel() for p in model.transformer_blocks[0].parameters()), rel=0.01)
+        assert single == pytest.approx(sum(p.numel() for p in model.single_transformer_blocks[0].parameters()),
+                                       rel=0.01)
+    assert M.ZIMAGE.unet_params == sum(p.numel() for p in zimage.parameters())
+    layer = sum(p.numel() for p in zimage.layers[0].parameters() if p.dim() == 2 and p.shape[1] >= 3840)  # no adaLN
+    assert M.ZIMAGE.unet.block_params()[1] == pytest.approx(layer, rel=0.01)
+    assert M.PRESET_SHAPES["flux2"] is M.FLUX2_KLEIN_4B and M.PRESET_SHAPES["zimage"] is M.ZIMAGE
+    # musubi counts Z-Image's swapped blocks one by one (at most all but two)
+    assert M.kohya_swapped_blocks(M.ZIMAGE.unet, 28) == (0, 28)
+    with pytest.raises(ValueError, match="use 0..32"):
+        M.kohya_swapped_blocks(M.ZIMAGE.unet, 33)
+
+
 def test_options_move_the_estimate_the_way_they_move_memory():
     assert flux(weight_dtype="fp8") < flux(weight_dtype="bf16") < flux(weight_dtype="fp32")
     assert flux(gradient_checkpointing=True) < flux(gradient_checkpointing=False)

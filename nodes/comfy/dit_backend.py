@@ -286,8 +286,11 @@ class ComfyDiTBackend(ComfyModels):
             heads = getattr(dm, "num_heads", None) or hidden // 64
         else:
             mlp = doubles[0].img_mlp[0].out_features if doubles else 4 * hidden
+            if getattr(getattr(dm, "params", None), "mlp_silu_act", False):
+                mlp *= 0.75  # FLUX.2's SwiGLU: 2m rows in, m out = the parameters of a plain MLP 1.5m wide
             heads = getattr(dm, "num_heads", hidden // 128)
-        encoders = [getattr(self.clip.cond_stage_model, n) for n in ("clip_l", "clip_g", "t5xxl", "qwen3_4b")
+        encoders = [getattr(self.clip.cond_stage_model, n)
+                    for n in ("clip_l", "clip_g", "t5xxl", "qwen3_4b", "qwen3_8b")
                     if getattr(self.clip.cond_stage_model, n, None) is not None]
         te_params = tuple(sum(p.numel() for p in te.parameters()) for te in encoders)
         te_dtypes = tuple(memory._dtype_name(_main_dtype(te)) for te in encoders)
@@ -302,11 +305,21 @@ class ComfyDiTBackend(ComfyModels):
                                 context_tokens=context, patch_size=self.patch_size,
                                 latent_channels=self.latent_channels,
                                 modulation=bool(joint or (doubles and hasattr(doubles[0], "img_mod"))),
-                                context_dim=getattr(getattr(dm, "cap_embedder", [None, None])[1], "in_features", 4096))
+                                context_dim=_context_width(dm))
         return memory.ModelShape(
             self._label(), shape, (), unet_params=sum(p.numel() for p in dm.parameters()),
             te_params=te_params, vae_params=sum(p.numel() for p in self.vae.first_stage_model.parameters()),
             latent_factor=self.latent_factor, latent_channels=self.latent_channels, te_dtypes=te_dtypes)
+
+
+def _context_width(dm: nn.Module) -> int:
+    """The width of the text conditioning a transformer takes (Flux's / FLUX.2's txt_in, SD3's context_embedder,
+    Z-Image's cap_embedder); T5-XXL's 4096 where none is found."""
+    for layer in (getattr(dm, "txt_in", None), getattr(dm, "context_embedder", None),
+                  getattr(dm, "cap_embedder", [None, None])[1]):
+        if isinstance(layer, nn.Linear):
+            return layer.in_features
+    return 4096
 
 
 def _main_dtype(module: nn.Module) -> torch.dtype:

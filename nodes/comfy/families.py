@@ -18,6 +18,7 @@ MODEL_CONFIGS = (
     ("Segmind_Vega", "sdxl", True),
     ("KOALA_700M", "sdxl", True),
     ("KOALA_1B", "sdxl", True),
+    ("Flux2", "flux2", True),  # FLUX.2 (klein 4B / 9B): a Flux subclass with other blocks, before Flux
     ("FluxSchnell", "flux", True),  # before Flux, its base class
     ("Flux", "flux", True),
     ("Chroma", "chroma", True),
@@ -53,8 +54,11 @@ VARIANTS = {"FluxSchnell": "schnell", "Flux": "dev"}  # config class -> the fami
 def family_variant(model) -> str | None:
     """The named variant of a MODEL's family ("dev" / "schnell" for Flux.1; "3-medium", "3.5-medium" or
     "3.5-large" for SD3.x, told by the config ComfyUI detected: MMDiT-X layers mean 3.5 medium, RMS q/k norms
-    without them 3.5 large, neither SD3 medium), None where it has none."""
+    without them 3.5 large, neither SD3 medium; "klein-4b" / "klein-9b" for FLUX.2 by its context width), None
+    where it has none."""
     config = model.model.model_config
+    if type(config).__name__ == "Flux2":  # klein's size, told by its text encoder's width (3 tapped Qwen3 layers)
+        return {7680: "klein-4b", 12288: "klein-9b"}.get(config.unet_config.get("context_in_dim"))
     if type(config).__name__ == "SD3":
         unet = config.unet_config
         if unet.get("x_block_self_attn_layers"):

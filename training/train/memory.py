@@ -165,8 +165,37 @@ SD35_LARGE = ModelShape(
 )
 SD35_MEDIUM = replace(SD35_LARGE, name="SD3.5 medium", unet=replace(SD35_LARGE.unet, hidden=1536, double_blocks=24,
                                                                      heads=24), unet_params=2_243_171_520)
+# Qwen3 text encoders (the LLM without its LM head, which neither host runs): Qwen3-4B for Z-Image and FLUX.2 klein
+# 4B, Qwen3-8B for klein 9B; 512 tokens at most (diffusers' pipelines; FLUX.2 pads to 512).
+QWEN3_4B = TextEncoderShape(2560, 36, 32, 9728, tokens=512)
+QWEN3_8B = TextEncoderShape(4096, 36, 32, 12288, tokens=512)
+QWEN3_4B_PARAMS, QWEN3_8B_PARAMS = 4_022_468_096, 7_568_380_928
+# FLUX.2 klein (diffusers' Flux2Transformer2DModel with BFL's klein configs, no guidance embedder): Flux.1's block
+# layout without per-block modulation and with a SwiGLU MLP at ratio 3, counted as a plain MLP of the same
+# parameters (ratio 4.5); 32-channel VAE latents packed 2 x 2 into 128-channel tokens.
+FLUX2_AE_PARAMS = 84_046_115
+FLUX2_KLEIN_4B = ModelShape(
+    "FLUX.2 klein 4B", DiTShape(hidden=3072, double_blocks=5, single_blocks=20, heads=24, mlp_ratio=4.5,
+                                context_tokens=512, context_dim=3 * 2560, latent_channels=32, modulation=False),
+    (QWEN3_4B,), unet_params=3_875_544_576, te_params=(QWEN3_4B_PARAMS,), vae_params=FLUX2_AE_PARAMS,
+    latent_factor=8, latent_channels=32,
+)
+FLUX2_KLEIN_9B = replace(
+    FLUX2_KLEIN_4B, name="FLUX.2 klein 9B",
+    unet=replace(FLUX2_KLEIN_4B.unet, hidden=4096, double_blocks=8, single_blocks=24, heads=32, context_dim=3 * 4096),
+    text_encoders=(QWEN3_8B,), unet_params=9_078_581_248, te_params=(QWEN3_8B_PARAMS,))
+# Z-Image (diffusers' ZImageTransformer2DModel, default = released config): 30 single-stream layers plus 2 + 2
+# refiners at 3840, counted as Flux-style single blocks (SwiGLU 10240 = a plain MLP of 15360), no per-block
+# modulation Linear of the token width; Qwen3-4B; Flux's 16-channel "ae".
+ZIMAGE = ModelShape(
+    "Z-Image", DiTShape(hidden=3840, double_blocks=0, single_blocks=34, heads=30, mlp_ratio=4.0, context_tokens=512,
+                        context_dim=2560, modulation=False),
+    (QWEN3_4B,), unet_params=6_154_908_736, te_params=(QWEN3_4B_PARAMS,), vae_params=FLUX_AE_PARAMS,
+    latent_factor=8, latent_channels=16,
+)
 PRESET_SHAPES = {"sd1": SD15, "sd2": replace(SD15, name="SD2"), "sdxl": SDXL, "flux": FLUX_DEV, "chroma": CHROMA,
-                 "sd3": SD35_LARGE, "sd3.5-medium": SD35_MEDIUM}
+                 "sd3": SD35_LARGE, "sd3.5-medium": SD35_MEDIUM, "flux2": FLUX2_KLEIN_4B,
+                 "flux2-klein-9b": FLUX2_KLEIN_9B, "zimage": ZIMAGE}
 
 
 @dataclass
@@ -358,6 +387,11 @@ def kohya_swapped_blocks(d: DiTShape, blocks_to_swap: int) -> tuple[int, int]:
             raise ValueError(f"offloaded_blocks={blocks_to_swap!r} is not possible for this model: use "
                              f"0..{d.double_blocks - 2} (kohya's --blocks_to_swap; {d.double_blocks} joint blocks)")
         return blocks_to_swap, 0
+    if d.double_blocks == 0:  # single-stream only (Z-Image's layers): musubi counts them one by one
+        if not 0 < blocks_to_swap <= d.single_blocks - 2:
+            raise ValueError(f"offloaded_blocks={blocks_to_swap!r} is not possible for this model: use "
+                             f"0..{d.single_blocks - 2} (kohya's --blocks_to_swap; {d.single_blocks} blocks)")
+        return 0, blocks_to_swap
     double = blocks_to_swap // 2
     single = (blocks_to_swap - double) * 2
     if blocks_to_swap < 0 or double > d.double_blocks - 2 or single > d.single_blocks - 2:
@@ -568,6 +602,9 @@ def estimate_for_run(backend: Backend, cfg: TrainConfig, targets: Sequence[LoraT
 # gradient checkpointing and cached text-encoder outputs: (--blocks_to_swap, optimizer, batch, GPU GB).
 KOHYA_FLUX_DEV = ((0, "adamw8bit", 2, 24), (16, "adamw8bit", 1, 12), (28, "adamw8bit", 1, 8))
 TABLE_SIZES = ((512, 1), (512, 2), (1024, 1), (1024, 2))  # (resolution, batch) columns
+# Blocks swapped in each family's table rows: kohya's Flux.1 figures, about half and the most the model allows
+TABLE_SWAPS = {"flux": (0, 16, 28), "chroma": (0, 16, 28), "sd3": (0, 8, 16), "sd3.5-medium": (0, 8, 16),
+               "flux2": (0, 4, 7), "flux2-klein-9b": (0, 6, 13), "zimage": (0, 16, 28)}
 
 
 def flux_table(shape: ModelShape = FLUX_DEV, rank: int = 16, preset: str = "all",
@@ -614,10 +651,11 @@ if __name__ == "__main__":  # python -m lora_workbench.training.train.memory --t
     import sys
 
     ap = argparse.ArgumentParser(description="Print the memory-estimate table of a model family (GiB).")
-    ap.add_argument("--table", choices=("flux", "chroma", "sd3", "sd3.5-medium"), default="flux")
+    ap.add_argument("--table", choices=tuple(k for k, v in PRESET_SHAPES.items() if isinstance(v.unet, DiTShape)),
+                    default="flux")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--preset", choices=("attn", "attn_ff", "all"), default="all")
     args = ap.parse_args()
     shape = PRESET_SHAPES[args.table]
-    swapped = (0, 16, 28) if shape.unet.double_blocks > 30 or shape.unet.single_blocks else (0, 8, 16)
+    swapped = TABLE_SWAPS.get(args.table, (0, 8, 16))
     sys.stdout.write(flux_table_markdown(shape, args.rank, args.preset, swapped))
