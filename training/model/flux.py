@@ -45,6 +45,28 @@ def _part_name(kohya: str, part: int) -> str:
     return f"{kohya}.part{part}"  # a dot never occurs in a kohya name: these never reach a file
 
 
+def split_targets(transformer: nn.Module, arch: str, preset: str
+                  ) -> tuple[list[LoraTarget], dict[str, list[tuple[str, int]]]]:
+    """The preset's Linears of a diffusers transformer of family ``arch`` as LoRA targets named by the family's
+    modules, each part of a fused module (q / k / v of a BFL ``qkv``) its own target; and, per fused module, its
+    parts' (target name, rows) in row order, for joining them back (``finalize_lora``)."""
+    out, parts = [], {}
+    for path, m in transformer.named_modules():
+        hit = diffusers_to_bfl(path, arch) if isinstance(m, nn.Linear) else None
+        if hit is None or not matches_preset(hit[0], preset, arch):
+            continue
+        bfl, part, n = hit
+        name = kohya_dit_name(bfl)
+        if n > 1:
+            parts.setdefault(name, [None] * n)[part] = (_part_name(name, part), m.out_features)
+            name = _part_name(name, part)
+        out.append(LoraTarget("unet", path, name, False))
+    broken = [k for k, v in parts.items() if None in v]
+    if broken:
+        raise ValueError(f"the transformer lacks parts of the fused layers {broken[:3]}; it is not a {arch} layout")
+    return out, parts
+
+
 def split_fused(m: LoraModule, out_dims: list[int], name: str) -> list[LoraModule]:
     """The inverse of ``lora.fuse.fuse_modules`` for parts of equal rank, at the parts' rank (what a resume
     injects; ``fuse.split_module`` keeps the fused rank): a ValueError when ``m`` is not block-diagonal
@@ -262,20 +284,7 @@ class DiffusersFluxBackend(Backend):
             raise ValueError(f"text-encoder training is not supported for {self.arch} (its LoRA files and kohya's "
                              "Flux trainer train the transformer only); turn off train_text_encoder "
                              "(--no-train-text-encoder)")
-        out, self._parts = [], {}
-        for path, m in self.transformer.named_modules():
-            hit = diffusers_to_bfl(path, self.arch) if isinstance(m, nn.Linear) else None
-            if hit is None or not matches_preset(hit[0], preset, self.arch):
-                continue
-            bfl, part, n = hit
-            name = kohya_dit_name(bfl)
-            if n > 1:
-                self._parts.setdefault(name, [None] * n)[part] = (_part_name(name, part), m.out_features)
-                name = _part_name(name, part)
-            out.append(LoraTarget("unet", path, name, False))
-        broken = [k for k, v in self._parts.items() if None in v]
-        if broken:
-            raise ValueError(f"the transformer lacks parts of the fused layers {broken[:3]}; it is not a Flux layout")
+        out, self._parts = split_targets(self.transformer, self.arch, preset)
         return out
 
     def finalize_lora(self, lora: LoraWeights) -> LoraWeights:

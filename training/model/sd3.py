@@ -31,8 +31,8 @@ from ..lora.files import LoraModule, LoraWeights
 from ..lora.fuse import fuse_modules
 from ..lora.network import LoraTarget
 from .backend import Backend, ModelLoadError
-from .dit_keys import diffusers_to_bfl, is_pre_only_modulation, kohya_dit_name, matches_preset, parse_kohya_dit_name
-from .flux import FP8, decode_shifted, encode_shifted, split_fused
+from .dit_keys import is_pre_only_modulation, parse_kohya_dit_name
+from .flux import FP8, decode_shifted, encode_shifted, split_fused, split_targets
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,7 @@ class DiffusersSD3Backend(Backend):
         if text_encoder:
             raise ValueError("text-encoder training is not supported for SD3 (its LoRAs train the transformer "
                              "only); turn off train_text_encoder (--no-train-text-encoder)")
-        out, self._parts = [], {}
-        for path, m in self.transformer.named_modules():
-            hit = diffusers_to_bfl(path, ARCH) if isinstance(m, nn.Linear) else None
-            if hit is None or not matches_preset(hit[0], preset, ARCH):
-                continue
-            bfl, part, n = hit
-            name = kohya_dit_name(bfl)
-            if n > 1:
-                self._parts.setdefault(name, [None] * n)[part] = (f"{name}.part{part}", m.out_features)
-                name = f"{name}.part{part}"
-            out.append(LoraTarget("unet", path, name, False))
+        out, self._parts = split_targets(self.transformer, ARCH, preset)
         return out
 
     def _pre_only(self, name: str, m: LoraModule) -> bool:

@@ -373,8 +373,12 @@ def load_model(model: str | os.PathLike, device: str | torch.device = "cpu",
 
         if is_sd3_pipeline(model):
             return DiffusersSD3Backend.from_pretrained(model, device, weight_dtype)
+        from .zimage import DiffusersZImageBackend, is_zimage_pipeline
+
+        if is_zimage_pipeline(model):
+            return DiffusersZImageBackend.from_pretrained(model, device, weight_dtype)
     if weight_dtype == FP8:
-        raise ModelLoadError(f"fp8 base weights are supported for Flux, Chroma and SD3 diffusers folders only, and {model} "
+        raise ModelLoadError(f"fp8 base weights are supported for Flux, Chroma, SD3 and Z-Image diffusers folders only, and {model} "
                              "is not one; use --weight-dtype fp16, bf16 or fp32")
     if model.is_dir():
         return DiffusersBackend.from_pretrained(model, device, weight_dtype)
