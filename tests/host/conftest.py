@@ -108,6 +108,13 @@ def _host_has_zimage() -> bool:
     return bool(source and source.is_file() and "class ZImage(" in source.read_text(encoding="utf-8"))
 
 
+def _host_has_flux2() -> bool:
+    """Whether this ComfyUI knows FLUX.2 (its ``supported_models.Flux2``, after 0.3.64): read from its source, so the
+    answer needs no booted host."""
+    source = COMFYUI_PATH / "comfy" / "supported_models.py" if COMFYUI_PATH else None
+    return bool(source and source.is_file() and "class Flux2(" in source.read_text(encoding="utf-8"))
+
+
 def pytest_runtest_setup(item):
     # Skipping from here (not with a skip marker per test) makes pytest fold every host test's
     # skip into one summary line at this location.
@@ -115,6 +122,8 @@ def pytest_runtest_setup(item):
         pytest.skip(SKIP_REASON)
     if "zimage" in item.nodeid and not _host_has_zimage():
         pytest.skip(HOST_LIMIT_ZIMAGE)
+    if "flux2" in item.nodeid and not _host_has_flux2():
+        pytest.skip(HOST_LIMIT_FLUX2)
 
 
 @pytest.fixture(scope="session")
@@ -184,6 +193,25 @@ def tiny_zimage_files(comfy_host, tmp_path_factory) -> dict:
         pytest.skip(HOST_LIMIT_ZIMAGE)
     paths = tiny_zimage.build_zimage_set(tmp_path_factory.mktemp("tiny_zimage"))
     return tiny_zimage.link_zimage_set(paths, comfy_host.base_directory / "models")
+
+
+HOST_LIMIT_FLUX2 = ("host limit: this ComfyUI has no FLUX.2 (comfy.supported_models.Flux2, added after 0.3.64); "
+                    "the FLUX.2 tests run on 0.33+")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_files(comfy_host, tmp_path_factory) -> dict:
+    """{"dit", "te", "vae"}: the names UNETLoader / CLIPLoader (type flux2) / VAELoader list for the tiny FLUX.2 klein
+    4B set (``fixtures/tiny_flux2.py``), written once per session and linked into the host's model folders; a
+    host-limit skip on a ComfyUI without FLUX.2 (0.3.64)."""
+    import comfy.supported_models
+
+    from fixtures import tiny_flux2
+
+    if not hasattr(comfy.supported_models, "Flux2"):
+        pytest.skip(HOST_LIMIT_FLUX2)
+    paths = tiny_flux2.build_flux2_set(tmp_path_factory.mktemp("tiny_flux2"))
+    return tiny_flux2.link_flux2_set(paths, comfy_host.base_directory / "models")
 
 
 def _host_pins_flux_width() -> bool:
