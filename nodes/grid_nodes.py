@@ -66,8 +66,8 @@ class PromptCache:
 
 
 def render(model, clip, vae, prompts: PromptCache, seed, steps, cfg, sampler_name, scheduler, width, height):
-    """What CLIPTextEncode x2 + an empty latent of the model's channels (EmptyLatentImage: 4, Flux's
-    EmptySD3LatentImage: 16) + KSampler + VAEDecode give: one IMAGE [1, H, W, 3]. Flux.1 dev samples at its
+    """What CLIPTextEncode x2 + an empty latent of the model's channels and the VAE's scale (EmptyLatentImage: 4,
+    Flux's EmptySD3LatentImage: 16, EmptyFlux2LatentImage: 128 at 1/16) + KSampler + VAEDecode give: one IMAGE [1, H, W, 3]. Flux.1 dev samples at its
     distilled guidance 3.5 (FluxGuidance's default, which the model takes when the conditioning has none)."""
     import comfy.model_management as mm
     import nodes
@@ -75,7 +75,9 @@ def render(model, clip, vae, prompts: PromptCache, seed, steps, cfg, sampler_nam
     need_negative = cfg != 1.0 or bool(model.model_options.get("disable_cfg1_optimization", False))
     pos, neg = prompts.get(clip, need_negative)
     channels = model.get_model_object("latent_format").latent_channels
-    latent = {"samples": torch.zeros([1, channels, height // 8, width // 8], device=mm.intermediate_device())}
+    ratio = getattr(vae, "downscale_ratio", 8)  # 16 for FLUX.2's VAE (EmptyFlux2LatentImage's height // 16)
+    ratio = ratio if isinstance(ratio, int) else ratio[-1]  # video VAEs: (time rule, height, width)
+    latent = {"samples": torch.zeros([1, channels, height // ratio, width // ratio], device=mm.intermediate_device())}
     (sampled,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, pos, neg, latent)
     return nodes.VAEDecode().decode(vae, sampled)[0]
 
