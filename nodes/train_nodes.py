@@ -176,9 +176,10 @@ class TrainLora(io.ComfyNode):
                 io.String.Input("output_name", default="my_lora", tooltip="File name of the LoRA."),
                 io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="default",
                                tooltip="Which noise levels training sees. default: the model family's practice "
-                                       "(uniform for SD1.x/SDXL; Flux dev and Chroma: flux_shift, logit-normal "
-                                       "shifted by resolution as Flux samples; schnell and SD3.5: logit_normal). "
-                                       "shift and flux_shift are for flow models (Flux, Chroma, SD3.5).", optional=True),
+                                       "(uniform for SD1.x/SDXL; Flux dev, Chroma and FLUX.2: flux_shift, logit-normal "
+                                       "shifted by resolution as Flux samples; Qwen-Image: qwen_shift, its own "
+                                       "resolution shift; schnell, SD3.5 and Z-Image: logit_normal). shift, flux_shift "
+                                       "and qwen_shift are for flow models.", optional=True),
                 ClassImages.Input("class_images", optional=True, tooltip="Prior-preservation images."),
             ],
             outputs=OUTPUTS,

@@ -95,7 +95,7 @@ def test_flow_huber_schedules_use_sigma():
     (dict(logit_mean=float("nan")), r"logit_mean=nan"),
     (dict(flow_shift=-1.0), r"flow_shift=-1.0 \(use None"),
     (dict(prediction_type="flow", min_snr_gamma=5.0), r"min_snr_gamma=5.0 \(Min-SNR weighting needs a DDPM"),
-    (dict(prediction_type="epsilon", timestep_sampling="flux_shift"), r"shift and flux_shift are for flow models"),
+    (dict(prediction_type="epsilon", timestep_sampling="flux_shift"), r"shift, flux_shift and qwen_shift are for flow models"),
 ])
 def test_bad_sampling_options_name_the_value_and_the_fix(kw, match):
     with pytest.raises(ConfigError, match=match):

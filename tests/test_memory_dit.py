@@ -70,6 +70,13 @@ def test_klein_and_zimage_shapes_carry_the_real_parameter_counts():
     layer = sum(p.numel() for p in zimage.layers[0].parameters() if p.dim() == 2 and p.shape[1] >= 3840)  # no adaLN
     assert M.ZIMAGE.unet.block_params()[1] == pytest.approx(layer, rel=0.01)
     assert M.PRESET_SHAPES["flux2"] is M.FLUX2_KLEIN_4B and M.PRESET_SHAPES["zimage"] is M.ZIMAGE
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        qwen = QwenImageTransformer2DModel()
+    assert M.QWEN_IMAGE.unet_params == sum(p.numel() for p in qwen.parameters())
+    assert M.QWEN_IMAGE.unet.block_params()[0] == pytest.approx(
+        sum(p.numel() for p in qwen.transformer_blocks[0].parameters()), rel=0.01)
     # musubi counts Z-Image's swapped blocks one by one (at most all but two)
     assert M.kohya_swapped_blocks(M.ZIMAGE.unet, 28) == (0, 28)
     with pytest.raises(ValueError, match="use 0..32"):

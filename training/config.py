@@ -26,7 +26,7 @@ PREDICTIONS = (None, "epsilon", "v_prediction", "flow")
 # How training timesteps are drawn. "default" is the model's own practice (Backend.timestep_sampling_default:
 # uniform for SD, flux_shift for Flux dev and Chroma, logit_normal for schnell); DDPM models (epsilon,
 # v_prediction) take default/uniform/logit_normal, flow models every one (see schedules.sample_flow_sigmas).
-TIMESTEP_SAMPLINGS = ("default", "uniform", "logit_normal", "shift", "flux_shift")
+TIMESTEP_SAMPLINGS = ("default", "uniform", "logit_normal", "shift", "flux_shift", "qwen_shift")
 DDPM_TIMESTEP_SAMPLINGS = ("default", "uniform", "logit_normal")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # caption sidecars the dataset reads, in this order
 # The allowed values of each option that has a fixed set: validation below and the CLI's choices.
@@ -179,7 +179,7 @@ class TrainConfig:
                    "Min-SNR weighting needs a DDPM noise schedule; flow models have none: use None")
         check.need(not (ddpm and self.timestep_sampling not in DDPM_TIMESTEP_SAMPLINGS), "timestep_sampling",
                    self.timestep_sampling, f"{self.prediction_type} models take one of "
-                   f"{', '.join(DDPM_TIMESTEP_SAMPLINGS)}; shift and flux_shift are for flow models")
+                   f"{', '.join(DDPM_TIMESTEP_SAMPLINGS)}; shift, flux_shift and qwen_shift are for flow models")
         check.need(isinstance(self.logit_mean, (int, float)) and math.isfinite(self.logit_mean), "logit_mean",
                    self.logit_mean, "use a finite number; 0.0 centres the draws on sigma 0.5")
         check.need(isinstance(self.logit_std, (int, float)) and math.isfinite(self.logit_std) and self.logit_std > 0,

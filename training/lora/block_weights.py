@@ -30,6 +30,8 @@ outside the blocks are BASE. Presets ALL, NONE, ALL0.5.
 FLUX.2 klein ("flux2"): ``BASE, D00..D07, S00..S23`` (33 values, klein 9B's 8 double and 24 single blocks) or
 ``BASE, D00..D04, S00..S19`` (26, klein 4B's 5 + 20); BASE as for Flux. Presets ALL, NONE, ALL0.5, DOUBLE, SINGLE.
 
+Qwen-Image: ``BASE, B00..B59`` (61 values), ``Bnn`` its ``transformer_blocks.nn``; presets ALL, NONE, ALL0.5.
+
 SD3.x ("sd3"): ``BASE, J00..J37``, where ``Jnn`` is ``joint_blocks.nn`` (39 values, SD3.5 large's 38 blocks)
 or ``BASE, J00..J23`` (25 values, SD3/3.5 medium's 24); ``BASE`` weighs the text encoders and the layers
 outside the blocks, as for Flux. Presets: ALL, NONE, ALL0.5, and FRONT / MID / BACK (BASE plus the first,
@@ -162,19 +164,27 @@ FLUX2_PRESETS: dict[str, tuple[float, ...]] = {
     "SINGLE": tuple(1.0 if b[0] in "BS" else 0.0 for b in FLUX2_BLOCKS),
 }
 
+# Qwen-Image: its 60 transformer blocks; the layers outside them are BASE.
+QWEN_IMAGE_BLOCKS = ("BASE", *(f"B{i:02d}" for i in range(ARCH_TABLE["qwen_image"].dit.depth)))
+QWEN_IMAGE_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0.0,) * len(QWEN_IMAGE_BLOCKS), "ALL": (1.0,) * len(QWEN_IMAGE_BLOCKS),
+    "ALL0.5": (0.5,) * len(QWEN_IMAGE_BLOCKS),
+}
+
 # Block family of each arch: the UNet's layout, "flux" for the Flux.1-layout DiTs (Chroma has Flux's blocks),
-# "flux2" for FLUX.2, "sd3" for the MMDiT, "zimage" for Z-Image.
-_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else a.name if a.name in ("sd3", "zimage", "flux2") else "flux")
+# "flux2" for FLUX.2, "sd3" for the MMDiT, "zimage" for Z-Image, "qwen_image" for Qwen-Image.
+_OWN_BLOCKS = ("sd3", "zimage", "flux2", "qwen_image")
+_FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else a.name if a.name in _OWN_BLOCKS else "flux")
            for a in ARCH_TABLE.values()}
 _FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_BLOCKS, "zimage": ZIMAGE_BLOCKS,
-         "flux2": FLUX2_BLOCKS}
+         "flux2": FLUX2_BLOCKS, "qwen_image": QWEN_IMAGE_BLOCKS}
 _SHORT = {"sd1": SD1_LORA_BLOCKS, "sdxl": SDXL_LORA_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_MEDIUM_BLOCKS,
-          "zimage": ZIMAGE_BLOCKS, "flux2": FLUX2_KLEIN_4B_BLOCKS}
+          "zimage": ZIMAGE_BLOCKS, "flux2": FLUX2_KLEIN_4B_BLOCKS, "qwen_image": QWEN_IMAGE_BLOCKS}
 _PRESETS = {"sd1": SD1_PRESETS, "sdxl": SDXL_PRESETS, "flux": FLUX_PRESETS, "sd3": SD3_PRESETS,
-            "zimage": ZIMAGE_PRESETS, "flux2": FLUX2_PRESETS}
+            "zimage": ZIMAGE_PRESETS, "flux2": FLUX2_PRESETS, "qwen_image": QWEN_IMAGE_PRESETS}
 _LDM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.|middle_block\.")
-_DIT_BLOCK = re.compile(r"(double_blocks|single_blocks|joint_blocks|layers)\.(\d+)\.")
-_DIT_LETTER = {"double_blocks": "D", "single_blocks": "S", "joint_blocks": "J", "layers": "L"}
+_DIT_BLOCK = re.compile(r"(double_blocks|single_blocks|joint_blocks|layers|transformer_blocks)\.(\d+)\.")
+_DIT_LETTER = {"double_blocks": "D", "single_blocks": "S", "joint_blocks": "J", "layers": "L", "transformer_blocks": "B"}
 
 
 class BlockWeightError(LoraWorkbenchError, ValueError):
@@ -218,7 +228,7 @@ def block_of(kohya_name: str, arch: str) -> str:
             f"{kohya_name!r} is not a kohya LoRA module name (lora_unet_* / lora_te*_*); block weights "
             "apply to kohya-named modules"
         )
-    if fam in ("flux", "sd3", "zimage", "flux2"):
+    if fam in ("flux", *_OWN_BLOCKS):
         return _dit_block(kohya_name, arch)
     try:
         _, diffusers_path = uk.parse_kohya_name(kohya_name, arch)
@@ -260,8 +270,8 @@ def _usage(fam: str) -> str:
     if fam == "flux2":
         return (f"flux2 takes {len(full)} values (BASE, D00..D07, S00..S23: FLUX.2 klein 9B) or {len(short)} (BASE, "
                 f"D00..D04, S00..S19: klein 4B), or a preset: {', '.join(_PRESETS[fam])}")
-    if fam == "zimage":
-        return f"zimage takes {len(full)} values (BASE, {full[1]}..{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}"
+    if fam in ("zimage", "qwen_image"):
+        return f"{fam} takes {len(full)} values (BASE, {full[1]}..{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}"
     if short == full:
         return (f"{fam} takes {len(full)} values (BASE, {full[1]}..{DOUBLE_BLOCKS[-1]}, {SINGLE_BLOCKS[0]}.."
                 f"{full[-1]}) or a preset: {', '.join(_PRESETS[fam])}")

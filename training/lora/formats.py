@@ -173,7 +173,9 @@ def _locate_dit(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolv
                 raise
             return dk.kohya_dit_name(found[0]), found[1], found[2], False
     bfl = dk.strip_host_prefix(prefix)
-    if bfl.startswith(_BFL_ROOTS) or bfl in known:  # ComfyUI / BFL-native: the model's own path
+    spec = ARCH_TABLE[arch].dit if arch in ARCH_TABLE else None
+    own = (*(f"{p}." for p in spec.block_prefixes), *spec.outer_modules) if spec else ()
+    if bfl.startswith(_BFL_ROOTS + own) or bfl in known:  # ComfyUI / BFL-native: the model's own path
         if bfl.startswith("distilled_guidance_layer."):
             raise uk.ModuleNameError(f"{prefix}: Chroma's distilled_guidance_layer takes no LoRA here")
         try:
@@ -223,6 +225,12 @@ _DIT_KEY = re.compile(
     r"(attn[._](to_[qkv]|add_|to_add_out|to_out)|ff_context|norm1_context|proj_mlp|proj_out|norm[._]linear)"
     r"|^(lora_unet_|(model\.)?diffusion_model\.|transformer\.)?(layers|noise_refiner|context_refiner)[._]\d+[._]"
     r"(attention|feed_forward|adaLN)")
+# Qwen-Image: its per-stream modulation and MLP names, or diffusers' block names under ComfyUI's / kohya's prefixes
+# (Flux's and SD3's files there use BFL / MMDiT names), or a block index past SD3.5 large's 38; never with single
+# blocks (a Flux-layout file in diffusers' names).
+_QWEN_ONLY = re.compile(r"(img|txt)_mod[._]1([._]|$)|(img|txt)_mlp[._]net|txt_norm"
+                        r"|^(lora_unet_|(model\.)?diffusion_model\.)transformer_blocks[._]\d+"
+                        r"|transformer_blocks[._]([4-9]\d|3[89])[._]")
 # Z-Image: its refiner blocks, or single-stream layers with "attention" / "feed_forward" children
 _ZIMAGE_ONLY = re.compile(r"noise_refiner|context_refiner|(^|[._])layers[._]\d+[._](attention|feed_forward)")
 _FLUX_ONLY = re.compile(r"(img|txt)_mod[._]lin|modulation[._]lin|guidance_in|vector_in|norm1(_context)?[._]linear"
@@ -261,16 +269,19 @@ def _flux2_rows(sd: Mapping[str, Tensor]) -> bool:
 
 def _dit_family(keys: list[str], metadata: Mapping[str, str] | None,
                 state_dict: Mapping[str, Tensor] | None = None) -> str | None:
-    """"flux" / "chroma" / "flux2" / "sd3" / "zimage" for a DiT LoRA, None for any other. Keys (and FLUX.2's MLP
+    """"flux" / "chroma" / "flux2" / "sd3" / "zimage" / "qwen_image" for a DiT LoRA, None for any other. Keys (and FLUX.2's MLP
     rows) decide when they can; else the file's metadata; else "flux" (a LoRA of the shared blocks applies to Flux
     and Chroma, see ``Arch.compatible``)."""
-    if not any(_DIT_KEY.search(k) for k in keys):
-        return None
     named = arch_from_metadata(metadata or {})
+    qwen = any(_QWEN_ONLY.search(k) for k in keys) and not any("single_" in k for k in keys)
+    if not qwen and not any(_DIT_KEY.search(k) for k in keys):
+        return None
     if named == "zimage" or any(_ZIMAGE_ONLY.search(k) for k in keys):
         return "zimage"
     if named == "sd3" or any(_SD3_ONLY.search(k) for k in keys):
         return "sd3"
+    if named == "qwen_image" or qwen:
+        return "qwen_image"
     if named == "flux2" or any(_FLUX2_ONLY.search(k) for k in keys) or (
             state_dict is not None and _flux2_rows(state_dict)):
         return "flux2"

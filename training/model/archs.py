@@ -350,6 +350,34 @@ FLUX2 = DiTSpec(
     diffusers_swapped={"final_layer.adaLN_modulation.1": "norm_out.linear"},
 )
 
+# Qwen-Image (Alibaba's MMDiT, ComfyUI ``comfy/ldm/qwen_image``): 60 two-stream ``transformer_blocks`` at 3072 whose
+# modules already carry diffusers' ``QwenImageTransformer2DModel`` names (ComfyUI loads diffusers' weights as they
+# are): separate q / k / v for the image (``to_*``) and text (``add_*_proj``) streams, GELU MLPs, one modulation
+# Linear per stream (``img_mod.1``, ``txt_mod.1``: 6 x hidden rows).
+_QWEN_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+               "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+               "txt_mlp.net.2", "img_mod.1", "txt_mod.1")
+_QWEN_ROWS = {"img_mlp.net.0.proj": "mlp", "txt_mlp.net.0.proj": "mlp", "img_mod.1": 6, "txt_mod.1": 6}
+_QWEN_OUTER = ("img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1",
+               "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out")
+QWEN_IMAGE = DiTSpec(
+    depth=60, depth_single=0, hidden=3072, mlp_ratio=4.0,
+    double_modules=_QWEN_BLOCK, single_modules=(), outer_modules=_QWEN_OUTER,
+    presets={"attn": ("transformer_blocks.*.attn.*",),
+             "attn_ff": ("transformer_blocks.*.attn.*", "transformer_blocks.*.img_mlp.*",
+                         "transformer_blocks.*.txt_mlp.*"),
+             "all": ("transformer_blocks.*",)},
+    double_prefix="transformer_blocks", single_prefix="",
+    # musubi-tuner's qwen_shift: logit-normal shifted by the image's tokens (mu 0.5 at 256 .. 0.9 at 8192 tokens),
+    # the shift diffusers' QwenImagePipeline samples with
+    timestep_sampling={"": "qwen_shift"}, sample_cfg=4.0, context_tokens=256,
+    diffusers_blocks=("transformer_blocks", ""),
+    diffusers_double={m: ((m, _QWEN_ROWS.get(m, 1)),) for m in _QWEN_BLOCK},
+    diffusers_outer={m: m for m in _QWEN_OUTER},
+    # ai-toolkit's Qwen-Image files (diffusers names under ComfyUI's prefix): ComfyUI, diffusers and musubi read them
+    diffusers_head="diffusion_model.",
+)
+
 ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     Arch("sd1", "SD1.x", "stable-diffusion-v1", "sd_v1", "diffusers", ("te",), 768, 768, "sd1"),
     Arch("sd2", "SD2.x", "stable-diffusion-v2-512", "sd_v2", "diffusers", ("te",), 1024, 1024, "sd1",
@@ -384,6 +412,12 @@ ARCH_TABLE: dict[str, Arch] = {a.name: a for a in (
     # diffusers' ZImagePipeline both read.
     Arch("zimage", "Z-Image", "z-image", "zimage", "https://github.com/Tongyi-MAI/Z-Image", (), 2560, 2560, "",
          kind="dit", dit=ZIMAGE, network_module="networks.lora_zimage", comfy_models=("ZImage",),
+         file_format="diffusers"),
+    # Qwen-Image (and its Edit models' LoRAs, which share the blocks): ai-toolkit's key format, the one ComfyUI's
+    # LoraLoader maps for QwenImage by name and diffusers' QwenImagePipeline converts
+    # (``_convert_non_diffusers_qwen_lora_to_diffusers``); modelspec name musubi-tuner's ``ARCH_QWEN_IMAGE``.
+    Arch("qwen_image", "Qwen-Image", "Qwen-Image", "qwen_image", "https://github.com/QwenLM/Qwen-Image", (), 3584,
+         3584, "", kind="dit", dit=QWEN_IMAGE, network_module="networks.lora_qwen_image", comfy_models=("QwenImage",),
          file_format="diffusers"),
     # A flow-matching model a host loads that has no entry above: it still trains (every Linear, named
     # "lora_unet_" + its module path, which ComfyUI maps for any model), marked untested.
@@ -437,6 +471,8 @@ def arch_from_metadata(meta: Mapping[str, str]) -> str | None:
         return "sd3"
     if spec.lower().startswith(("flux.2-", "flux-2-")):
         return "flux2"
+    if spec.lower().startswith(("qwen-image", "qwen_image")):  # musubi's Qwen-Image-Edit* names too
+        return "qwen_image"
     if spec.startswith(("z-image", "z_image", "zimage")):
         return "zimage"
     version = meta.get("ss_base_model_version", "")

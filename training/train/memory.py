@@ -193,9 +193,20 @@ ZIMAGE = ModelShape(
     (QWEN3_4B,), unet_params=6_154_908_736, te_params=(QWEN3_4B_PARAMS,), vae_params=FLUX_AE_PARAMS,
     latent_factor=8, latent_channels=16,
 )
+# Qwen-Image (diffusers' QwenImageTransformer2DModel, default = released config): 60 two-stream blocks at 3072 with
+# per-block modulation, GELU MLPs at 4x; Qwen2.5-VL-7B's language model (its vision tower only reads images, for the
+# Edit models); the Wan 2.1 VAE (16 channels at 1/8); about 256 prompt tokens (the pipeline drops its template's).
+QWEN25_VL_7B = TextEncoderShape(3584, 28, 28, 18944, tokens=256)
+QWEN25_VL_7B_PARAMS, WAN21_VAE_PARAMS = 7_070_619_136, 126_892_531
+QWEN_IMAGE = ModelShape(
+    "Qwen-Image", DiTShape(hidden=3072, double_blocks=60, single_blocks=0, heads=24, mlp_ratio=4.0, context_tokens=256,
+                           context_dim=3584),
+    (QWEN25_VL_7B,), unet_params=20_430_401_088, te_params=(QWEN25_VL_7B_PARAMS,), vae_params=WAN21_VAE_PARAMS,
+    latent_factor=8, latent_channels=16,
+)
 PRESET_SHAPES = {"sd1": SD15, "sd2": replace(SD15, name="SD2"), "sdxl": SDXL, "flux": FLUX_DEV, "chroma": CHROMA,
                  "sd3": SD35_LARGE, "sd3.5-medium": SD35_MEDIUM, "flux2": FLUX2_KLEIN_4B,
-                 "flux2-klein-9b": FLUX2_KLEIN_9B, "zimage": ZIMAGE}
+                 "flux2-klein-9b": FLUX2_KLEIN_9B, "zimage": ZIMAGE, "qwen_image": QWEN_IMAGE}
 
 
 @dataclass
@@ -604,7 +615,7 @@ KOHYA_FLUX_DEV = ((0, "adamw8bit", 2, 24), (16, "adamw8bit", 1, 12), (28, "adamw
 TABLE_SIZES = ((512, 1), (512, 2), (1024, 1), (1024, 2))  # (resolution, batch) columns
 # Blocks swapped in each family's table rows: kohya's Flux.1 figures, about half and the most the model allows
 TABLE_SWAPS = {"flux": (0, 16, 28), "chroma": (0, 16, 28), "sd3": (0, 8, 16), "sd3.5-medium": (0, 8, 16),
-               "flux2": (0, 4, 7), "flux2-klein-9b": (0, 6, 13), "zimage": (0, 16, 28)}
+               "flux2": (0, 4, 7), "flux2-klein-9b": (0, 6, 13), "zimage": (0, 16, 28), "qwen_image": (0, 16, 45)}
 
 
 def flux_table(shape: ModelShape = FLUX_DEV, rank: int = 16, preset: str = "all",

@@ -35,7 +35,7 @@ def target_for(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, alph
 
 
 # ---- flow matching (rectified flow: Flux, Chroma, SD3) -------------------------------------------
-FLOW_SAMPLINGS = ("uniform", "logit_normal", "shift", "flux_shift")
+FLOW_SAMPLINGS = ("uniform", "logit_normal", "shift", "flux_shift", "qwen_shift")
 
 
 def flux_mu(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15, lo: int = 256,
@@ -61,6 +61,8 @@ def sample_flow_sigmas(gen: torch.Generator, n: int, method: str, *, logit_mean:
     flux_shift:   logit-normal u, then ``exp(mu) / (exp(mu) + (1 / u - 1))`` with mu = :func:`flux_mu`
                   (``image_tokens``) (kohya ``--timestep_sampling flux_shift``, ComfyUI ``flux_time_shift``,
                   the mu BFL's and diffusers' FluxPipeline sample with): larger images, noisier sigmas.
+    qwen_shift:   as flux_shift with Qwen-Image's mu line (0.5 at 256 tokens, 0.9 at 8192: diffusers'
+                  QwenImagePipeline scheduler config, musubi-tuner ``--timestep_sampling qwen_shift``).
     """
     if method not in FLOW_SAMPLINGS:
         raise ValueError(f"timestep_sampling={method!r} is not a flow sampling; use one of {', '.join(FLOW_SAMPLINGS)}")
@@ -69,10 +71,11 @@ def sample_flow_sigmas(gen: torch.Generator, n: int, method: str, *, logit_mean:
     u = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=gen))
     if method == "shift":
         return shift * u / (1 + (shift - 1) * u)
-    if method == "flux_shift":
+    if method in ("flux_shift", "qwen_shift"):
         if image_tokens is None:
-            raise ValueError("timestep_sampling='flux_shift' needs image_tokens (the latent's token count)")
-        e = math.exp(flux_mu(image_tokens))
+            raise ValueError(f"timestep_sampling={method!r} needs image_tokens (the latent's token count)")
+        mu = flux_mu(image_tokens) if method == "flux_shift" else flux_mu(image_tokens, 0.5, 0.9, 256, 8192)
+        e = math.exp(mu)
         return e / (e + (1 / u - 1))
     return u
 
