@@ -36,6 +36,7 @@ CPU_OVERRIDES = {
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "EmptySD3LatentImage": {"width": 64, "height": 64},
+    "EmptyFlux2LatentImage": {"width": 64, "height": 64},
     "LW_LoraGrid": {"steps": 2, "width": 64, "height": 64},
 }
 
@@ -80,10 +81,11 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
     return list(EXAMPLE_LORAS)
 
 
-DIT_FAMILIES = ("flux", "chroma", "zimage")  # examples named *_<family> load a tiny set through UNETLoader & co.
+# examples named *_<family> load a tiny set through UNETLoader & co. (flux2 before flux: "_flux" is in its name)
+DIT_FAMILIES = ("flux2", "flux", "chroma", "zimage")
 # family -> its ss_base_model_version
 BASE_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma", "sd3": "sd3",
-                 "zimage": "zimage"}
+                 "zimage": "zimage", "flux2": "flux2"}
 # examples named *_<family> whose checkpoint is one all-in-one file -> the fixture of its tiny checkpoint
 CHECKPOINT_FIXTURES = {"sdxl": "tiny_sdxl_checkpoint", "sd3": "tiny_sd3_checkpoint"}
 
@@ -104,8 +106,8 @@ def _dit_files(name: str, request) -> dict | None:
     family = _family(name)
     if family not in DIT_FAMILIES:
         return None
-    if family == "zimage":
-        return request.getfixturevalue("tiny_zimage_files")
+    if family in ("zimage", "flux2"):
+        return request.getfixturevalue(f"tiny_{family}_files")
     return request.getfixturevalue("tiny_dit_files")(family)
 
 
