@@ -14,7 +14,7 @@ from ..training.model.archs import distilled_notice
 from ..training.model.backend import Backend
 from ..training.config import DatasetConfig, TrainConfig, listing
 from ..training.data.dataset import class_config, scan_folder
-from ..training.train.checkpoints import step_files
+from ..training.train.checkpoints import ema_name, step_files
 from ..training.train.distributed import Dist
 from ..training.train.state import read_state_info, state_dir_for
 from ..training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer, TrainResult
@@ -100,8 +100,10 @@ def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 51
                 f"the state {resume['folder']} belongs to the run named {resume['output_name']!r}; a resume "
                 f"continues its own files: leave out --output-name (or pass --output-name "
                 f"{resume['output_name']}), or pass --overwrite to write its files as {name!r}")
-        theirs = [path] if path.exists() and not written_by(path, run_id) else []
-        theirs += [p for p in step_files(out_dir, name) if not written_by(p, run_id)]
+        ema = out_dir / f"{ema_name(name)}.safetensors"  # an EMA run's files: refused whether or not this run keeps one
+        theirs = [p for p in (path, ema) if p.exists() and not written_by(p, run_id)]
+        theirs += [p for p in step_files(out_dir, name) + step_files(out_dir, ema_name(name))
+                   if not written_by(p, run_id)]
         state = state_dir_for(out_dir, name)
         if state.exists() and not (resume and state.resolve() == Path(resume["folder"]).resolve()):
             theirs.append(state)
@@ -175,6 +177,10 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
     if dist.is_main:
         path = save_lora(final, result.lora, dtype=tcfg.save_dtype,
                          overwrite=overwrite or written_by(final, trainer.run_id))
+        if result.ema_lora is not None:  # the EMA of the weights beside it
+            ema = final.with_name(f"{ema_name(tcfg.output_name)}{final.suffix}")
+            save_lora(ema, result.ema_lora, dtype=tcfg.save_dtype,
+                      overwrite=overwrite or written_by(ema, trainer.run_id))
         state = state_dir_for(out_dir, tcfg.output_name)
         if not keep_state and not result.stopped_early and _state_of_run(state, trainer.run_id):
             shutil.rmtree(state)

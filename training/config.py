@@ -107,6 +107,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (two numbers)
     adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.0  # EMA of the LoRA weights, saved beside each LoRA as <name>-ema (0: off; 0.999 typical)
+    ema_start_step: int = 0  # the EMA follows the weights until this step, then averages
+    ema_every: int = 1  # fold the weights into the EMA every N steps
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt) | sgd
     optimizer_args: dict[str, Any] = field(default_factory=dict)  # e.g. {"d_coef": 1.0} for prodigy
 
@@ -170,6 +173,12 @@ class TrainConfig:
                    self.warmup_steps, f"use 0..steps ({self.steps})")
         check.need(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm,
                    "use 0 (off) or a positive norm such as 1.0")
+        check.need(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay,
+                   "use 0 (off) or a decay in (0, 1) such as 0.999")
+        check.need(isinstance(self.ema_start_step, int) and self.ema_start_step >= 0, "ema_start_step",
+                   self.ema_start_step, "use a step number >= 0")
+        check.need(isinstance(self.ema_every, int) and self.ema_every >= 1, "ema_every", self.ema_every,
+                   "use 1 or more")
         check.need(self.huber_c > 0, "huber_c", self.huber_c, "use a positive threshold such as 0.1")
         check.need(self.min_snr_gamma is None or self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma,
                    "use None (off) or a positive gamma such as 5")

@@ -36,6 +36,11 @@ def step_file_name(output_name: str, step: int) -> str:
     return f"{output_name}-step{step:06d}.safetensors"
 
 
+def ema_name(output_name: str) -> str:
+    """The output name of a run's EMA LoRA files (``<name>-ema``, ``<name>-ema-stepNNNNNN``)."""
+    return f"{output_name}-ema"
+
+
 def step_files(folder: str | Path, output_name: str) -> list[Path]:
     """The step saves named ``output_name`` in ``folder`` (of any run), sorted; [] if there is no folder."""
     folder = Path(folder)
@@ -93,13 +98,22 @@ class Checkpoints:
         """Where the step save of ``step`` goes in ``output_dir`` (which must not be None)."""
         return self.output_dir / step_file_name(self.cfg.output_name, step)
 
+    def ema_step_path(self, step: int) -> Path:
+        """Where the EMA LoRA of ``step`` goes: ``<name>-ema-stepNNNNNN.safetensors``."""
+        return self.output_dir / step_file_name(ema_name(self.cfg.output_name), step)
+
     def save_step(self, trainer: Trainer) -> Path:
-        """The LoRA as of ``trainer.step`` beside the final file; older step saves pruned to ``keep_last``."""
+        """The LoRA as of ``trainer.step`` beside the final file (and its EMA when the run keeps one); older step
+        saves pruned to ``keep_last``."""
         step = trainer.step
         path = self.step_path(step)
         if self.dist.is_main:
             save_lora(path, trainer.extract(step), dtype=self.cfg.save_dtype,
                       overwrite=self.overwrite or written_by(path, trainer.run_id))
+            if trainer.ema is not None:
+                ema = self.ema_step_path(step)
+                save_lora(ema, trainer.extract_ema(step), dtype=self.cfg.save_dtype,
+                          overwrite=self.overwrite or written_by(ema, trainer.run_id))
             self.cb.on_save(path, step)
             self._prune(step, trainer.run_id)
         self.dist.barrier()
@@ -110,10 +124,10 @@ class Checkpoints:
         if not keep or not every:
             return
         for s in list(range(every, step + 1, every))[:-keep]:
-            old = self.step_path(s)
-            if old.exists() and written_by(old, run_id):  # never another run's file
-                old.unlink()
-                log.debug("removed %s (keep_last=%d)", old, keep)
+            for old in (self.step_path(s), self.ema_step_path(s)):
+                if old.exists() and written_by(old, run_id):  # never another run's file
+                    old.unlink()
+                    log.debug("removed %s (keep_last=%d)", old, keep)
 
     def save_state(self, trainer: Trainer) -> Path:
         """Everything the run needs to continue the same curve from ``trainer.step``: ``<name>-state/``."""
@@ -124,7 +138,8 @@ class Checkpoints:
                 class_fingerprint=class_fingerprint, losses=list(trainer.losses),
                 optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                 scaler=trainer.scaler.state_dict(), generator=trainer.gen_at_step,
-                lora=trainer.lora_weights(trainer.step), run_id=trainer.run_id)
+                lora=trainer.lora_weights(trainer.step), run_id=trainer.run_id,
+                ema=trainer.ema.state_dict() if trainer.ema is not None else None)
             save_state(self.state_folder, state)
             self.cb.on_state_saved(self.state_folder, trainer.step)
         self.dist.barrier()

@@ -89,3 +89,4 @@ class TrainResult:
     seconds: float = 0.0
     instance_losses: list[float] = field(default_factory=list)
     prior_losses: list[float] = field(default_factory=list)
+    ema_lora: LoraWeights | None = None  # the EMA of the LoRA weights (``ema_decay``), with its file metadata

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Options that define the network or the data order: a resumed run must use the same values.
 MUST_MATCH = ("rank", "alpha", "preset", "conv_rank", "conv_alpha", "train_text_encoder", "use_dora",
-              "batch_size", "grad_accum", "seed", "optimizer", "prior_loss_weight")
+              "batch_size", "grad_accum", "seed", "optimizer", "prior_loss_weight", "ema_decay", "ema_start_step",
+              "ema_every")
 # Options the schedule depends on: changing them would not continue the same curve.
 SCHEDULE = ("steps", "lr", "text_encoder_lr", "lr_scheduler", "warmup_steps")
 
@@ -52,6 +53,7 @@ class TrainingState:
     generator: torch.Tensor
     lora: LoraWeights
     run_id: str | None = None  # the run that wrote it: its LoRA files carry the same ``lw_run_id``
+    ema: list[torch.Tensor] | None = None  # the EMA of the LoRA's parameters (``ema.LoraEma``), when the run keeps one
 
 
 def state_dir_for(output_dir: str | os.PathLike, name: str) -> Path:
@@ -71,7 +73,7 @@ def save_state(folder: Path, state: TrainingState) -> Path:
             "version": STATE_VERSION, "step": state.step, "config": state.config,
             "dataset_fingerprint": state.dataset_fingerprint, "class_fingerprint": state.class_fingerprint,
             "losses": state.losses, "optimizer": state.optimizer, "scheduler": state.scheduler,
-            "scaler": state.scaler, "generator": state.generator, "run_id": state.run_id,
+            "scaler": state.scaler, "generator": state.generator, "run_id": state.run_id, "ema": state.ema,
         }, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": state.step, "steps": state.config.get("steps"), "output_name": state.config.get("output_name"),
@@ -131,7 +133,7 @@ def load_state(folder: str | os.PathLike) -> TrainingState:
                          class_fingerprint=d["class_fingerprint"], losses=list(d["losses"]),
                          optimizer=d["optimizer"], scheduler=d["scheduler"], scaler=d["scaler"],
                          generator=d["generator"], lora=load_lora(folder / "lora.safetensors"),
-                         run_id=d.get("run_id"))
+                         run_id=d.get("run_id"), ema=d.get("ema"))
 
 
 def check_compatible(state: TrainingState, cfg: TrainConfig, dataset_fp: str, class_fp: str | None,

@@ -14,6 +14,7 @@ resumed run continues exactly the curve an uninterrupted one would have drawn.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ from ..config import ConfigError, DatasetError, TrainConfig
 from ..data.dataset import ImageDataset, dataset_fingerprint
 from .batches import Batches
 from .checkpoints import Checkpoints
+from .ema import LoraEma
 from .interface import RunOptions, TrainCallbacks, TrainData, TrainingError, TrainResult
 from ..interrupt import signals_held
 from ..lora.files import LoraWeights
@@ -38,7 +40,7 @@ from .optim import make_optimizer
 from .preview import preview_on_step, preview_prompt
 from .schedules import (FLOW_SAMPLINGS, add_noise, flow_add_noise, flow_target, make_lr_scheduler,
                         sample_flow_sigmas, target_for)
-from .state import TrainingState, check_compatible, load_state
+from .state import ResumeError, TrainingState, check_compatible, load_state
 
 if TYPE_CHECKING:
     from .memory import MemoryEstimate
@@ -88,6 +90,7 @@ class Trainer:
         # The loop's state, which the event callbacks read (minGPT style).
         self.step, self.losses, self.loss, self.lr = 0, [], math.nan, 0.0
         self.optimizer = self.scheduler = self.scaler = None
+        self.ema: LoraEma | None = None  # the EMA of the LoRA weights (ema_decay), made with the optimizer
         self.gen_at_step: torch.Tensor | None = None  # the noise generator as of the last finished step
         output_dir = Path(options.output_dir) if options.output_dir else None
         self.checkpoints = Checkpoints(cfg, output_dir, Path(options.state_dir) if options.state_dir else None,
@@ -187,6 +190,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             be.enable_gradient_checkpointing()
         te_params = self._make_optimizer(roots, params)
+        self.ema = LoraEma(params, cfg.ema_decay, cfg.ema_start_step, cfg.ema_every) if cfg.ema_decay else None
         use_amp = cfg.mixed_precision != "no"
         amp_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
         self.scaler = self._grad_scaler()
@@ -285,6 +289,8 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
+                    if self.ema is not None:
+                        self.ema.update(self.step)
                     self.gen_at_step = gen.get_state()
                     self.loss = loss_value
                     self.losses.append(loss_value)
@@ -302,12 +308,13 @@ class Trainer:
         if stopped:
             self.trigger_callbacks("on_stop")
         lora = self.extract(self.step)
+        ema_lora = self.extract_ema(self.step) if self.ema is not None else None
         secs = time.time() - self.started_at
         log.info("trained %d/%d steps in %.1f s; loss %s", self.step, cfg.steps, secs,
                  f"{self.losses[0]:.4f} -> {self.losses[-1]:.4f}" if self.losses else "n/a")
         return TrainResult(lora=lora, losses=self.losses, steps_done=self.step, stopped_early=stopped,
                            saved=self.checkpoints.saved, state_dir=self.checkpoints.state_dir, seconds=secs,
-                           instance_losses=inst_losses, prior_losses=prior_losses)
+                           instance_losses=inst_losses, prior_losses=prior_losses, ema_lora=ema_lora)
 
     # ---- the loop's set-up ---------------------------------------------------------------------
     @property
@@ -346,6 +353,11 @@ class Trainer:
         self.scheduler.load_state_dict(state.scheduler)
         self.scaler.load_state_dict(state.scaler)
         gen.set_state(state.generator)
+        if self.ema is not None:
+            if state.ema is None:
+                raise ResumeError(f"{self.resume_from} holds no EMA of the weights, but ema_decay is "
+                                  f"{self.cfg.ema_decay}; resume with ema_decay 0 or start a new run")
+            self.ema.load_state_dict(state.ema)
         self.step, self.losses = state.step, list(state.losses)
         for _ in range(self.step * self.cfg.grad_accum):
             next(batches)  # the data order is a pure function of position: skip what was done
@@ -473,3 +485,14 @@ class Trainer:
     def extract(self, steps_done: int) -> LoraWeights:
         """The LoRA as trained at ``steps_done``, with its file metadata."""
         return dataclasses.replace(self.lora_weights(steps_done), metadata=self.metadata(steps_done))
+
+    def extract_ema(self, steps_done: int) -> LoraWeights:
+        """The EMA of the LoRA weights as of ``steps_done`` (``ema_decay`` on), with its file metadata
+        (``lw_ema``: the decay, start step and interval it was averaged with)."""
+        with self.ema.swapped_in():
+            lora = self.backend.finalize_lora(network.extract(self.backend.roots(), self.targets,
+                                                              arch=self.backend.arch))
+        metadata = self.metadata(steps_done)
+        metadata["lw_ema"] = json.dumps({"decay": self.cfg.ema_decay, "start_step": self.cfg.ema_start_step,
+                                         "every": self.cfg.ema_every})
+        return dataclasses.replace(lora, metadata=metadata)
