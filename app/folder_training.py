@@ -33,6 +33,7 @@ class TqdmCallbacks(TrainCallbacks):
         self.step, self.total = 0, 0
         self.last_state: tuple[Path, int] | None = None
         self.last_lora: tuple[Path, int] | None = None
+        self.preview_dir: Path | None = None  # where previews go as stepNNNNNN.png (step 0: the baseline)
 
     def on_progress(self, task, done, total):
         from tqdm.auto import tqdm
@@ -67,6 +68,19 @@ class TqdmCallbacks(TrainCallbacks):
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
         self.bar.update(step - self.bar.n)
 
+    def on_preview(self, step, images, prompt):
+        if self.preview_dir is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        from ..training.fsutil import atomic_write
+
+        image = Image.fromarray((images[0].clamp(0, 1).float().cpu().numpy() * 255).round().astype(np.uint8))
+        path = atomic_write(self.preview_dir / f"step{step:06d}.png", lambda tmp: image.save(tmp, format="PNG"),
+                            overwrite=True)  # the run's own folder (check_output refused another run's)
+        log.info("preview %s%s", path, " (before training: the baseline)" if step == 0 else "")
+
     def on_save(self, path, step):
         self.last_lora = (Path(path), step)
         log.info("saved %s (step %d)", path, step)
@@ -78,6 +92,11 @@ class TqdmCallbacks(TrainCallbacks):
         self._close_task()
         if self.bar is not None:
             self.bar.close()
+
+
+def previews_dir(out_dir: Path, name: str) -> Path:
+    """Where the CLI writes a run's preview images: ``<out>/<name>-previews/stepNNNNNN.png``."""
+    return Path(out_dir) / f"{name}-previews"
 
 
 def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 512 * 2**20,
@@ -107,6 +126,9 @@ def check_output(out_dir: Path, name: str, overwrite: bool, need_bytes: int = 51
         state = state_dir_for(out_dir, name)
         if state.exists() and not (resume and state.resolve() == Path(resume["folder"]).resolve()):
             theirs.append(state)
+        previews = previews_dir(out_dir, name)
+        if previews.is_dir() and any(previews.iterdir()) and not resume:  # a resume continues its own previews
+            theirs.append(previews)
         if theirs:
             hint = f"; to continue that run use --resume {state}" if state in theirs else ""
             raise FileExistsError(
@@ -146,6 +168,8 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
     if class_dir is not None and not class_prompt:
         raise ValueError("--class-dir needs --class-prompt (e.g. 'a photo of a dog'): the caption of the class images")
     cb = callbacks or (TqdmCallbacks() if dist.is_main else TrainCallbacks())
+    if isinstance(cb, TqdmCallbacks) and cb.preview_dir is None:
+        cb.preview_dir = previews_dir(out_dir, tcfg.output_name)
     try:
         backend = load_backend()
         distilled = distilled_notice(getattr(backend, "model_name", ""))

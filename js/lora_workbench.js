@@ -121,8 +121,10 @@ const STYLE = `
   line-height: 14px; opacity: 0.85; }
 .lw-memory:empty, .lw-saved:empty, .lw-preview-caption:empty { display: none; }
 .lw-loss-chart { width: 100%; height: 150px; border-radius: 4px; background: #151515; }
-.lw-train-preview { height: 128px; width: 100%; object-fit: contain; border-radius: 4px; }
-.lw-train-preview:not([src]) { display: none; }
+.lw-train-previews { display: flex; gap: 4px; }
+.lw-train-previews.lw-empty { display: none; }
+.lw-train-preview, .lw-train-baseline { height: 128px; min-width: 0; flex: 1; object-fit: contain; border-radius: 4px; }
+.lw-train-preview:not([src]), .lw-train-baseline:not([src]) { display: none; }
 .lw-stack-rows { display: flex; flex-direction: column; gap: 3px; }
 .lw-stack-row { display: grid; grid-template-columns: 18px 1fr 52px 52px 18px 18px 18px; gap: 3px; align-items: center; }
 .lw-stack-row.lw-off { opacity: 0.5; }
@@ -243,14 +245,20 @@ function addTrainView(node) {
   const memory = el("div", { className: "lw-memory" });
   const canvas = el("canvas", { className: "lw-loss-chart", dataset: { points: "0" } });
   const saved = el("div", { className: "lw-saved" });
+  // The baseline (step 0: the model before training, same prompt and seed) beside the latest preview.
+  const baseline = el("img", { className: "lw-train-baseline", alt: "before training",
+                               title: "before training (step 0)" });
   const preview = el("img", { className: "lw-train-preview", alt: "latest training preview" });
+  const previews = el("div", { className: "lw-train-previews lw-empty" }, baseline, preview);
   const caption = el("div", { className: "lw-preview-caption" });
-  const root = el("div", { className: "lw-view lw-train-view" }, status, memory, canvas, saved, preview, caption);
-  const state = { node, points: [], total: 0, canvas, status, memory, saved, preview, caption, previewUrl: null,
-                  previewStep: null };
+  const root = el("div", { className: "lw-view lw-train-view" }, status, memory, canvas, saved, previews, caption);
+  const state = { node, points: [], total: 0, canvas, status, memory, saved, preview, baseline, previews, caption,
+                  previewUrl: null, baselineUrl: null, previewStep: null };
   node.lwTrain = state;
   addView(node, "lw_train_view", root, () => contentHeight(root, () => 190));
-  preview.addEventListener("load", safely("preview", () => { preview.dataset.loaded = "1"; fit(node); }));
+  for (const img of [preview, baseline]) {
+    img.addEventListener("load", safely("preview", () => { img.dataset.loaded = "1"; fit(node); }));
+  }
   if (typeof ResizeObserver === "function") new ResizeObserver(safely("loss chart", () => drawChart(state))).observe(canvas);
   drawChart(state);
 }
@@ -267,13 +275,19 @@ function resetTrainView(state) {
 
 function showPreview(state, blob) {
   const url = URL.createObjectURL(blob);
-  const old = state.previewUrl;
-  state.previewUrl = url;
-  state.preview.dataset.loaded = "";
-  state.preview.src = url;
-  if (old) setTimeout(() => URL.revokeObjectURL(old), 1000);
   const step = state.previewStep ?? state.points[state.points.length - 1]?.[0];
-  state.caption.textContent = `preview${step != null ? ` at step ${step}` : ""}${state.previewPrompt ? `: ${state.previewPrompt}` : ""}`;
+  const isBaseline = step === 0;
+  const img = isBaseline ? state.baseline : state.preview;
+  const key = isBaseline ? "baselineUrl" : "previewUrl";
+  const old = state[key];
+  state[key] = url;
+  img.dataset.loaded = "";
+  img.src = url;
+  state.previews.classList.remove("lw-empty");
+  if (old) setTimeout(() => URL.revokeObjectURL(old), 1000);
+  const prompt = state.previewPrompt ? `: ${state.previewPrompt}` : "";
+  state.caption.textContent = isBaseline ? `before training (step 0)${prompt}`
+    : `preview${step != null ? ` at step ${step}` : ""}${state.baseline.src ? " (left: before training)" : ""}${prompt}`;
 }
 
 let executingId = null;

@@ -103,3 +103,26 @@ def test_the_demo_writes_outside_the_checkout_and_git_ignores_its_folder():
     assert out.is_absolute() and out.name == "lora_workbench_demo"
     assert repo not in out.resolve().parents
     assert "lora_workbench_demo/" in (repo / ".gitignore").read_text().splitlines()
+
+
+def test_cli_writes_baseline_and_step_previews_and_the_ema_beside_the_lora(tmp_path, capsys):
+    from PIL import Image
+
+    imgs = make_images(tmp_path / "img", n=2)
+    model = save_tiny_pipeline(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["train", str(imgs), "--model", str(model), "--out", str(out), "--steps", "4", "--preview-every", "2",
+            "--preview-steps", "2", "--ema-decay", "0.9", "--trigger", "sks", *SMALL]
+    assert main(args) == 0
+    shots = sorted(p.name for p in (out / "lora-previews").iterdir())
+    assert shots == ["step000000.png", "step000002.png", "step000004.png"]  # step 0: before training
+    before, after = (Image.open(out / "lora-previews" / n) for n in ("step000000.png", "step000004.png"))
+    assert before.size == after.size and before.tobytes() != after.tobytes()
+    ema = load_lora(out / "lora-ema.safetensors")
+    assert "lw_ema" in ema.metadata and ema.modules.keys() == load_lora(out / "lora.safetensors").modules.keys()
+    # a second run of the same name refuses the first one's previews too, naming them
+    (out / "lora.safetensors").unlink()
+    (out / "lora-ema.safetensors").unlink()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "lora-previews" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from lora_workbench.training.model.backend import DiffusersBackend
 from lora_workbench.training.config import ConfigError, TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.train.schedules import add_noise, target_for
+from lora_workbench.training.train.preview import sample_preview
 from lora_workbench.training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer, TrainingError
 
 from helpers import fixed_eval_loss, make_images, tiny_backend, tiny_dataset_cfg
@@ -194,9 +195,16 @@ def test_previews_are_rendered_by_the_model_being_trained(tmp_path):
             shots.append((step, images, prompt))
 
     cfg = TrainConfig(steps=4, lr=5e-2, preview_every=2, preview_steps=3, preset="all")
-    Trainer(tiny_backend(), TrainData(scan_folder(dcfg), dcfg), cfg, callbacks=Cb()).run()
-    assert [s for s, _, _ in shots] == [2, 4]
-    img2, img4 = shots[0][1], shots[1][1]
+    backend = tiny_backend()
+    Trainer(backend, TrainData(scan_folder(dcfg), dcfg), cfg, callbacks=Cb()).run()
+    assert [s for s, _, _ in shots] == [0, 2, 4]  # step 0: the baseline, before training
+    img0, img2, img4 = (shots[i][1] for i in range(3))
     assert img2.shape == (1, 32, 32, 3) and 0 <= img2.min() and img2.max() <= 1
     assert not torch.equal(img2, img4), "the preview did not change as the LoRA trained"
-    assert shots[0][2].startswith("sks")
+    assert not torch.equal(img0, img2)
+    assert shots[0][2] == shots[1][2] and shots[0][2].startswith("sks")
+    # the baseline is the base model's image: the same render with no LoRA at all (its up weights start at zero)
+    bw, bh = scan_folder(dcfg)[0].bucket
+    base = sample_preview(backend, shots[0][2], seed=cfg.preview_seed, steps=cfg.preview_steps, width=bw, height=bh,
+                          latent_factor=backend.latent_factor, latent_channels=backend.latent_channels)
+    torch.testing.assert_close(img0, base)

@@ -2,8 +2,8 @@
 Selenium, against a ComfyUI server on 127.0.0.1 with the pack in ``custom_nodes``.
 
 - train_then_generate, queued from the editor on the tiny checkpoint: the Train LoRA node's loss
-  chart draws a point per step and the latest preview image appears; the screenshot is kept in
-  ``tests/host/artifacts/`` (git-ignored).
+  chart draws a point per step and the latest preview image appears beside the baseline (before training); the
+  screenshot is kept in ``tests/host/artifacts/`` (git-ignored).
 - the LoRA Stack editor: rows added, picked, toggled, moved and removed by clicking, then queued;
   the prompt ComfyUI received carries exactly those rows, and the trigger words show under them.
 - every example workflow, loaded in the editor with this frontend, queues exactly the prompt
@@ -312,7 +312,14 @@ def test_training_shows_a_live_loss_chart_and_previews(editor, server, tiny_sd15
     status = editor.find_element(By.CSS_SELECTOR, ".lw-train-status").text
     assert status.startswith(f"step {steps}/{steps}"), status
     caption = editor.find_element(By.CSS_SELECTOR, ".lw-preview-caption").get_attribute("textContent")
-    assert caption.startswith("preview at step 6"), caption
+    assert caption.startswith("preview at step 6 (left: before training)"), caption
+    # The baseline (step 0, before training) beside the latest preview, both drawn side by side
+    baseline = editor.execute_script("""
+        const [b, p] = ['.lw-train-baseline', '.lw-train-preview'].map(s => document.querySelector(s));
+        const [rb, rp] = [b.getBoundingClientRect(), p.getBoundingClientRect()];
+        return {loaded: b.dataset.loaded === '1' && b.complete && b.naturalWidth > 0, left: rb.right <= rp.left + 1,
+                top: Math.abs(rb.top - rp.top), w: rb.width};""")
+    assert baseline["loaded"] and baseline["left"] and baseline["top"] < 2 and baseline["w"] > 20, baseline
     saved = editor.find_element(By.CSS_SELECTOR, ".lw-saved").get_attribute("textContent")
     assert saved.startswith(f"saved at step 4: {output_name}-step000004"), saved  # save_every 4
 

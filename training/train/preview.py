@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 def preview_on_step(trainer: Trainer) -> None:
     """The trainer's ``on_step_end`` event: every ``preview_every`` steps and at the last one, the main
     process renders the preview prompt (default: the first image's caption) at the first image's bucket
-    and hands it to ``on_preview``. Backends that cannot decode latents get no previews."""
+    and hands it to ``on_preview``. Also its ``on_train_start`` event: step 0, the baseline (the LoRA's up
+    weights are still zero, so it is the base model's image with the same seed: ai-toolkit's baseline samples).
+    Backends that cannot decode latents get no previews."""
     cfg, step, records = trainer.cfg, trainer.step, trainer.records
     every = cfg.preview_every
     if not (every and (step % every == 0 or step == cfg.steps) and trainer.dist.is_main):

@@ -101,6 +101,7 @@ class Trainer:
         self.add_callback("on_step_end", self.checkpoints.on_step_end)
         self.add_callback("on_step_end", Trainer._report_step)
         self.add_callback("on_step_end", preview_on_step)
+        self.add_callback("on_train_start", preview_on_step)  # the baseline: the previews before step 1
         self.add_callback("on_stop", self.checkpoints.on_stop)
         self.add_callback("on_crash", self.checkpoints.on_crash)
 
@@ -211,6 +212,8 @@ class Trainer:
         if self.step:
             self.cb.on_resume(self.step)
         self.cb.on_start(cfg.steps, n_trainable)
+        if self.step == 0:
+            self.trigger_callbacks("on_train_start")
         log.info("training %d steps: %d LoRA modules, %d trainable parameters, %d images%s, device %s%s",
                  cfg.steps, len(self.targets), n_trainable, len(self.records),
                  f" + {len(self.class_records)} class images" if self.class_records else "", dev,
