@@ -65,6 +65,10 @@ class LoadImageDataset(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Images from the graph instead of a folder."),
                 io.String.Input("captions", optional=True, multiline=True, default="",
                                 tooltip="With connected images: one caption per line (or one line for all)."),
+                io.Boolean.Input("masked_loss", default=False, optional=True,
+                                 tooltip="Learn only where a mask says: <name>_mask.png beside an image (white = "
+                                 "learn, black = ignore, same size as the image), else the image's transparency. "
+                                 "Images with neither are learnt everywhere."),
             ],
             outputs=[
                 Dataset.Output(display_name="dataset"),
@@ -76,7 +80,7 @@ class LoadImageDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, trigger_word, default_caption, resolution, aspect_buckets, bucket_step,
                 min_bucket_side, max_bucket_side, repeats, shuffle_tags, keep_tokens, caption_dropout, flip,
-                images=None, captions="") -> io.NodeOutput:
+                images=None, captions="", masked_loss=False) -> io.NodeOutput:
         import random
 
         from ..training.data.captions import build_caption
@@ -87,7 +91,7 @@ class LoadImageDataset(io.ComfyNode):
                             min_bucket_side=min(min_bucket_side, resolution),
                             max_bucket_side=max(max_bucket_side, resolution), repeats=repeats,
                             shuffle_tags=shuffle_tags, keep_tokens=keep_tokens, caption_dropout=caption_dropout,
-                            flip=flip)
+                            flip=flip, masked_loss=masked_loss)
         if images is not None:
             lines = [c.strip() for c in (captions or "").splitlines() if c.strip()] or [default_caption.strip()]
             records = records_from_images(images, lines, cfg)

@@ -341,3 +341,27 @@ def test_train_lora_inputs_out_of_their_declared_range_are_refused_before_runnin
         execution.validate_prompt("lw-range-check", prompt, None))
     assert not valid
     assert [e["details"] for e in node_errors["8"]["errors"]] == ["learning_rate"], node_errors
+
+
+def test_masked_loss_on_the_dataset_node_learns_only_where_the_masks_allow(comfy_host, run_prompt,
+                                                                           tiny_sd15_checkpoint, tmp_path):
+    """Load Image Dataset's masked_loss with a black <name>_mask.png beside every photo: the masks are not trained
+    as photos, and the whole image is ignored, so every step's loss is 0; without masked_loss the same folder
+    trains the masks as photos and its loss is not 0."""
+    from PIL import Image
+
+    folder = _images(tmp_path / "masked", n=2)
+    for photo in sorted(folder.glob("*.png")):
+        Image.new("L", Image.open(photo).size, 0).save(photo.with_name(f"{photo.stem}_mask.png"))
+    dataset = _dataset(folder)
+    dataset["inputs"]["masked_loss"] = True
+    prompt = {"1": _checkpoint(tiny_sd15_checkpoint.name), "2": dataset,
+              "5": _train("lw_masked", 2, train_text_encoder=False),
+              "9": {"class_type": "LW_LossGraph", "inputs": {"loss": ["5", 3], "smoothing": 0.9, "width": 256,
+                                                              "height": 128}}}
+    run = run_prompt(prompt)
+    assert run.success, run.error()
+    assert [d["loss"] for d in run.events("lw.train.step")] == [0.0, 0.0]
+    plain = run_prompt({**prompt, "2": _dataset(folder), "5": _train("lw_unmasked", 2, train_text_encoder=False)})
+    assert plain.success, plain.error()
+    assert all(d["loss"] > 0 for d in plain.events("lw.train.step"))

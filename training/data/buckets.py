@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..config import DatasetConfig, DatasetError, listing
-from .images import ImageRecord, open_image
+from .images import ImageRecord, open_image, read_file
 
 
 def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:
@@ -114,6 +114,25 @@ def load_pixels(record: ImageRecord, cfg: DatasetConfig, flip: bool = False) -> 
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return pixels, {"original_size": (h, w), "crop_top_left": (top, left), "target_size": (bh, bw)}
+
+
+def load_mask(record: ImageRecord, cfg: DatasetConfig, flip: bool, latent_size: tuple[int, int]) -> torch.Tensor:
+    """The loss weight of ``record`` at latent size ``(h, w)``: its ``mask_path`` (else its alpha channel, else all
+    ones) fitted to the bucket exactly as its pixels are (scale, flip, centre crop), then area-averaged to the
+    latent grid; [1, h, w] float32 in 0..1."""
+    mask = None
+    if record.mask_path is not None:
+        mask = read_file(record.mask_path).convert("L")
+    elif record.image is None:
+        image = read_file(record.path)
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            mask = image.convert("RGBA").getchannel("A")
+    if mask is None:
+        return torch.ones(1, *latent_size)
+    bucket = record.bucket or assign_bucket(record.width, record.height, _buckets_for(cfg))
+    mask, _, _ = fit_to_bucket(mask, bucket, flip=flip)
+    mask = mask.resize((latent_size[1], latent_size[0]), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
 def repeat_starts(records: list[ImageRecord]) -> list[int]:

@@ -28,7 +28,8 @@ from PIL import Image, ImageOps
 from ..config import DatasetConfig, DatasetError, listing
 from .buckets import assign_buckets, load_pixels, repeat_starts
 from .captions import build_caption
-from .images import IMAGE_EXTENSIONS, UNREADABLE, ImageBatch, ImageRecord, list_images, read_file, split_batch
+from .images import (IMAGE_EXTENSIONS, MASK_SUFFIX, UNREADABLE, ImageBatch, ImageRecord, list_images, read_file,
+                     split_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,19 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
 
     problems: list[str] = []
     unreadable, too_small, orphans, bad_text, records = [], [], [], [], []
+    bad_masks: list[str] = []
     n_files = 0
     unused: list[str] = []
     for folder, repeats, concept in _concept_folders(root, cfg, problems):
         unused += _unused_files(folder, root, cfg.caption_extensions, deeper=folder != root)
         paired, lonely = list_images(folder, cfg.caption_extensions)
         orphans += [str(p.relative_to(root)) for p in lonely]
+        masks: dict[str, Path] = {}
+        if cfg.masked_loss:  # <name>_mask.png is the mask of <name>.*, not a training image
+            stems = {p.stem for p, _ in paired}
+            masks = {p.stem[: -len(MASK_SUFFIX)]: p for p, _ in paired
+                     if p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems}
+            paired = [(p, c) for p, c in paired if p not in masks.values()]
         for image_path, caption_path in paired:
             n_files += 1
             rel = str(image_path.relative_to(root))
@@ -129,7 +137,19 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
                     caption = caption_path.read_text(encoding="utf-8-sig")
                 except (UnicodeDecodeError, OSError) as e:
                     bad_text.append(f"{caption_path.relative_to(root)} ({e})")
-            records.append(ImageRecord(str(image_path), caption.strip(), repeats, width, height, concept))
+            mask = masks.get(image_path.stem)
+            if mask is not None:
+                try:
+                    mask_size = read_file(mask).size
+                except UNREADABLE as e:
+                    bad_masks.append(f"{mask.relative_to(root)} cannot be read ({e})")
+                    continue
+                if mask_size != (width, height):
+                    bad_masks.append(f"{mask.relative_to(root)} is {mask_size[0]}x{mask_size[1]} but {rel} is "
+                                     f"{width}x{height}")
+                    continue
+            records.append(ImageRecord(str(image_path), caption.strip(), repeats, width, height, concept,
+                                       mask_path=str(mask) if mask is not None else None))
 
     exts = "/".join(IMAGE_EXTENSIONS)
     if n_files == 0:
@@ -146,6 +166,9 @@ def scan_folder(cfg: DatasetConfig) -> list[ImageRecord]:
     if orphans:
         problems.append(f"{len(orphans)} caption file(s) have no matching image: {listing(orphans)}; "
                         f"rename each to match an image ({exts}) or delete it")
+    if bad_masks:
+        problems.append(f"{len(bad_masks)} loss mask(s) do not fit their image: {listing(bad_masks)}; a mask must "
+                        "be a readable image of the same size as its image (white = learn, black = ignore)")
     if bad_text:
         problems.append(f"{len(bad_text)} caption file(s) cannot be read as UTF-8 text: "
                         f"{listing(bad_text)}; re-save them as UTF-8 text files")
@@ -270,7 +293,8 @@ def _image_digest(image) -> str:
 
 
 def dataset_fingerprint(records: list[ImageRecord]) -> str:
-    """sha256 over (path or pixel hash, size, mtime_ns, caption, repeats) of every record."""
+    """sha256 over (path or pixel hash, size, mtime_ns, caption, repeats[, loss mask path, size, mtime_ns]) of
+    every record."""
     rows = []
     for r in records:
         if r.path is None:
@@ -281,7 +305,11 @@ def dataset_fingerprint(records: list[ImageRecord]) -> str:
             except OSError as e:
                 raise DatasetError(f"image {r.path} is gone ({e}); scan the folder again") from e
             key, size, mtime = r.path, st.st_size, st.st_mtime_ns
-        rows.append(json.dumps([key, size, mtime, r.caption, r.repeats]))
+        row = [key, size, mtime, r.caption, r.repeats]
+        if r.mask_path is not None:  # a changed loss mask changes the run (only then: older fingerprints hold)
+            st = os.stat(r.mask_path)
+            row += [r.mask_path, st.st_size, st.st_mtime_ns]
+        rows.append(json.dumps(row))
     return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
 
 

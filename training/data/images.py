@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from ..config import DatasetError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+MASK_SUFFIX = "_mask"  # masked loss: <name>_mask.png is the loss mask of <name>.png / .jpg ...
 # A ComfyUI IMAGE batch [N, H, W, 3] in 0..1, or a list of PIL images / [H, W, 3] arrays or tensors.
 ImageBatch = Union[torch.Tensor, np.ndarray, Sequence[Union[Image.Image, np.ndarray, torch.Tensor]]]
 
@@ -35,6 +36,7 @@ class ImageRecord:
     concept: str  # the sub-folder (or folder) name, the key of ss_tag_frequency
     image: object = field(default=None, compare=False, repr=False)  # PIL image or HxWx3 float array
     bucket: tuple[int, int] | None = None  # (width, height)
+    mask_path: str | None = None  # masked loss: the <name>_mask.png beside the image (None: its alpha, if any)
 
     @property
     def name(self) -> str:

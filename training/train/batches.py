@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from ..config import DatasetConfig, TrainConfig
-from ..data.buckets import BucketBatchSampler, load_pixels, size_conditioning
+from ..data.buckets import BucketBatchSampler, load_mask, load_pixels, size_conditioning
 from ..data.captions import build_caption, trained_caption
 from ..data.dataset import ImageDataset
 from ..data.images import ImageRecord
@@ -46,6 +46,7 @@ class Batches:
         self.backend, self.dataset, self.dcfg, self.cfg, self.dist, self.cb = backend, dataset, dcfg, cfg, dist, callbacks
         self.records, self.class_records, self.class_prompt = dataset.records, class_records, class_prompt
         self._latents: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
         self._embeds: dict[str, Any] = {}
 
     def micro_batches(self) -> Iterator[MicroBatch]:
@@ -117,6 +118,20 @@ class Batches:
             rec = dataclasses.replace(self.class_records[mb.class_idx[p]], bucket=mb.bucket)
             lat.append(self._latent(("c", mb.class_idx[p], mb.bucket), rec, False))
         return torch.stack(lat).to(self.backend.device)
+
+    def masks(self, mb: MicroBatch, pos: list[int], latent_size: tuple[int, int]) -> torch.Tensor | None:
+        """The loss weights [B, 1, h, w] in the order of ``latents`` (``masked_loss``; class images count
+        everywhere), on the device; None when the dataset has masked loss off."""
+        if not self.dcfg.masked_loss:
+            return None
+        out = []
+        for p in pos:
+            key = (mb.idx[p], mb.flips[p], latent_size)
+            if key not in self._masks:  # small (one value per latent pixel): always cached
+                self._masks[key] = load_mask(self.records[mb.idx[p]], self.dcfg, mb.flips[p], latent_size)
+            out.append(self._masks[key])
+        out += [torch.ones(1, *latent_size) for _ in (pos if mb.class_idx else ())]
+        return torch.stack(out).to(self.backend.device)
 
     def captions(self, mb: MicroBatch, pos: list[int]) -> list[str]:
         """The captions in the order of ``latents``; a class image without one gets the class prompt."""

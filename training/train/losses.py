@@ -145,8 +145,11 @@ def _per_sample_c(huber_c: float | torch.Tensor, ref: torch.Tensor) -> torch.Ten
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "mse",
-                    huber_c: float | torch.Tensor | None = None) -> torch.Tensor:
+                    huber_c: float | torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of each sample (mean over every non-batch dim), fp32, shape (batch,).
+
+    ``mask`` [B, 1, h, w] in 0..1 (masked loss) weighs each latent pixel before the mean, as kohya's
+    ``apply_masked_loss`` does: a 0 there contributes no loss and no gradient.
 
     mse: x**2; l1: |x|; huber: 2c (sqrt(x**2 + c**2) - c), the pseudo-Huber of kohya's
     ``conditional_loss`` (~x**2 for |x| << c, ~2c(|x| - c) for |x| >> c); smooth_l1: torch's
@@ -178,6 +181,8 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
             ax = x.abs()
             # c > 0, so the quadratic branch never divides by zero (and its gradient stays finite).
             loss = torch.where(ax < c, 0.5 * x.square() / c, ax - 0.5 * c)
+    if mask is not None:
+        loss = loss * mask.to(loss.device, loss.dtype)
     return loss.flatten(1).mean(dim=1) if loss.dim() > 1 else loss
 
 

@@ -255,7 +255,8 @@ class Trainer:
                         huber_c = L.huber_c_for_flow(t, cfg.huber_c, cfg.huber_schedule)
                     elif cfg.loss_type in ("huber", "smooth_l1"):
                         huber_c = L.huber_c_for(t, self._n_train_t, cfg.huber_c, cfg.huber_schedule, alphas)
-                    per = L.per_sample_loss(pred, target, cfg.loss_type, huber_c)
+                    mask = self.batches.masks(mb, pos, tuple(x0.shape[-2:]))
+                    per = L.per_sample_loss(pred, target, cfg.loss_type, huber_c, mask)
                     if cfg.min_snr_gamma:  # DDPM only (check_objective)
                         per = per * L.min_snr_weights(alphas, t, cfg.min_snr_gamma, prediction)
                     if has_prior:
