@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "--num-class-images are generated with the base model and kept)")
     tr.add_argument("--class-prompt", default="", help="caption of the class images, e.g. 'a photo of a dog'")
     tr.add_argument("--resume", default=None, help="continue a stopped run from its '<name>-state' folder")
+    tr.add_argument("--validation-dir", default=None,
+                    help="folder of held-out images (and captions) for the validation loss, instead of "
+                         "--validation-split's share of the training images")
     tr.add_argument("--keep-state", action="store_true",
                     help="keep the '<name>-state' folder (its last periodic save) when the run finishes")
     tr.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -191,7 +194,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                     Path(ns.out), overwrite=ns.overwrite, callbacks=cb,
                                     class_dir=Path(ns.class_dir) if ns.class_dir else None,
                                     class_prompt=ns.class_prompt, resume_from=Path(ns.resume) if ns.resume else None,
-                                    dist=dist, keep_state=ns.keep_state)
+                                    dist=dist, keep_state=ns.keep_state,
+                                    validation_dir=Path(ns.validation_dir) if ns.validation_dir else None)
     except Interrupted as e:
         if dist.is_main:
             print(f"lora-workbench train: {stopped_message(e, cb, ns)}", file=sys.stderr)
@@ -206,6 +210,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
         k = max(1, len(result.losses) // 10)
         print(f"trained {result.steps_done} steps; loss {sum(result.losses[:k]) / k:.4f} -> "
               f"{sum(result.losses[-k:]) / k:.4f} (mean of first/last {k})")
+        if result.validation:
+            curve = ", ".join(f"{v[0]}: {v[1]:.4f}" for v in result.validation)
+            best = min(result.validation, key=lambda v: v[1])
+            print(f"validation loss by step: {curve}")
+            print(f"lowest validation loss {best[1]:.4f} at step {best[0]}"
+                  + (f" (saved as {Path(ns.out) / (tcfg.output_name + '-best.safetensors')})" if tcfg.keep_best else ""))
         print(f"saved {path}")
     return 0
 

@@ -5,6 +5,8 @@ Shared by the CLI and the demo; everything that can be checked before a model lo
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import shutil
 from pathlib import Path
@@ -34,6 +36,7 @@ class TqdmCallbacks(TrainCallbacks):
         self.last_state: tuple[Path, int] | None = None
         self.last_lora: tuple[Path, int] | None = None
         self.preview_dir: Path | None = None  # where previews go as stepNNNNNN.png (step 0: the baseline)
+        self.validation: dict = {}  # the last validation loss and best step, for the progress bar
 
     def on_progress(self, task, done, total):
         from tqdm.auto import tqdm
@@ -65,8 +68,11 @@ class TqdmCallbacks(TrainCallbacks):
 
     def on_step(self, step, total, loss, lr):
         self.step = step
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", **self.validation)
         self.bar.update(step - self.bar.n)
+
+    def on_validation(self, step, loss, best_step):
+        self.validation = {"val": f"{loss:.4f}", "best": best_step}  # shown with every later step's loss
 
     def on_preview(self, step, images, prompt):
         if self.preview_dir is None:
@@ -153,7 +159,8 @@ def _state_of_run(folder: Path, run_id: str) -> bool:
 def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[[], Backend], out_dir: Path,
                  overwrite: bool = False, callbacks: TrainCallbacks | None = None,
                  class_dir: Path | None = None, class_prompt: str = "", resume_from: Path | None = None,
-                 dist: Dist | None = None, keep_state: bool = False) -> tuple[TrainResult, Path | None]:
+                 dist: Dist | None = None, keep_state: bool = False,
+                 validation_dir: Path | None = None) -> tuple[TrainResult, Path | None]:
     """Train on ``dcfg.path`` and save ``out_dir/<output_name>.safetensors``.
 
     With ``class_dir`` + ``class_prompt`` the run uses prior preservation; when fewer than
@@ -163,6 +170,7 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
     """
     dist = dist or Dist()
     records = scan_folder(dcfg)  # bad images fail here, before any model loads
+    validation = scan_folder(dataclasses.replace(dcfg, path=str(validation_dir))) if validation_dir else None
     resume = read_state_info(resume_from) if resume_from is not None else None
     final = check_output(out_dir, tcfg.output_name, overwrite, resume=resume)
     if class_dir is not None and not class_prompt:
@@ -189,7 +197,7 @@ def train_folder(dcfg: DatasetConfig, tcfg: TrainConfig, load_backend: Callable[
                                           progress=lambda done, total: cb.on_progress("class images", done, total))
                 dist.barrier()
             class_records = scan_folder(class_config(dcfg, class_prompt, str(class_dir)))
-        trainer = Trainer(backend, TrainData(records, dcfg, class_records, class_prompt), tcfg, cb,
+        trainer = Trainer(backend, TrainData(records, dcfg, class_records, class_prompt, validation), tcfg, cb,
                           RunOptions(output_dir=out_dir, resume_from=resume_from, overwrite=overwrite, dist=dist))
         result = trainer.run()
     finally:

@@ -145,6 +145,13 @@ class TrainConfig:
     save_dtype: str = "fp16"  # dtype of the saved LoRA files (states are always fp32)
     output_name: str = "lora"  # file name of the LoRA (<out>/<name>.safetensors), no path separators
 
+    # --- validation ------------------------------------------------------------------------------
+    validation_split: float = 0.0  # share of the images held out for the validation loss (0: none)
+    validation_every: int = 0  # validation loss every N steps (and at every save and the last step; 0: only then)
+    validation_timesteps: tuple[float, ...] = ()  # noise levels in (0, 1) it is measured at (): 0.1 .. 0.9
+    keep_best: bool = False  # write <name>-best.safetensors at each new lowest validation loss
+    validation_patience: int = 0  # stop after N validations in a row without a new best (0: never)
+
     # --- previews during training ----------------------------------------------------------------
     preview_every: int = 0  # render a preview image every N steps (0: never)
     preview_prompt: str = ""  # default: the first training caption
@@ -179,6 +186,14 @@ class TrainConfig:
                    self.ema_start_step, "use a step number >= 0")
         check.need(isinstance(self.ema_every, int) and self.ema_every >= 1, "ema_every", self.ema_every,
                    "use 1 or more")
+        check.need(0.0 <= self.validation_split < 1.0, "validation_split", self.validation_split,
+                   "use a share in [0, 1) such as 0.1 (0: no validation images)")
+        check.need(isinstance(self.validation_every, int) and self.validation_every >= 0, "validation_every",
+                   self.validation_every, "use 0 or a number of steps")
+        check.need(all(0.0 < float(v) < 1.0 for v in self.validation_timesteps), "validation_timesteps",
+                   self.validation_timesteps, "use noise levels strictly between 0 and 1, e.g. 0.25 0.5 0.75")
+        check.need(isinstance(self.validation_patience, int) and self.validation_patience >= 0, "validation_patience",
+                   self.validation_patience, "use 0 (never stop early) or a number of validations")
         check.need(self.huber_c > 0, "huber_c", self.huber_c, "use a positive threshold such as 0.1")
         check.need(self.min_snr_gamma is None or self.min_snr_gamma >= 0, "min_snr_gamma", self.min_snr_gamma,
                    "use None (off) or a positive gamma such as 5")

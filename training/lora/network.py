@@ -179,6 +179,13 @@ def load_into(roots: dict[str, nn.Module], targets: list[LoraTarget], lora: Lora
                                    f"{result.unexpected_keys[:3]}; its state-dict key names changed")
 
 
+def eval_lora_dropout(roots: dict[str, nn.Module]) -> None:
+    """Put LoRA dropout modules in eval mode (a validation pass)."""
+    for root in roots.values():
+        for _, layer in _lora_layers(root):
+            layer.lora_dropout[ADAPTER].eval()
+
+
 def train_lora_dropout(roots: dict[str, nn.Module]) -> None:
     """Put LoRA dropout modules in training mode while the frozen base model stays in eval mode."""
     for root in roots.values():

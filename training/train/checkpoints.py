@@ -129,6 +129,19 @@ class Checkpoints:
                     old.unlink()
                     log.debug("removed %s (keep_last=%d)", old, keep)
 
+    def save_best(self, trainer: Trainer) -> Path | None:
+        """``<name>-best.safetensors``: the LoRA at the lowest validation loss so far (``keep_best``), replaced as
+        the run finds a lower one (never another run's file)."""
+        if self.output_dir is None:
+            return None
+        path = self.output_dir / f"{self.cfg.output_name}-best.safetensors"
+        if self.dist.is_main:
+            save_lora(path, trainer.extract(trainer.step), dtype=self.cfg.save_dtype,
+                      overwrite=self.overwrite or written_by(path, trainer.run_id))
+            self.cb.on_save(path, trainer.step)
+        self.dist.barrier()
+        return path
+
     def save_state(self, trainer: Trainer) -> Path:
         """Everything the run needs to continue the same curve from ``trainer.step``: ``<name>-state/``."""
         if self.dist.is_main:
@@ -139,7 +152,8 @@ class Checkpoints:
                 optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                 scaler=trainer.scaler.state_dict(), generator=trainer.gen_at_step,
                 lora=trainer.lora_weights(trainer.step), run_id=trainer.run_id,
-                ema=trainer.ema.state_dict() if trainer.ema is not None else None)
+                ema=trainer.ema.state_dict() if trainer.ema is not None else None,
+                validation=[list(v) for v in trainer.validation])
             save_state(self.state_folder, state)
             self.cb.on_state_saved(self.state_folder, trainer.step)
         self.dist.barrier()

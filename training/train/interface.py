@@ -47,6 +47,9 @@ class TrainCallbacks:
     def on_state_saved(self, path: Path, step: int) -> None:
         """A resumable state folder was written at ``path``, on the main process only."""
 
+    def on_validation(self, step: int, loss: float, best_step: int) -> None:
+        """The validation loss at ``step`` and the step of the lowest one so far."""
+
     def on_preview(self, step: int, images: torch.Tensor, prompt: str) -> None:
         """images: [B, H, W, 3] in 0..1, rendered by the model as trained so far."""
 
@@ -63,6 +66,7 @@ class TrainData:
     config: DatasetConfig
     class_records: list[ImageRecord] | None = None
     class_prompt: str = ""
+    validation_records: list[ImageRecord] | None = None  # a separate validation set (else validation_split's)
 
 
 @dataclass
@@ -90,3 +94,6 @@ class TrainResult:
     instance_losses: list[float] = field(default_factory=list)
     prior_losses: list[float] = field(default_factory=list)
     ema_lora: LoraWeights | None = None  # the EMA of the LoRA weights (``ema_decay``), with its file metadata
+    # (step, validation loss[, the EMA's]) per validation; the step of the lowest (None: no validation set)
+    validation: list[tuple] = field(default_factory=list)
+    best_step: int | None = None

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ STATE_VERSION = 1
 # Options that define the network or the data order: a resumed run must use the same values.
 MUST_MATCH = ("rank", "alpha", "preset", "conv_rank", "conv_alpha", "train_text_encoder", "use_dora",
               "batch_size", "grad_accum", "seed", "optimizer", "prior_loss_weight", "ema_decay", "ema_start_step",
-              "ema_every")
+              "ema_every", "validation_split")
 # Options the schedule depends on: changing them would not continue the same curve.
 SCHEDULE = ("steps", "lr", "text_encoder_lr", "lr_scheduler", "warmup_steps")
 
@@ -54,6 +54,7 @@ class TrainingState:
     lora: LoraWeights
     run_id: str | None = None  # the run that wrote it: its LoRA files carry the same ``lw_run_id``
     ema: list[torch.Tensor] | None = None  # the EMA of the LoRA's parameters (``ema.LoraEma``), when the run keeps one
+    validation: list = field(default_factory=list)  # (step, loss[, EMA loss]) of each validation so far
 
 
 def state_dir_for(output_dir: str | os.PathLike, name: str) -> Path:
@@ -74,6 +75,7 @@ def save_state(folder: Path, state: TrainingState) -> Path:
             "dataset_fingerprint": state.dataset_fingerprint, "class_fingerprint": state.class_fingerprint,
             "losses": state.losses, "optimizer": state.optimizer, "scheduler": state.scheduler,
             "scaler": state.scaler, "generator": state.generator, "run_id": state.run_id, "ema": state.ema,
+            "validation": state.validation,
         }, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": state.step, "steps": state.config.get("steps"), "output_name": state.config.get("output_name"),
@@ -133,7 +135,7 @@ def load_state(folder: str | os.PathLike) -> TrainingState:
                          class_fingerprint=d["class_fingerprint"], losses=list(d["losses"]),
                          optimizer=d["optimizer"], scheduler=d["scheduler"], scaler=d["scaler"],
                          generator=d["generator"], lora=load_lora(folder / "lora.safetensors"),
-                         run_id=d.get("run_id"), ema=d.get("ema"))
+                         run_id=d.get("run_id"), ema=d.get("ema"), validation=d.get("validation") or [])
 
 
 def check_compatible(state: TrainingState, cfg: TrainConfig, dataset_fp: str, class_fp: str | None,

@@ -29,6 +29,7 @@ from . import losses as L
 from ..lora import network
 from ..model.backend import Backend
 from ..config import ConfigError, DatasetError, TrainConfig
+from ..data.buckets import assign_buckets
 from ..data.dataset import ImageDataset, dataset_fingerprint
 from .batches import Batches
 from .checkpoints import Checkpoints
@@ -38,6 +39,7 @@ from ..interrupt import signals_held
 from ..lora.files import LoraWeights
 from .optim import make_optimizer
 from .preview import preview_on_step, preview_prompt
+from .validation import Validator, split_validation, validate_on_step
 from .schedules import (FLOW_SAMPLINGS, add_noise, flow_add_noise, flow_target, make_lr_scheduler,
                         sample_flow_sigmas, target_for)
 from .state import ResumeError, TrainingState, check_compatible, load_state
@@ -59,7 +61,8 @@ class Trainer:
     def __init__(self, backend: Backend, data: TrainData, cfg: TrainConfig, callbacks: TrainCallbacks | None = None,
                  options: RunOptions | None = None):
         options = options or RunOptions()
-        self.dataset = ImageDataset(data.records, data.config)  # assigns buckets where missing
+        train_records, held_out = split_validation(data.records, cfg.validation_split, cfg.seed)
+        self.dataset = ImageDataset(train_records, data.config)  # assigns buckets where missing
         self.records = self.dataset.records
         self.backend, self.dcfg, self.cfg = backend, data.config, cfg
         self.cb = callbacks or TrainCallbacks()
@@ -79,6 +82,13 @@ class Trainer:
                                "or give every class image a caption file")
         self.batches = Batches(backend, self.dataset, self.dcfg, self.class_records, self.class_prompt, cfg,
                                self.dist, self.cb)
+        validation = [*held_out, *(data.validation_records or [])]
+        if validation:
+            validation = assign_buckets(validation, self.dcfg)
+        self.validation_records = validation
+        self.validator: Validator | None = None  # made by run() once the prediction type is known
+        self.validation: list[tuple] = []  # (step, loss[, EMA loss]) per validation
+        self.stop_requested = False  # set by an event (validation_patience) to end the run after this step
         self.targets: list[network.LoraTarget] = []
         self._estimate: tuple | None = None  # (memory estimate,) once computed
         self.prompts_precached = False  # set by run(): the captions and preview prompts were encoded up front
@@ -98,6 +108,8 @@ class Trainer:
         self.events: dict[str, list[Callable[[Trainer], None]]] = defaultdict(list)
         # After each step: files first, then the host hears of the step, then the preview (whose
         # image a host shows with that step's progress).
+        # The validation first: a step save and state then carry that step's validation loss.
+        self.add_callback("on_step_end", validate_on_step)
         self.add_callback("on_step_end", self.checkpoints.on_step_end)
         self.add_callback("on_step_end", Trainer._report_step)
         self.add_callback("on_step_end", preview_on_step)
@@ -150,6 +162,8 @@ class Trainer:
         if not self.lora_targets():
             raise TrainingError(f"preset {cfg.preset!r} found no layers to train in this model")
         self.check_objective()
+        if self.validation_records:
+            self.validator = Validator(self, self.validation_records)
         release = self._plan_text_encoder_release()
         self.prompts_precached = release is not None  # previews then read the cache (the encoders may be gone)
         estimate = self.memory_estimate()
@@ -161,6 +175,8 @@ class Trainer:
             state = load_state(self.resume_from)
             self.run_id = state.run_id or self.run_id
             check_compatible(state, cfg, *self.fingerprints(), self.resume_from)
+        if self.validator is not None:
+            self.validator.prepare()  # with the VAE, before training: fixed latents and noise
         if cfg.cache_latents:
             # Encode every image before LoRA layers wrap the model: the VAE runs once, and a host that
             # offloads models (ComfyUI lowvram) does not shuffle the wrapped UNet around mid-training.
@@ -222,7 +238,7 @@ class Trainer:
         has_prior = bool(self.class_records)
         try:
             while self.step < cfg.steps:
-                if self.cb.should_stop():
+                if self.cb.should_stop() or self.stop_requested:
                     stopped = True
                     break
                 te_trains = self._text_encoder_trains(te_params)
@@ -318,7 +334,8 @@ class Trainer:
                  f"{self.losses[0]:.4f} -> {self.losses[-1]:.4f}" if self.losses else "n/a")
         return TrainResult(lora=lora, losses=self.losses, steps_done=self.step, stopped_early=stopped,
                            saved=self.checkpoints.saved, state_dir=self.checkpoints.state_dir, seconds=secs,
-                           instance_losses=inst_losses, prior_losses=prior_losses, ema_lora=ema_lora)
+                           instance_losses=inst_losses, prior_losses=prior_losses, ema_lora=ema_lora,
+                           validation=list(self.validation), best_step=self.best_validation()[0])
 
     # ---- the loop's set-up ---------------------------------------------------------------------
     @property
@@ -357,6 +374,7 @@ class Trainer:
         self.scheduler.load_state_dict(state.scheduler)
         self.scaler.load_state_dict(state.scaler)
         gen.set_state(state.generator)
+        self.validation = [tuple(v) for v in state.validation]
         if self.ema is not None:
             if state.ema is None:
                 raise ResumeError(f"{self.resume_from} holds no EMA of the weights, but ema_decay is "
@@ -435,6 +453,8 @@ class Trainer:
         if prompts is None:
             log.info("text encoders stay loaded: shuffled tags make every step's caption new")
             return None
+        if self.validator is not None:
+            prompts += self.validator.captions
         if cfg.preview_every:
             prompts.append(preview_prompt(self))
             if be.prediction_type != "flow" or be.preview_guidance != 1:
@@ -469,6 +489,10 @@ class Trainer:
         be = self.backend
         # The sampling actually used (lw_config holds cfg's "default"), and for flow models the shift.
         facts = {"timestep_sampling": self.timestep_sampling()}
+        done = [v for v in self.validation if v[0] <= steps_done]
+        if done:  # the validation curve so far and its best step (a step save carries the curve up to it)
+            facts["validation_loss"] = [list(v) for v in done]
+            facts["best_step"] = min(done, key=lambda v: v[1])[0]
         flow = self.prediction() == "flow"
         if flow:
             facts["flow_shift"] = self.flow_shift()
@@ -485,6 +509,13 @@ class Trainer:
             lora = network.extract(self.backend.roots(), self.targets, arch=self.backend.arch)
             self._extracted = (step, self.backend.finalize_lora(lora))
         return self._extracted[1]
+
+    def best_validation(self) -> tuple[int | None, float]:
+        """(step, loss) of the lowest validation loss so far; (None, nan) before the first validation."""
+        if not self.validation:
+            return None, math.nan
+        step, loss, *_ = min(self.validation, key=lambda v: v[1])
+        return step, loss
 
     def extract(self, steps_done: int) -> LoraWeights:
         """The LoRA as trained at ``steps_done``, with its file metadata."""
