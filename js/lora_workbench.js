@@ -16,6 +16,7 @@ const EXTENSION = "LoraWorkbench.Frontend";
 // (a test keeps the two the same).
 const TRAIN_EVENTS = Object.freeze({
   step: "lw.train.step", preview: "lw.train.preview", memory: "lw.train.memory", saved: "lw.train.saved",
+  validation: "lw.train.validation",
 });
 const TRAIN_NODES = new Set(["LW_TrainLoRA", "LW_ResumeTraining"]);
 const STACK_NODE = "LW_LoraStack";
@@ -189,7 +190,9 @@ function drawChart(state) {
   ctx.fillStyle = "#151515";
   ctx.fillRect(0, 0, width, height);
   const points = state.points.filter(([, loss]) => Number.isFinite(loss));
+  const val = (state.validation ?? []).filter(([, loss]) => Number.isFinite(loss));
   canvas.dataset.points = String(points.length);
+  canvas.dataset.validationPoints = String(val.length);
   ctx.font = "10px sans-serif";
   if (!points.length) {
     ctx.fillStyle = "#777";
@@ -200,8 +203,8 @@ function drawChart(state) {
   const lastStep = points[points.length - 1][0];
   const xMax = Math.max(state.total || 0, lastStep, 2);
   const xMin = Math.min(points[0][0], 1);
-  let yMin = Math.min(...points.map((p) => p[1]));
-  let yMax = Math.max(...points.map((p) => p[1]));
+  let yMin = Math.min(...points.map((p) => p[1]), ...val.map((p) => p[1]));
+  let yMax = Math.max(...points.map((p) => p[1]), ...val.map((p) => p[1]));
   if (yMax - yMin < 1e-9) { yMax += 0.5 * (Math.abs(yMax) || 1); yMin -= 0.5 * (Math.abs(yMin) || 1); }
   const pad = 0.06 * (yMax - yMin);
   yMin -= pad; yMax += pad;
@@ -238,6 +241,17 @@ function drawChart(state) {
     if (i) ctx.lineTo(x(s), y(v)); else ctx.moveTo(x(s), y(v));
   });
   ctx.stroke();
+  // validation loss (held-out images, fixed noise): green, its lowest point ringed
+  if (val.length) {
+    ctx.strokeStyle = ctx.fillStyle = "#3ccf6e";
+    ctx.beginPath();
+    val.forEach(([s, l], i) => (i ? ctx.lineTo(x(s), y(l)) : ctx.moveTo(x(s), y(l))));
+    ctx.stroke();
+    for (const [s, l] of val) { ctx.beginPath(); ctx.arc(x(s), y(l), 2.5, 0, 2 * Math.PI); ctx.fill(); }
+    const [bs, bl] = val.reduce((a, b) => (b[1] < a[1] ? b : a));
+    ctx.beginPath(); ctx.arc(x(bs), y(bl), 5, 0, 2 * Math.PI); ctx.stroke();
+    ctx.fillText(`validation best ${bl.toPrecision(4)} @ ${bs}`, width - right - 150, top + 10);
+  }
 }
 
 function addTrainView(node) {
@@ -265,6 +279,7 @@ function addTrainView(node) {
 
 function resetTrainView(state) {
   state.points = [];
+  state.validation = [];
   state.total = 0;
   state.status.textContent = "starting…";
   state.saved.textContent = "";
@@ -316,6 +331,14 @@ function listenForTraining() {
     if (!state) return;
     state.previewStep = detail.step;
     state.previewPrompt = detail.prompt ?? "";
+  }));
+  api.addEventListener(TRAIN_EVENTS.validation, safely(TRAIN_EVENTS.validation, ({ detail }) => {
+    const node = graphNode(detail?.node);
+    const state = node?.lwTrain;
+    if (!state) return;
+    (state.validation ??= []).push([Number(detail.step), Number(detail.loss)]);
+    drawChart(state);
+    redraw(node);
   }));
   api.addEventListener(TRAIN_EVENTS.memory, safely(TRAIN_EVENTS.memory, ({ detail }) => {
     const state = graphNode(detail?.node)?.lwTrain;

@@ -76,7 +76,7 @@ class LossGraph(io.ComfyNode):
 
     @classmethod
     def execute(cls, loss: LossPayload, smoothing, width, height) -> io.NodeOutput:
-        img = loss_plot(loss.losses, width, height, smoothing)
+        img = loss_plot(loss.losses, width, height, smoothing, validation=getattr(loss, "validation", None))
         t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
         return io.NodeOutput(t, ui=ui.PreviewImage(t, cls=cls))
 

@@ -36,3 +36,4 @@ class LossPayload:
     losses: list[float]
     instance: list[float] = field(default_factory=list)
     prior: list[float] = field(default_factory=list)
+    validation: list = field(default_factory=list)  # (step, loss[, EMA loss]) per validation

@@ -107,3 +107,18 @@ def test_cli_validates_on_a_separate_folder_and_reports_the_best_step(tmp_path, 
     meta = load_lora(out / "lora.safetensors").metadata
     assert [v[0] for v in json.loads(meta["lw_validation_loss"])] == [2, 4]
     assert (out / "lora-best.safetensors").is_file()
+
+
+def test_loss_graph_draws_the_validation_line_and_rings_its_best_step():
+    import numpy as np
+
+    from lora_workbench.training.train.plot import loss_plot
+
+    losses = [1.0 - 0.01 * i for i in range(40)]
+    plain = np.asarray(loss_plot(losses, 400, 200))
+    drawn = np.asarray(loss_plot(losses, 400, 200, validation=[(10, 0.95), (20, 0.8), (30, 0.85), (40, 0.9)]))
+
+    def green(a):
+        return int(((a[..., 1] > 120) & (a[..., 0] < 60) & (a[..., 2] < 90)).sum())
+
+    assert green(plain) == 0 and green(drawn) > 100

@@ -292,9 +292,8 @@ class DatasetConfig:
     max_bucket_side: int = 1024  # largest bucket side
     enable_buckets: bool = True  # off: every image becomes a resolution x resolution square
     flip: bool = False  # random horizontal flip augmentation
-    # Weight the loss by a mask (kohya's --masked_loss): <name>_mask.png beside an image (white = learn, black =
-    # ignore), else the image's alpha channel; images with neither count everywhere.
-    masked_loss: bool = False
+    # Images with neither a mask file nor transparency count everywhere.
+    masked_loss: bool = False  # weigh the loss by <name>_mask.png (white = learn, black = ignore) or the alpha channel
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", os.fspath(self.path))

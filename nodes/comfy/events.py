@@ -14,7 +14,8 @@ TRAIN_STEP = "lw.train.step"  # {"node", "step", "total", "loss", "lr"} after ev
 TRAIN_PREVIEW = "lw.train.preview"  # {"node", "step", "prompt"}; the image comes with the progress update
 TRAIN_SAVED = "lw.train.saved"  # {"node", "step", "path"} after every LoRA file written
 TRAIN_MEMORY = "lw.train.memory"  # {"node", "bytes", "text"}: the expected peak, before the first step
-ALL = (TRAIN_STEP, TRAIN_PREVIEW, TRAIN_SAVED, TRAIN_MEMORY)
+TRAIN_VALIDATION = "lw.train.validation"  # {"node", "step", "loss", "best_step"} after every validation
+ALL = (TRAIN_STEP, TRAIN_PREVIEW, TRAIN_SAVED, TRAIN_MEMORY, TRAIN_VALIDATION)
 
 
 def send(event: str, node_id: str | None, data: dict) -> None:

@@ -275,7 +275,7 @@ def test_training_shows_a_live_loss_chart_and_previews(editor, server, tiny_sd15
     # Its own output name in each mode: the server would otherwise answer the second mode's run from its cache.
     output_name = f"sks_person_{editor.lw_mode}"
     set_widgets(editor, train_id, {"steps": steps, "preview_every": preview_every, "save_every": 4,
-                                   "output_name": output_name})
+                                   "output_name": output_name, "validation_split": 0.35})
     show_node(editor, train_id, scale=0.9)
     before_run = assert_sized_to_content(editor, train_id, "lw_train_view")
     assert before_run["view"] < 260, before_run  # status and an empty chart: no room kept for what is not there
@@ -298,17 +298,20 @@ def test_training_shows_a_live_loss_chart_and_previews(editor, server, tiny_sd15
         message="no preview image appeared on the Train LoRA node: " + str(editor.execute_script(
             "return [window.lwSeen, document.querySelector('.lw-train-view')?.outerHTML.slice(0, 600)]")))
 
-    # The chart really drew: blue points for the raw loss and the orange smoothed curve.
+    # The chart really drew: blue points for the raw loss, the orange smoothed curve and the green validation line.
     colours = editor.execute_script("""
         const c = document.querySelector('.lw-loss-chart');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let blue = 0, orange = 0;
+        let blue = 0, orange = 0, green = 0;
         for (let i = 0; i < d.length; i += 4) {
             if (d[i + 2] > 200 && d[i] < 160 && d[i + 1] > 130) blue++;
             if (d[i] > 220 && d[i + 1] > 120 && d[i + 1] < 190 && d[i + 2] < 110) orange++;
+            if (d[i + 1] > 170 && d[i] < 110 && d[i + 2] > 70 && d[i + 2] < 150) green++;
         }
-        return {blue, orange, w: c.width, h: c.height};""")
-    assert colours["blue"] > 30 and colours["orange"] > 30, colours
+        return {blue, orange, green, w: c.width, h: c.height};""")
+    assert colours["blue"] > 30 and colours["orange"] > 30 and colours["green"] > 15, colours
+    # the validation line: one point per validation (every steps // 20 = 1 step here), as the node reported them
+    assert int(chart.get_attribute("data-validation-points")) == steps, chart.get_attribute("data-validation-points")
     status = editor.find_element(By.CSS_SELECTOR, ".lw-train-status").text
     assert status.startswith(f"step {steps}/{steps}"), status
     caption = editor.find_element(By.CSS_SELECTOR, ".lw-preview-caption").get_attribute("textContent")

@@ -19,13 +19,15 @@ def ema(values: list[float], alpha: float = 0.9) -> list[float]:
 
 
 def loss_plot(losses: list[float], width: int = 768, height: int = 384, smoothing: float = 0.9,
-              title: str = "training loss") -> Image.Image:
-    """Raw loss (light) and its EMA (dark) against the step, with min/max labels."""
+              title: str = "training loss", validation: list | None = None) -> Image.Image:
+    """Raw loss (light) and its EMA (dark) against the step, with min/max labels; ``validation`` ((step, loss, ...)
+    per validation) as a green line with the best step marked."""
     img = Image.new("RGB", (width, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
     left, right, top, bottom = 60, 16, 30, 36
     d.text((left, 8), title, fill=(0, 0, 0))
-    finite = [v for v in losses if math.isfinite(v)]
+    validation = [v for v in (validation or []) if math.isfinite(v[1])]
+    finite = [v for v in losses if math.isfinite(v)] + [v[1] for v in validation]
     d.rectangle([left, top, width - right, height - bottom], outline=(160, 160, 160))
     if not finite:
         d.text((left + 10, top + 10), "no steps yet", fill=(120, 120, 120))
@@ -40,12 +42,23 @@ def loss_plot(losses: list[float], width: int = 768, height: int = 384, smoothin
         y = top + (height - top - bottom) * (1 - (v - lo) / (hi - lo))
         return x, y
 
+    finite = [v for v in losses if math.isfinite(v)]
     raw = [xy(i, v) for i, v in enumerate(losses) if math.isfinite(v)]
     if len(raw) > 1:
         d.line(raw, fill=(170, 200, 240), width=1)
     smooth = [xy(i, v) for i, v in enumerate(ema(finite, smoothing))]
     if len(smooth) > 1:
         d.line(smooth, fill=(20, 70, 160), width=2)
+    if validation:
+        points = [xy(s - 1, v) for s, v, *_ in validation]  # step s is the loss at index s - 1
+        if len(points) > 1:
+            d.line(points, fill=(30, 150, 60), width=2)
+        for x, y in points:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 150, 60))
+        best_step, best = min(((s, v) for s, v, *_ in validation), key=lambda t: t[1])
+        bx, by = xy(best_step - 1, best)
+        d.ellipse([bx - 5, by - 5, bx + 5, by + 5], outline=(30, 150, 60), width=2)
+        d.text((left + 80, 8), f"validation: best {best:.4f} at step {best_step}", fill=(30, 150, 60))
     d.text((4, top - 4), f"{hi:.4g}", fill=(0, 0, 0))
     d.text((4, height - bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
     d.text((left, height - bottom + 6), "step 1", fill=(0, 0, 0))
