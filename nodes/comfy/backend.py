@@ -181,6 +181,8 @@ class ComfyModels(Backend):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         # Previews: what a sampler + VAEDecode do, the other way round: the model's latent scaling
         # undone, then vae.decode, which gives ComfyUI's IMAGE (BHWC in [0, 1]).
+        if latents.dim() == 4 and getattr(self.model.model.latent_format, "latent_dimensions", 2) == 3:
+            latents = latents.unsqueeze(2)  # one frame of a video-VAE family (Qwen-Image's Wan 2.1 latents)
         images = self.vae.decode(self.model.model.process_latent_out(latents.float()))
         return images.reshape(-1, *images.shape[-3:]).float().clamp(0.0, 1.0).cpu()
 
@@ -194,6 +196,10 @@ class ComfyModels(Backend):
         patcher = self.clip.patcher
         loaded = [m for m in mm.current_loaded_models if m.model is patcher]
         if not loaded:
+            return False
+        if not comfy_host.reloads_after_unload(patcher):
+            log.info("the text encoder stays loaded: this ComfyUI cannot load its quantized weights again after "
+                     "an unload (a later CLIPTextEncode would fail)")
             return False
         others = [m for m in mm.current_loaded_models if m.model is not patcher]
         for device in {m.device for m in loaded}:

@@ -225,6 +225,10 @@ class ComfyDiTBackend(ComfyModels):
         ms = self.model_sampling
         dev, dtype = self.unet_device, self.dtype
         x = plain(x_t).to(dev, dtype)
+        if x.dim() == 4 and getattr(base.latent_format, "latent_dimensions", 2) == 3:
+            # A video-VAE family (Qwen-Image's Wan 2.1 latents [B, C, 1, h, w]) given one frame without its
+            # time axis (a preview's noise): the model takes the 5-D latent
+            return self._predict(x_t.unsqueeze(2), sigma, cond).squeeze(2)
         s = plain(sigma).to(dev).float()
         xc = ms.calculate_input(s, x).to(dtype)
         timestep = ms.timestep(s).float()

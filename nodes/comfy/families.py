@@ -23,7 +23,8 @@ MODEL_CONFIGS = (
     ("Flux", "flux", True),
     ("Chroma", "chroma", True),
     ("SD3", "sd3", True),
-    ("ZImage", "zimage", True),  # not its Lumina2 base class (a Gemma-2 model) nor ZImagePixelSpace (no VAE)
+    ("ZImage", "zimage", True),
+    ("QwenImage", "qwen_image", True),  # not its Lumina2 base class (a Gemma-2 model) nor ZImagePixelSpace (no VAE)
 )
 
 

@@ -18,6 +18,7 @@ Nothing else in the pack asks which ComfyUI it runs on.
 | ``comfy.model_management.in_training``: DiT kernels keep gradients only while it is set | after 0.3.64 | ``in_training`` |
 | dynamic patchers cannot be trained in place: the host's trainer works on a non-dynamic clone | with dynamic VRAM | ``trainable`` |
 | a loaded MODEL remembers its file (``ModelPatcher.cached_patcher_init``); before, a MODEL has no file name | with dynamic VRAM | ``model_file_name`` |
+| scaled-fp8 / mixed-precision weights are ``comfy.quant_ops.QuantizedTensor``s; a model of them that was unloaded fails to load again under inference mode ("Cannot set version_counter for inference tensor", seen on 0.33.0's CPU path) | after 0.3.64 | ``reloads_after_unload`` |
 """
 
 from __future__ import annotations
@@ -215,6 +216,19 @@ def in_training() -> Iterator[None]:
         yield
     finally:
         mm.in_training = before
+
+
+def reloads_after_unload(patcher) -> bool:
+    """Whether a model ComfyUI unloads can be loaded again by a later node (which runs under inference mode). Not
+    for one holding ComfyUI's quantized weights (``comfy.quant_ops.QuantizedTensor``: Qwen-Image's scaled-fp8
+    Qwen2.5-VL): its ``_quantized_apply`` wraps them in new Parameters, which an inference tensor refuses. Such a
+    text encoder is kept loaded rather than released after the captions are encoded."""
+    try:
+        from comfy.quant_ops import QuantizedTensor
+    except ImportError:  # 0.3.64: no quantized ops
+        return True
+    model = getattr(patcher, "model", None)
+    return model is None or not any(isinstance(p, QuantizedTensor) for p in model.parameters())
 
 
 def encode_token_weights(clip, tokens):

@@ -181,7 +181,8 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
             ax = x.abs()
             # c > 0, so the quadratic branch never divides by zero (and its gradient stays finite).
             loss = torch.where(ax < c, 0.5 * x.square() / c, ax - 0.5 * c)
-    if mask is not None:
+    if mask is not None:  # [B, 1, h, w] over the last two dims (a one-frame 5-D latent gets its time axis)
+        mask = mask.reshape(mask.shape[0], *([1] * (loss.dim() - 3)), *mask.shape[-2:])
         loss = loss * mask.to(loss.device, loss.dtype)
     return loss.flatten(1).mean(dim=1) if loss.dim() > 1 else loss
 

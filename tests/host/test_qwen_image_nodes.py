@@ -1,0 +1,140 @@
+"""Qwen-Image inside ComfyUI with its family entry: train on the MODEL / CLIP / VAE that UNETLoader, CLIPLoader
+(type qwen_image) and VAELoader give, save the LoRA in ai-toolkit's key format, load it with LoraLoader and with
+diffusers' QwenImagePipeline.
+
+Not here: LoRA Stack, the Grid and the merges after training, and the example workflow. They encode prompts after
+the run, and on ComfyUI 0.33's CPU path a scaled-fp8 Qwen2.5-VL that ComfyUI has unloaded (to load the DiT) fails to
+load again under inference mode ("Cannot set version_counter for inference tensor", a host bug; see
+``nodes/comfy/host.reloads_after_unload``).
+
+On the tiny set of ``fixtures/tiny_qwen_image.py`` (one block at the pinned width 3072, the full-size Qwen2.5-VL-7B
+in scaled fp8, a narrow Wan 2.1 VAE: latents [B, 16, 1, h, w]). The DiT is loaded at the default weight dtype (fp32
+on a CPU) so the LoRA comparisons hold to 1e-5. On a CPU every prompt encode dequantizes the 7B encoder (20-45 s),
+so the test encodes few. ComfyUI 0.3.64 would copy the encoder: one host-limit skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from comfy_harness import assert_every_lora_key_loaded
+
+CAPTION = "a photo of a red ball"
+TRIGGER = "sks"  # make_dataset's trigger
+STEPS = 60
+RANK, ALPHA = 4, 2.0
+SEED = 7
+FOLDER = "lw_qwen_image"
+
+
+@pytest.fixture(scope="module")
+def kl(tiny_qwen_image_files):
+    """(MODEL, CLIP, VAE, file names) of the tiny Qwen-Image set as a user's graph loads it."""
+    from comfy_harness import release_models
+    from fixtures import tiny_qwen_image
+
+    model, clip, vae = tiny_qwen_image.load_tiny_qwen_image(tiny_qwen_image_files, weight_dtype="default")
+    yield model, clip, vae, tiny_qwen_image_files
+    del model, clip, vae
+    release_models()
+
+
+@pytest.fixture(scope="module")
+def trained(kl, tmp_path_factory):
+    """A LoRA trained through the node's code path on every Linear of the blocks (preset "all"), with a fixed
+    set's loss (fixed noise and sigmas) before and after."""
+    import comfy.model_management as mm
+
+    from comfy_harness import train_on_fixed_set
+    from lora_workbench.nodes.comfy.backend import comfy_backend
+    from lora_workbench.training.config import TrainConfig
+    from test_flux_nodes import make_dataset
+
+    model, clip, vae, names = kl
+    records, dcfg = make_dataset(tmp_path_factory.mktemp("qwen_image_photos"))
+    backend = comfy_backend(model, clip, vae, model_name=names["dit"])
+    cfg = TrainConfig(rank=RANK, alpha=ALPHA, preset="all", steps=STEPS, lr=4e-3, seed=0, output_name="tiny_qwen_image")
+    out = train_on_fixed_set(backend, records, dcfg, cfg, f"{TRIGGER}, {CAPTION}")
+    out["clip_loaded"] = any(m.model is clip.patcher for m in mm.current_loaded_models)
+    out["result"].lora.metadata.update(out["trainer"].metadata(STEPS))
+    return dict(out, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def saved(comfy_host, trained) -> str:
+    from lora_workbench.training.lora.files import save_lora
+
+    path = comfy_host.base_directory / "models" / "loras" / FOLDER / "trained.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lora(path, trained["result"].lora, dtype="fp32", overwrite=True)
+    return f"{FOLDER}/trained.safetensors"
+
+
+def test_qwen_image_trains_as_its_family(kl, trained):
+    import comfy.model_sampling
+
+    be = trained["backend"]
+    assert be.arch == "qwen_image" and not be.untested and be.timestep_sampling_default == "qwen_shift"
+    assert isinstance(be.model_sampling, comfy.model_sampling.CONST)
+    names = set(trained["result"].lora.modules)
+    assert {"lora_unet_transformer_blocks_0_attn_to_q", "lora_unet_transformer_blocks_0_attn_add_v_proj",
+            "lora_unet_transformer_blocks_0_img_mlp_net_0_proj", "lora_unet_transformer_blocks_0_txt_mod_1"} <= names
+    # Kept loaded: 0.33 cannot load its scaled-fp8 (QuantizedTensor) weights again after an unload, under inference
+    # mode (nodes/comfy/host.reloads_after_unload), so releasing it would break every later CLIPTextEncode
+    from lora_workbench.nodes.comfy import host
+
+    assert not host.reloads_after_unload(kl[1].patcher)
+    assert trained["clip_loaded"], "the quantized Qwen2.5-VL encoder must stay loaded for the next prompt"
+
+
+def test_loss_of_a_fixed_set_falls(trained):
+    assert trained["after"] < 0.9 * trained["before"], (trained["before"], trained["after"])
+    assert all(math.isfinite(v) for v in trained["result"].losses)
+
+
+def test_file_is_ai_toolkit_format_and_names_qwen_image(comfy_host, saved):
+    import safetensors
+
+    from lora_workbench.training.lora.formats import load_lora
+
+    path = comfy_host.base_directory / "models" / "loras" / saved
+    with safetensors.safe_open(path, "pt") as f:
+        keys, md = list(f.keys()), f.metadata()
+    assert all(k.startswith("diffusion_model.transformer_blocks.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in keys)
+    assert "diffusion_model.transformer_blocks.0.img_mod.1.lora_A.weight" in keys
+    assert md["modelspec.architecture"] == "Qwen-Image/lora" and md["ss_base_model_version"] == "qwen_image"
+    assert load_lora(path).arch == "qwen_image"
+
+
+def test_loraloader_loads_every_key_and_matches_the_trained_model(trained, kl, saved, caplog):
+    from comfy_harness import loraloader_output
+
+    model, clip, vae, _ = kl
+    with caplog.at_level(logging.WARNING):
+        m, c, patched = loraloader_output(model, clip, vae, saved, trained["x_t"], trained["sigma"], trained["cond"])
+    assert_every_lora_key_loaded(caplog.text, m, c, trained["result"].lora)
+    assert torch.allclose(patched, trained["trained_out"], atol=1e-5), (patched - trained["trained_out"]).abs().max()
+
+
+def test_diffusers_pipeline_loads_the_file_and_reproduces_the_trained_model(trained, kl, comfy_host, saved):
+    from diffusers import QwenImagePipeline
+    from fixtures import tiny_qwen_image
+
+    # from the file: the live MODEL's weights may hold a LoraLoader patch (ComfyUI patches in place while loaded)
+    dit_file = comfy_host.base_directory / "models" / "diffusion_models" / kl[3]["dit"]
+    transformer = tiny_qwen_image.to_diffusers_qwen_image(dit_file)
+    pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    x_t, sigma, cond = trained["x_t"], trained["sigma"], trained["cond"]
+    context = torch.cat(cond.contexts).float()
+    with torch.no_grad():
+        base = tiny_qwen_image.diffusers_forward(transformer, x_t.float(), sigma, context)
+        pipe.load_lora_weights(str(comfy_host.base_directory / "models" / "loras" / saved))
+        theirs = tiny_qwen_image.diffusers_forward(transformer, x_t.float(), sigma, context)
+    assert (theirs - base).abs().max() > 1e-3, "the LoRA did not change diffusers' output"
+    ours = trained["trained_out"]
+    assert torch.allclose(theirs, ours, atol=1e-5), (theirs - ours).abs().max()
