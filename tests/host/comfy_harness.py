@@ -253,3 +253,74 @@ def release_models() -> None:
     mm.unload_all_models()
     gc.collect()
     mm.soft_empty_cache()
+
+
+def check_stack_grid_and_merges(comfy_host, model, clip, vae, saved: str, folder: str, sample, *, caption: str,
+                                trigger: str, rank: int, seed: int, blocks_error: str, config_name: str,
+                                caplog) -> None:
+    """What a user does with a trained DiT LoRA, checked on one family's tiny set: LoRA Stack equals chained
+    LoraLoaders and moves the sample; block weights NONE give the base image and a wrong count names the family's;
+    the LoRA Grid renders None / the LoRA at strengths 0 and 1; a concat merge loads every key and samples as the
+    stack; the checkpoint merge reloads as ``config_name`` and samples as the stack. ``sample(model, cond)``: the
+    family's 2-step render of a latent."""
+    import gc
+    import logging
+
+    import comfy.model_management as mm
+    import comfy.sd
+    import nodes
+    import pytest
+    import torch
+
+    from lora_workbench.nodes.grid_nodes import LoraGrid
+    from lora_workbench.nodes.merge_nodes import MergeLoras, MergeLorasToCheckpoint
+    from lora_workbench.training.lora.block_weights import BlockWeightError
+    from lora_workbench.training.lora.files import save_lora
+    from test_flux_use_nodes import apply_stack, stack_rows
+
+    with torch.inference_mode():
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+    base = sample(model, cond)
+    stack = stack_rows([{"lora": saved, "model_strength": 0.8}])
+    with caplog.at_level(logging.WARNING):
+        m, _, triggers = apply_stack(model, clip, stack)
+    assert "lora key not loaded" not in caplog.text and triggers == trigger
+    with torch.inference_mode():
+        chained = nodes.LoraLoader().load_lora(model, clip, saved, 0.8, 1.0)[0]
+    stacked = sample(m, cond)
+    assert (stacked - base).abs().max() > 1e-3 and torch.equal(stacked, sample(chained, cond))
+    full = stack_rows([{"lora": saved}])
+    assert torch.equal(sample(apply_stack(model, clip, full, "NONE")[0], cond), base)
+    with pytest.raises(BlockWeightError, match=blocks_error):
+        apply_stack(model, clip, full, "1,2,3")
+
+    with torch.inference_mode():
+        grid, images = LoraGrid.execute(model, clip, vae, loras=f"None\n{saved}", strengths="0, 1", positive=caption,
+                                        negative="", seed=seed, steps=2, cfg=1.0, sampler_name="euler",
+                                        scheduler="simple", width=64, height=64).result
+    assert images.shape == (4, 64, 64, 3) and torch.equal(images[0], images[2])
+    assert (images[3] - images[0]).abs().max() > 1e-3
+
+    concat = MergeLoras.execute("concat", rank, lora_stack=stack).result[0]
+    save_lora(comfy_host.base_directory / "models" / "loras" / folder / "concat.safetensors", concat, dtype="fp32",
+              overwrite=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        m2, c2 = nodes.LoraLoader().load_lora(model, clip, f"{folder}/concat.safetensors", 1.0, 1.0)
+    assert_every_lora_key_loaded(caplog.text, m2, c2, concat)
+    assert torch.allclose(sample(m2, cond), stacked, atol=1e-5)
+
+    with torch.inference_mode():
+        merged_path = MergeLorasToCheckpoint.execute(model, clip, vae, f"{folder}/merged", "fp32",
+                                                     lora_stack=stack).result[0]
+    merged = None
+    try:
+        with torch.inference_mode():  # what CheckpointLoaderSimple does, without the big text encoder
+            merged = comfy.sd.load_checkpoint_guess_config(merged_path, output_vae=False, output_clip=False)[0]
+        assert type(merged.model.model_config).__name__ == config_name
+        assert torch.allclose(sample(merged, cond), stacked, atol=1e-5)
+    finally:
+        merged = None
+        mm.unload_all_models()
+        gc.collect()
+        os.unlink(merged_path)

@@ -9,10 +9,8 @@ noise and two context refiners, a full-size Qwen3-4B in fp8). The DiT is loaded 
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
-import os
 
 import pytest
 import torch
@@ -142,60 +140,9 @@ def sample(model, conditioning) -> torch.Tensor:
 
 
 def test_stack_block_weights_grid_and_merges(comfy_host, zi, saved, trained, caplog):
-    import comfy.model_management as mm
-    import comfy.sd
-    import nodes
-
-    from lora_workbench.nodes.grid_nodes import LoraGrid
-    from lora_workbench.nodes.merge_nodes import MergeLoras, MergeLorasToCheckpoint
-    from lora_workbench.training.lora.block_weights import BlockWeightError
-    from lora_workbench.training.lora.files import save_lora
-    from test_flux_use_nodes import apply_stack, stack_rows
+    from comfy_harness import check_stack_grid_and_merges
 
     model, clip, vae, _ = zi
-    with torch.inference_mode():
-        cond = clip.encode_from_tokens_scheduled(clip.tokenize(CAPTION))
-    base = sample(model, cond)
-    stack = stack_rows([{"lora": saved, "model_strength": 0.8}])
-    with caplog.at_level(logging.WARNING):
-        m, _, triggers = apply_stack(model, clip, stack)
-    assert "lora key not loaded" not in caplog.text and triggers == TRIGGER
-    with torch.inference_mode():
-        chained = nodes.LoraLoader().load_lora(model, clip, saved, 0.8, 1.0)[0]
-    stacked = sample(m, cond)
-    assert (stacked - base).abs().max() > 1e-3 and torch.equal(stacked, sample(chained, cond))
-    full = stack_rows([{"lora": saved}])
-    assert torch.equal(sample(apply_stack(model, clip, full, "NONE")[0], cond), base)
-    with pytest.raises(BlockWeightError, match="3 values; zimage takes 31 values"):
-        apply_stack(model, clip, full, "1,2,3")
-
-    with torch.inference_mode():
-        grid, images = LoraGrid.execute(model, clip, vae, loras=f"None\n{saved}", strengths="0, 1", positive=CAPTION,
-                                        negative="", seed=SEED, steps=2, cfg=1.0, sampler_name="euler",
-                                        scheduler="simple", width=64, height=64).result
-    assert images.shape == (4, 64, 64, 3) and torch.equal(images[0], images[2])
-    assert (images[3] - images[0]).abs().max() > 1e-3
-
-    concat = MergeLoras.execute("concat", RANK, lora_stack=stack).result[0]
-    save_lora(comfy_host.base_directory / "models" / "loras" / FOLDER / "concat.safetensors", concat, dtype="fp32",
-              overwrite=True)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING), torch.inference_mode():
-        m2, c2 = nodes.LoraLoader().load_lora(model, clip, f"{FOLDER}/concat.safetensors", 1.0, 1.0)
-    assert_every_lora_key_loaded(caplog.text, m2, c2, concat)
-    assert torch.allclose(sample(m2, cond), stacked, atol=1e-5)
-
-    with torch.inference_mode():
-        merged_path = MergeLorasToCheckpoint.execute(model, clip, vae, f"{FOLDER}/merged", "fp32",
-                                                     lora_stack=stack).result[0]
-    merged = None
-    try:
-        with torch.inference_mode():  # what CheckpointLoaderSimple does, without the 4 GB text encoder
-            merged = comfy.sd.load_checkpoint_guess_config(merged_path, output_vae=False, output_clip=False)[0]
-        assert type(merged.model.model_config).__name__ == "ZImage"
-        assert torch.allclose(sample(merged, cond), stacked, atol=1e-5)
-    finally:
-        merged = None
-        mm.unload_all_models()
-        gc.collect()
-        os.unlink(merged_path)
+    check_stack_grid_and_merges(comfy_host, model, clip, vae, saved, FOLDER, sample, caption=CAPTION, trigger=TRIGGER,
+                                rank=RANK, seed=SEED, blocks_error="3 values; zimage takes 31 values", config_name="ZImage",
+                                caplog=caplog)

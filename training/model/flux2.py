@@ -19,20 +19,15 @@ ComfyUI both read.
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..lora.network import LoraTarget
 from .archs import FLUX2
-from .backend import Backend, ModelLoadError
-from .flux import FP8, DiffusersFluxBackend, FluxCond, split_targets
+from .flux import FluxCond
+from .pipeline_dit import DiffusersPipelineDiT, names_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -81,89 +76,25 @@ def decode_flux2(vae, latents: torch.Tensor, device) -> torch.Tensor:
     return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-class DiffusersFlux2Backend(Backend):
+class DiffusersFlux2Backend(DiffusersPipelineDiT):
     """FLUX.2 klein (``Flux2Transformer2DModel`` + Qwen3 + ``AutoencoderKLFlux2`` +
     ``FlowMatchEulerDiscreteScheduler``); prediction type "flow". ``weight_dtype`` fp8 stores the transformer in fp8
     with bf16 compute, as the Flux backend does. The text encoder is released once the run's prompts are encoded; a
     later encode reloads it from the model folder."""
 
-    prediction_type = "flow"
+    ARCH, LABEL, PIPELINE = ARCH, "FLUX.2 klein", PIPELINE
     patch_size = 1  # one token per (patchified) latent pixel
     timestep_sampling_default = FLUX2.timestep_sampling_for()  # flux_shift over those tokens
-    releases_text_encoders = True
 
     def __init__(self, pipe, device: str | torch.device = "cpu", weight_dtype: torch.dtype = torch.float32,
                  model_name: str = "", max_sequence_length: int = 512, source: str | os.PathLike | None = None):
-        self.pipe = pipe
-        self.transformer, self.vae, self.scheduler = pipe.transformer, pipe.vae, pipe.scheduler
-        self.device = torch.device(device)
-        self.model_name = model_name
-        self.arch = ARCH
+        super().__init__(pipe, device, weight_dtype, model_name, max_sequence_length, source)
         # klein 4B / 9B by their text encoder (Qwen3-4B / -8B); Base and distilled share the name
-        self.variant = VARIANTS.get(pipe.text_encoder.config.hidden_size)
-        self.fp8 = weight_dtype == FP8
-        self.weight_dtype = torch.bfloat16 if self.fp8 else weight_dtype
-        self.dtype = weight_dtype
+        self.variant = VARIANTS.get(self._te_config.hidden_size)
         self.latent_channels = self.transformer.config.in_channels  # the VAE's channels x 4 (2 x 2 patches)
         self.latent_factor = 2 * pipe.vae_scale_factor  # the VAE's 8 x the patches' 2
         # a distilled klein samples without the negative pass (the pipeline ignores guidance_scale for it)
         self.preview_guidance = 1.0 if pipe.config.get("is_distilled", False) else FLUX2.sample_cfg
-        # the pipeline pads every prompt to 512 tokens and the transformer sees them all; a tokenizer may allow fewer
-        self.max_sequence_length = min(max_sequence_length, pipe.tokenizer.model_max_length)
-        self.flow_shift = float(self.scheduler.config.get("shift", 1.0))
-        self._source = Path(source) if source is not None else None
-        # what a reload and a late memory estimate need once the encoder is released
-        self._te_class, self._te_config = type(pipe.text_encoder), pipe.text_encoder.config
-        self._te_params = sum(p.numel() for p in pipe.text_encoder.parameters())
-        for m in (self.transformer, self.vae, pipe.text_encoder):
-            self._prepare(m)
-        if self.fp8:
-            self.transformer.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=torch.bfloat16)
-        self._parts: dict[str, list[tuple[str, int]]] = {}
-
-    def _prepare(self, m: nn.Module) -> None:
-        m.requires_grad_(False)
-        m.eval()
-        m.to(self.device)
-        if any(p.dtype != self.weight_dtype for p in m.parameters()):
-            m.to(dtype=self.weight_dtype)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        weight_dtype: torch.dtype = torch.float32) -> "DiffusersFlux2Backend":
-        """A diffusers Flux2KleinPipeline folder, offline; ``ModelLoadError`` naming what is missing."""
-        from diffusers import Flux2KleinPipeline
-
-        path = Path(path)
-        need = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
-        missing = [d for d in need if not (path / d).is_dir()]
-        if missing:
-            raise ModelLoadError(f"{path} (FLUX.2 klein) lacks the sub-folders {missing}; download the complete "
-                                 "diffusers model folder")
-        load_dtype = torch.bfloat16 if weight_dtype == FP8 else weight_dtype
-        pipe = Flux2KleinPipeline.from_pretrained(path, local_files_only=True, torch_dtype=load_dtype)
-        return cls(pipe, device=device, weight_dtype=weight_dtype, model_name=path.name, source=path)
-
-    # ---- Backend -----------------------------------------------------------------------------
-    def roots(self) -> dict[str, nn.Module]:
-        return {"unet": self.transformer}
-
-    def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
-        """The preset's transformer Linears, each part of a fused BFL layer (q / k / v of ``img_attn.qkv``) its own
-        target."""
-        if text_encoder:
-            raise ValueError("text-encoder training is not supported for FLUX.2 klein (its LoRAs train the "
-                             "transformer only); turn off train_text_encoder (--no-train-text-encoder)")
-        out, self._parts = split_targets(self.transformer, ARCH, preset)
-        return out
-
-    # The parts joined into BFL's fused modules and split back for a resume: exactly the Flux backend's (they read
-    # only ``self._parts``).
-    finalize_lora = DiffusersFluxBackend.finalize_lora
-    split_lora = DiffusersFluxBackend.split_lora
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        raise NotImplementedError("FLUX.2 klein is a flow-matching model: it has no alphas_cumprod")
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents [B, 4C, h, w] as Flux2KleinPipeline makes them (:func:`encode_flux2`)."""
@@ -175,31 +106,11 @@ class DiffusersFlux2Backend(Backend):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> FluxCond:
         """``Flux2KleinPipeline.encode_prompt`` for ``prompts``: [B, L, 3 x width]; reloads a released encoder."""
-        if self.pipe.text_encoder is None:
-            self._reload_text_encoder()
+        self._text_encoder_ready()
         embeds, _ = self.pipe.encode_prompt(list(prompts), device=self.device,
                                             max_sequence_length=self.max_sequence_length,
                                             text_encoder_out_layers=TEXT_LAYERS)
         return FluxCond(embeds)
-
-    def release_text_encoders(self) -> bool:
-        """Drop Qwen3 (4B / 8B parameters on the real models) once the prompts are cached; only a backend loaded from
-        a folder can, since a later encode reloads it from there."""
-        if self._source is None or self.pipe.text_encoder is None:
-            return False
-        self.pipe.text_encoder = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return True
-
-    def _reload_text_encoder(self) -> None:
-        log.info("reloading the FLUX.2 klein text encoder from %s", self._source)
-        load_dtype = torch.bfloat16 if self.fp8 else self.weight_dtype
-        te = self._te_class.from_pretrained(self._source, subfolder="text_encoder", local_files_only=True,
-                                            torch_dtype=load_dtype)
-        self._prepare(te)
-        self.pipe.text_encoder = te
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: FluxCond) -> torch.Tensor:
         """The velocity ``noise - x0`` for latents ``x_t`` [B, C, h, w] at ``sigma`` [B] in [0, 1]: the transformer on
@@ -232,9 +143,6 @@ class DiffusersFlux2Backend(Backend):
             sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         return sched.sigmas.float().cpu()
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
     def memory_shape(self):
         """The transformer, Qwen3 and the VAE as a DiT ``memory.ModelShape``, counted as ``memory.FLUX2_KLEIN_4B``:
         the VAE's latents at 1/8 in 2 x 2 patches (the same tokens as the patchified ones)."""
@@ -264,8 +172,4 @@ class DiffusersFlux2Backend(Backend):
 
 def is_flux2_pipeline(folder: str | os.PathLike) -> bool:
     """Whether a diffusers folder's model_index.json names Flux2KleinPipeline."""
-    try:
-        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
-        return index.get("_class_name") == PIPELINE
-    except (OSError, ValueError):
-        return False
+    return names_pipeline(folder, PIPELINE)

@@ -16,21 +16,16 @@ which ``ZImagePipeline.load_lora_weights`` and ComfyUI both read.
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..lora.network import LoraTarget
 from .archs import ZIMAGE
-from .backend import Backend, ModelLoadError
-from .flux import FP8, DiffusersFluxBackend, decode_shifted, encode_shifted, split_targets
+from .flux import DiffusersFluxBackend, decode_shifted, encode_shifted
+from .pipeline_dit import DiffusersPipelineDiT, names_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -63,88 +58,24 @@ class ZImageCond:
         return ZImageCond([f.to(*args, **kwargs) for f in self.feats])
 
 
-class DiffusersZImageBackend(Backend):
+class DiffusersZImageBackend(DiffusersPipelineDiT):
     """Z-Image (``ZImageTransformer2DModel`` + Qwen3 + 16-channel VAE + ``FlowMatchEulerDiscreteScheduler``);
     prediction type "flow". ``weight_dtype`` fp8 stores the transformer in fp8 with bf16 compute, as the Flux
     backend does. The text encoder is released once the run's prompts are encoded; a later encode reloads it
     from the model folder."""
 
-    prediction_type = "flow"
+    ARCH, LABEL, PIPELINE = ARCH, "Z-Image", PIPELINE
     patch_size = 2
     timestep_sampling_default = ZIMAGE.timestep_sampling_for()  # logit-normal, as SD3
     preview_guidance = ZIMAGE.sample_cfg  # ComfyUI's cfg (uncond + g * (cond - uncond)), as the ComfyUI host
-    releases_text_encoders = True
 
     def __init__(self, pipe, device: str | torch.device = "cpu", weight_dtype: torch.dtype = torch.float32,
                  model_name: str = "", max_sequence_length: int = 512, source: str | os.PathLike | None = None):
-        self.pipe = pipe
-        self.transformer, self.vae, self.scheduler = pipe.transformer, pipe.vae, pipe.scheduler
-        self.device = torch.device(device)
-        self.model_name = model_name
-        self.arch = ARCH
+        super().__init__(pipe, device, weight_dtype, model_name, max_sequence_length, source)
         self.variant = None  # Base and Turbo share one LoRA family and modelspec name
-        self.fp8 = weight_dtype == FP8
-        self.weight_dtype = torch.bfloat16 if self.fp8 else weight_dtype
-        self.dtype = weight_dtype
         self.latent_channels = self.transformer.config.in_channels
         blocks = getattr(self.vae.config, "block_out_channels", None)
         self.latent_factor = 2 ** (len(blocks) - 1) if blocks else 8
-        # the pipeline pads prompts to 512 tokens before dropping the padding; a tokenizer may allow fewer
-        self.max_sequence_length = min(max_sequence_length, pipe.tokenizer.model_max_length)
-        self.flow_shift = float(self.scheduler.config.get("shift", 1.0))
-        self._source = Path(source) if source is not None else None
-        # what a reload and a late memory estimate need once the encoder is released
-        self._te_class, self._te_config = type(pipe.text_encoder), pipe.text_encoder.config
-        self._te_params = sum(p.numel() for p in pipe.text_encoder.parameters())
-        for m in (self.transformer, self.vae, pipe.text_encoder):
-            self._prepare(m)
-        if self.fp8:
-            self.transformer.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=torch.bfloat16)
-        self._parts: dict[str, list[tuple[str, int]]] = {}
-
-    def _prepare(self, m: nn.Module) -> None:
-        m.requires_grad_(False)
-        m.eval()
-        m.to(self.device)
-        if any(p.dtype != self.weight_dtype for p in m.parameters()):
-            m.to(dtype=self.weight_dtype)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        weight_dtype: torch.dtype = torch.float32) -> "DiffusersZImageBackend":
-        """A diffusers ZImagePipeline folder, offline; ``ModelLoadError`` naming what is missing."""
-        from diffusers import ZImagePipeline
-
-        path = Path(path)
-        need = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
-        missing = [d for d in need if not (path / d).is_dir()]
-        if missing:
-            raise ModelLoadError(f"{path} (Z-Image) lacks the sub-folders {missing}; download the complete diffusers "
-                                 "model folder")
-        load_dtype = torch.bfloat16 if weight_dtype == FP8 else weight_dtype
-        pipe = ZImagePipeline.from_pretrained(path, local_files_only=True, torch_dtype=load_dtype)
-        return cls(pipe, device=device, weight_dtype=weight_dtype, model_name=path.name, source=path)
-
-    # ---- Backend -----------------------------------------------------------------------------
-    def roots(self) -> dict[str, nn.Module]:
-        return {"unet": self.transformer}
-
-    def lora_targets(self, preset: str, text_encoder: bool) -> list[LoraTarget]:
-        """The preset's transformer Linears (main layers and both refiners), each part of a fused NextDiT layer
-        (q / k / v) its own target."""
-        if text_encoder:
-            raise ValueError("text-encoder training is not supported for Z-Image (its LoRAs train the transformer "
-                             "only); turn off train_text_encoder (--no-train-text-encoder)")
-        out, self._parts = split_targets(self.transformer, ARCH, preset)
-        return out
-
-    # The parts joined into NextDiT's fused modules and split back for a resume: exactly the Flux backend's
-    # (they read only ``self._parts``).
-    finalize_lora = DiffusersFluxBackend.finalize_lora
-    split_lora = DiffusersFluxBackend.split_lora
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        raise NotImplementedError("Z-Image is a flow-matching model: it has no alphas_cumprod")
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents [B, 16, h, w] as ZImagePipeline makes them (Flux's VAE shift and scale)."""
@@ -156,30 +87,10 @@ class DiffusersZImageBackend(Backend):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> ZImageCond:
         """``ZImagePipeline.encode_prompt`` for ``prompts`` (no negative pass); reloads a released encoder."""
-        if self.pipe.text_encoder is None:
-            self._reload_text_encoder()
+        self._text_encoder_ready()
         feats, _ = self.pipe.encode_prompt(list(prompts), device=self.device, do_classifier_free_guidance=False,
                                            max_sequence_length=self.max_sequence_length)
         return ZImageCond(list(feats))
-
-    def release_text_encoders(self) -> bool:
-        """Drop Qwen3 (4B parameters on the real model) once the prompts are cached; only a backend loaded from a
-        folder can, since a later encode reloads it from there."""
-        if self._source is None or self.pipe.text_encoder is None:
-            return False
-        self.pipe.text_encoder = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return True
-
-    def _reload_text_encoder(self) -> None:
-        log.info("reloading the Z-Image text encoder from %s", self._source)
-        load_dtype = torch.bfloat16 if self.fp8 else self.weight_dtype
-        te = self._te_class.from_pretrained(self._source, subfolder="text_encoder", local_files_only=True,
-                                            torch_dtype=load_dtype)
-        self._prepare(te)
-        self.pipe.text_encoder = te
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: ZImageCond) -> torch.Tensor:
         """The velocity ``noise - x0`` for latents ``x_t`` [B, C, h, w] at ``sigma`` [B] in [0, 1]: the transformer
@@ -196,9 +107,6 @@ class DiffusersZImageBackend(Backend):
     # ZImagePipeline's schedule: linspace(1, 1/steps) through the scheduler's shift (mu by the image's tokens when
     # it shifts dynamically), then 0 - FluxPipeline's, which the Flux backend computes from the same attributes.
     flow_sigmas = DiffusersFluxBackend.flow_sigmas
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
 
     def memory_shape(self):
         """The transformer (main layers and refiners as single-stream blocks over the joined tokens), Qwen3 and the
@@ -227,8 +135,4 @@ class DiffusersZImageBackend(Backend):
 
 def is_zimage_pipeline(folder: str | os.PathLike) -> bool:
     """Whether a diffusers folder's model_index.json names ZImagePipeline."""
-    try:
-        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
-        return index.get("_class_name") == PIPELINE
-    except (OSError, ValueError):
-        return False
+    return names_pipeline(folder, PIPELINE)
