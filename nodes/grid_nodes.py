@@ -8,7 +8,9 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
+from ..training.lora.files import read_metadata
 from ..training.train.plot import label_grid
+from ..training.train.validation import best_of_saves
 # The grid applies each LoRA exactly as Apply LoRA Stack does.
 from .comfy.loras import NONE, LoraUse, apply_loras, lora_path
 
@@ -93,7 +95,8 @@ class LoraGrid(io.ComfyNode):
             category="LoRA Workbench/use",
             description="Compares LoRAs (e.g. the epochs a training run saved) at several strengths: renders the "
                         "same prompt and seed for every LoRA x strength and lays the images out in one labelled "
-                        "grid, a row per LoRA and a column per strength.",
+                        "grid, a row per LoRA and a column per strength. Of a run's step saves trained with a "
+                        "validation loss, the one at its lowest point is labelled (best).",
             inputs=[
                 io.Model.Input("model", tooltip="The base diffusion model (without the LoRAs)."),
                 io.Clip.Input("clip", tooltip="The base text encoder."),
@@ -151,6 +154,9 @@ class LoraGrid(io.ComfyNode):
                 bar.update(1)
         images = torch.cat(cells)
         labels = [os.path.splitext(r.replace("\\", "/").rsplit("/", 1)[-1])[0] if r != NONE else NONE for r in rows]
+        # a run's step saves: the one at its lowest validation loss is marked
+        best = best_of_saves([read_metadata(lora_path(r)) if r != NONE else {} for r in rows])
+        labels = [f"{label} (best)" if is_best else label for label, is_best in zip(labels, best)]
         grid = label_grid(images, labels, [f"{s:g}" for s in cols])
         log.info("LoRA grid done: %d images", len(cells))
         return io.NodeOutput(grid, images, ui=ui.PreviewImage(grid, cls=cls))

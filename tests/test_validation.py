@@ -122,3 +122,21 @@ def test_loss_graph_draws_the_validation_line_and_rings_its_best_step():
         return int(((a[..., 1] > 120) & (a[..., 0] < 60) & (a[..., 2] < 90)).sum())
 
     assert green(plain) == 0 and green(drawn) > 100
+
+
+def test_the_best_step_save_is_marked_among_a_runs_saves(tmp_path):
+    """What the LoRA Grid labels "(best)": of a run's step saves, the one at the lowest validation loss its longest
+    curve shows; files of another run or without a curve are never marked."""
+    from lora_workbench.training.lora.files import read_metadata
+    from lora_workbench.training.train.validation import best_of_saves
+
+    dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=4))
+    out = tmp_path / "out"
+    cfg = TrainConfig(**BASE, steps=8, validation_split=0.25, save_every=2)
+    result = run(dcfg, scan_folder(dcfg), cfg, output_dir=out)
+    saves = sorted(out.glob("v-step*.safetensors"))
+    metas = [read_metadata(p) for p in saves]
+    marks = best_of_saves(metas + [{}])
+    best_curve = min(result.validation[:-1], key=lambda v: v[1])[0]  # the saves' curves end at step 6
+    assert marks[:-1] == [m["lw_steps_done"] == str(best_curve) for m in metas] and not marks[-1]
+    assert sum(marks) == 1

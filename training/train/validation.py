@@ -13,6 +13,7 @@ Default timesteps: nine quantiles 0.1 .. 0.9 of the noise range (diffusion-pipe'
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -160,3 +161,24 @@ def validate_on_step(trainer: Trainer) -> None:
             log.info("validation loss has not improved for %d validations (best %.5f at step %d): stopping",
                      patience, best, best_step)
             trainer.stop_requested = True
+
+
+def best_of_saves(metadata: list[dict[str, str]]) -> list[bool]:
+    """Which of these LoRA files (their metadata, e.g. a run's step saves on a LoRA Grid) is its run's best step:
+    the step of the lowest validation loss of the longest curve a file of that run carries. Files without a
+    validation curve are never marked."""
+    curves: dict[str, list] = {}
+    for md in metadata:
+        try:
+            curve = json.loads(md.get("lw_validation_loss") or "[]")
+        except ValueError:
+            continue
+        run = md.get("lw_run_id", "")
+        if curve and len(curve) > len(curves.get(run, [])):
+            curves[run] = curve
+    best = {run: min(curve, key=lambda v: v[1])[0] for run, curve in curves.items()}
+    out = []
+    for md in metadata:
+        run = md.get("lw_run_id", "")
+        out.append(run in best and md.get("lw_steps_done") == str(best[run]))
+    return out
