@@ -183,11 +183,24 @@ def _release(comfy_host) -> None:
     mm.soft_empty_cache()
 
 
+class _Converted(dict):
+    """Each example in API format, converted when a test first asks for it: an example of a family this host lacks
+    (FLUX.2's EmptyFlux2LatentImage on 0.3.64) is never converted, its tests skip with the host limit."""
+
+    def __init__(self, object_info):
+        super().__init__()
+        self.object_info = object_info
+
+    def __missing__(self, name):
+        from lora_workbench.app.workflow import load_workflow, ui_to_api
+
+        self[name] = ui_to_api(load_workflow(REPO_ROOT / "example_workflows" / name), self.object_info)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def converted(object_info):
-    from lora_workbench.app.workflow import load_workflow, ui_to_api
-
-    return {path.name: ui_to_api(load_workflow(path), object_info) for path in EXAMPLES}
+    return _Converted(object_info)
 
 
 def test_there_is_an_example_workflow_with_a_thumbnail():
