@@ -276,7 +276,13 @@ class ComfyDiTBackend(ComfyModels):
         joint = getattr(dm, "joint_blocks", ())  # SD3's MMDiT: two-stream blocks, as Flux's double blocks
         hidden = getattr(dm, "hidden_size", None)
         layers = getattr(dm, "layers", ()) if hasattr(dm, "noise_refiner") else ()  # Z-Image's NextDiT
-        if layers:
+        # Qwen-Image: two-stream transformer_blocks (Flux-style double blocks with per-block modulation)
+        qwen = getattr(dm, "transformer_blocks", ()) if hasattr(dm, "txt_norm") else ()
+        if qwen:
+            hidden, doubles = dm.inner_dim, qwen
+            mlp = qwen[0].img_mlp.net[0].proj.out_features
+            heads = hidden // 128
+        elif layers:
             # Single-stream blocks (refiners included) counted as Flux-style single blocks: no per-block
             # modulation Linear of width 3h (NextDiT modulates from a 256-wide vector), and an MLP width that
             # gives SwiGLU's three matrices the same parameters (1.5 x its hidden width).
@@ -294,7 +300,7 @@ class ComfyDiTBackend(ComfyModels):
                 mlp *= 0.75  # FLUX.2's SwiGLU: 2m rows in, m out = the parameters of a plain MLP 1.5m wide
             heads = getattr(dm, "num_heads", hidden // 128)
         encoders = [getattr(self.clip.cond_stage_model, n)
-                    for n in ("clip_l", "clip_g", "t5xxl", "qwen3_4b", "qwen3_8b")
+                    for n in ("clip_l", "clip_g", "t5xxl", "qwen3_4b", "qwen3_8b", "qwen25_7b")
                     if getattr(self.clip.cond_stage_model, n, None) is not None]
         te_params = tuple(sum(p.numel() for p in te.parameters()) for te in encoders)
         te_dtypes = tuple(memory._dtype_name(_main_dtype(te)) for te in encoders)

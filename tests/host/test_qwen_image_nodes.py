@@ -89,6 +89,11 @@ def test_qwen_image_trains_as_its_family(kl, trained):
 
     assert not host.reloads_after_unload(kl[1].patcher)
     assert trained["clip_loaded"], "the quantized Qwen2.5-VL encoder must stay loaded for the next prompt"
+    # the node's memory estimate reads the transformer's shape: two-stream blocks at 3072 with per-block modulation
+    shape = be.memory_shape()
+    dm = kl[0].model.diffusion_model
+    assert shape.unet.hidden == 3072 and shape.unet.double_blocks == 1 and shape.unet.modulation
+    assert shape.unet_params == sum(p.numel() for p in dm.parameters()) and shape.te_params[0] > 7_000_000_000
 
 
 def test_loss_of_a_fixed_set_falls(trained):
