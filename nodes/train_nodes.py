@@ -13,7 +13,7 @@ from ..training.config import PRESETS, SCHEDULERS, TIMESTEP_SAMPLINGS, TrainConf
 from ..training.lora.files import lora_state_dict, save_lora
 from ..training.model.archs import distilled_notice
 from ..training.fsutil import unique_path
-from ..training.train.checkpoints import step_files
+from ..training.train.checkpoints import ema_name, step_files
 from ..training.train.state import load_state
 from ..training.train.trainer import RunOptions, TrainCallbacks, TrainData, Trainer
 from .comfy import events
@@ -84,8 +84,9 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
 
     out_dir = Path(loras_dir()) / RUNS_SUBFOLDER
     final = Path(unique_path(lora_target_path(f"{RUNS_SUBFOLDER}/{cfg.output_name}")))
-    if resume_from is None and step_files(out_dir, cfg.output_name):
-        # A new run must not replace an earlier run's step saves: give it its own name.
+    if resume_from is None and (step_files(out_dir, cfg.output_name) or step_files(out_dir, ema_name(cfg.output_name))
+                                or Path(lora_target_path(f"{RUNS_SUBFOLDER}/{ema_name(cfg.output_name)}")).exists()):
+        # A new run must not replace an earlier run's step saves (or its EMA files): give it its own name.
         cfg = dataclasses.replace(cfg, output_name=final.stem)
     # The graph's MODEL/CLIP, or private clones where this host cannot train them in place.
     backend = comfy_backend(*comfy_host.trainable(model, clip), vae, model_name=comfy_host.model_file_name(model))
@@ -111,6 +112,12 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
         # The context takes the LoRA layers out on exit (also after a failure): the trainer leaves them.
         result = trainer.run(keep_injected=True)
     path = save_lora(final, result.lora, dtype=cfg.save_dtype)
+    if result.ema_lora is not None:
+        # The EMA of the weights beside the LoRA (<name>-ema), in every LoRA loader's list; the outputs stay the
+        # trained weights, as the previews showed them.
+        ema = save_lora(unique_path(final.with_name(f"{ema_name(final.stem)}{final.suffix}")), result.ema_lora,
+                        dtype=cfg.save_dtype)
+        log.info("EMA of the LoRA weights saved as %s", ema)
     m, c = _apply(model, clip, result.lora, cfg.save_dtype)
     loss = LossPayload(result.losses, result.instance_losses, result.prior_losses, result.validation)
     return io.NodeOutput(m, c, result.lora, loss, str(path))
@@ -187,6 +194,12 @@ class TrainLora(io.ComfyNode):
                                tooltip="Share of the images held out for a validation loss (never a folder's only "
                                        "image): measured with fixed noise about 20 times per run and drawn green "
                                        "on the chart; its lowest point is the step to keep. 0: off."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=0.0001,
+                               optional=True,
+                               tooltip="Also keep an exponential moving average of the LoRA weights (0.999 "
+                                       "typical; 0: off), saved beside the LoRA and each step save as "
+                                       "<name>-ema: smoother than the last step's weights, often better on a "
+                                       "small set. The outputs stay the trained weights."),
                 ClassImages.Input("class_images", optional=True, tooltip="Prior-preservation images."),
             ],
             outputs=OUTPUTS,
@@ -207,8 +220,10 @@ class TrainLora(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, steps, rank, alpha, target, learning_rate, lr_schedule,
                 warmup_steps, batch_size, seed, train_text_encoder, prior_loss_weight, precision,
                 gradient_checkpointing, save_every, preview_every, preview_prompt, output_name,
-                timestep_sampling="default", validation_split=0.0, class_images=None) -> io.NodeOutput:
-        cfg = TrainConfig(validation_split=validation_split, validation_every=max(1, steps // 20),rank=rank, alpha=alpha, preset=target, steps=steps, lr=learning_rate,
+                timestep_sampling="default", validation_split=0.0, ema_decay=0.0,
+                class_images=None) -> io.NodeOutput:
+        cfg = TrainConfig(validation_split=validation_split, validation_every=max(1, steps // 20), ema_decay=ema_decay,
+                          rank=rank, alpha=alpha, preset=target, steps=steps, lr=learning_rate,
                           lr_scheduler=lr_schedule, warmup_steps=min(warmup_steps, steps), batch_size=batch_size,
                           seed=seed, train_text_encoder=train_text_encoder, prior_loss_weight=prior_loss_weight,
                           mixed_precision=precision, gradient_checkpointing=gradient_checkpointing,

@@ -365,3 +365,36 @@ def test_masked_loss_on_the_dataset_node_learns_only_where_the_masks_allow(comfy
     plain = run_prompt({**prompt, "2": _dataset(folder), "5": _train("lw_unmasked", 2, train_text_encoder=False)})
     assert plain.success, plain.error()
     assert all(d["loss"] > 0 for d in plain.events("lw.train.step"))
+
+
+def test_ema_on_the_train_node_saves_the_average_of_its_steps_beside_the_lora(comfy_host, run_prompt,
+                                                                               tiny_sd15_checkpoint, tmp_path):
+    """Train LoRA's ema_decay: <name>-ema.safetensors lands beside the LoRA (and <name>-ema-stepN beside each
+    step save), carries its averaging in lw_ema, and its weights are the average of the run's steps: with decay
+    0.5 from step 0, ema_4 = w4/2 + w3/4 + w2/8 + w1/16 + w0/16, where every up weight starts at zero (w0 = 0).
+    The node's outputs stay the trained weights."""
+    import torch
+
+    from lora_workbench.training.lora.formats import load_lora
+
+    name = "lw_ema_node"
+    prompt = {"1": _checkpoint(tiny_sd15_checkpoint.name), "2": _dataset(_images(tmp_path / "ema", n=2)),
+              "8": _train(name, 4, train_text_encoder=False, save_every=1, ema_decay=0.5),
+              "9": {"class_type": "LW_SaveLoRA", "inputs": {"lora": ["8", 2], "filename": f"saved/{name}",
+                                                            "dtype": "fp32"}}}
+    run = run_prompt(prompt)
+    assert run.success, run.error()
+    loras = comfy_host.base_directory / "models" / "loras"
+    runs = loras / "lora_workbench"
+    ema = load_lora(runs / f"{name}-ema.safetensors")
+    assert json.loads(ema.metadata["lw_ema"]) == {"decay": 0.5, "start_step": 0, "every": 1}
+    assert (runs / f"{name}-ema-step000002.safetensors").is_file()
+    steps = [load_lora(runs / f"{name}-step{s:06d}.safetensors") for s in (1, 2, 3)]
+    steps.append(load_lora(loras / "saved" / f"{name}.safetensors"))  # the node's LoRA output: step 4's weights
+    assert set(ema.modules) == set(steps[-1].modules)
+    for key, module in ema.modules.items():
+        # Step saves are fp16 (the default save dtype): the hand average is as exact as they are.
+        expected = sum(w * s.modules[key].up.float() for w, s in zip((1 / 16, 1 / 8, 1 / 4, 1 / 2), steps))
+        assert module.up.abs().max() > 0, key
+        assert (module.up.float() - expected).abs().max() <= 2e-3 * expected.abs().max() + 1e-6, key
+        assert not torch.equal(module.up.float(), steps[-1].modules[key].up.float()), key
