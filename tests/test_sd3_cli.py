@@ -9,15 +9,13 @@ import safetensors
 import torch
 
 from fixtures.tiny_sd3_pipeline import save_tiny_sd3_pipeline, tiny_sd3_pipeline
-from helpers import StopAt, make_images, tiny_dataset_cfg
+from cli_checks import (assert_file_lowers_the_fixed_loss, assert_pipeline_reproduces,
+                        assert_resume_continues_the_same_curve)
+from helpers import make_images
 from lora_workbench.app.cli import main
-from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.data.dataset import scan_folder
-from lora_workbench.training.lora import network
 from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.sd3 import DiffusersSD3Backend
-from lora_workbench.training.train.trainer import RunOptions, TrainData, Trainer
-from test_flux_cli import SMALL, fixed_flow_loss
+from test_flux_cli import SMALL
 
 PROMPT = "a photo of sks ball"
 
@@ -62,46 +60,14 @@ def test_cli_trains_an_sd3_folder_loss_falls_and_diffusers_reproduces_it(tmp_pat
             if k.endswith("attn.to_q.lora_A.weight")} == {(4, 32)}
 
     be = DiffusersSD3Backend.from_pretrained(folder)
-    dcfg = tiny_dataset_cfg(imgs)
-    records = scan_folder(dcfg)
-    targets = be.lora_targets("all", False)
-    before = fixed_flow_loss(be, records, dcfg)
-    network.inject(be.roots(), targets, 4, 2)
-    network.load_into(be.roots(), targets, be.split_lora(lora))
-    after = fixed_flow_loss(be, records, dcfg)
-    assert after < 0.85 * before, f"fixed-set loss {before:.4f} -> {after:.4f}"
+    assert_file_lowers_the_fixed_loss(be, lora, imgs, 4, 2)
 
     # diffusers' own loader on a fresh pipeline gives the trained transformer's output
     pipe = tiny_sd3_pipeline()
-    ref = DiffusersSD3Backend(pipe)
     g = torch.Generator().manual_seed(1)
     x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.6])
-    with torch.no_grad():
-        cond = be.encode_prompts([PROMPT])
-        base = ref.predict(x, sigma, cond)
-        pipe.load_lora_weights(str(path))
-        theirs = ref.predict(x, sigma, cond)
-        ours = be.predict(x, sigma, cond)
-    assert (ours - base).abs().max() > 1e-3, "training did not change the output"
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert_pipeline_reproduces(pipe, DiffusersSD3Backend(pipe), be, path, x, sigma, PROMPT)
 
 
 def test_resume_continues_the_same_curve(tmp_path):
-    dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=4))
-    records = scan_folder(dcfg)
-    cfg = TrainConfig(rank=4, alpha=4, preset="all", steps=6, lr=2e-3, batch_size=2, seed=3, output_name="r")
-
-    def backend():
-        return DiffusersSD3Backend(tiny_sd3_pipeline(with_t5=False))
-
-    full = Trainer(backend(), TrainData(records, dcfg), cfg).run()
-    out = tmp_path / "run"
-    first = Trainer(backend(), TrainData(records, dcfg), cfg, callbacks=StopAt(3),
-                    options=RunOptions(output_dir=out)).run()
-    assert first.stopped_early and first.steps_done == 3
-    second = Trainer(backend(), TrainData(records, dcfg), cfg,
-                     options=RunOptions(output_dir=out, resume_from=out / "r-state")).run()
-    assert second.losses[:3] == first.losses
-    torch.testing.assert_close(torch.tensor(second.losses), torch.tensor(full.losses), atol=1e-6, rtol=1e-5)
-    for k, m in full.lora.modules.items():
-        torch.testing.assert_close(second.lora.modules[k].delta(), m.delta(), atol=1e-6, rtol=1e-5, msg=k)
+    assert_resume_continues_the_same_curve(tmp_path, lambda: DiffusersSD3Backend(tiny_sd3_pipeline(with_t5=False)))

@@ -10,16 +10,17 @@ import safetensors.torch
 import torch
 
 from fixtures.tiny_zimage_pipeline import save_tiny_zimage_pipeline, tiny_zimage_pipeline
-from helpers import StopAt, make_images, tiny_dataset_cfg
+from cli_checks import (assert_file_lowers_the_fixed_loss, assert_pipeline_reproduces,
+                        assert_resume_continues_the_same_curve)
+from helpers import make_images, tiny_dataset_cfg
 from lora_workbench.app.cli import main
 from lora_workbench.training.config import TrainConfig
 from lora_workbench.training.data.dataset import scan_folder
-from lora_workbench.training.lora import network
 from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.single_file import load_model
 from lora_workbench.training.model.zimage import DiffusersZImageBackend
-from lora_workbench.training.train.trainer import RunOptions, TrainData, Trainer
-from test_flux_cli import SMALL, fixed_flow_loss
+from lora_workbench.training.train.trainer import TrainData, Trainer
+from test_flux_cli import SMALL
 
 PROMPT = "a photo of sks ball"
 
@@ -90,34 +91,19 @@ def test_cli_trains_a_zimage_folder_loss_falls_and_diffusers_reproduces_it(tmp_p
             if k.endswith("attention.to_q.lora_A.weight")} == {(4, 32)}
 
     be = DiffusersZImageBackend.from_pretrained(folder)
-    dcfg = tiny_dataset_cfg(imgs)
-    records = scan_folder(dcfg)
-    targets = be.lora_targets("all", False)
-    before = fixed_flow_loss(be, records, dcfg)
-    network.inject(be.roots(), targets, 4, 2)
-    network.load_into(be.roots(), targets, be.split_lora(lora))
-    after = fixed_flow_loss(be, records, dcfg)
-    assert after < 0.85 * before, f"fixed-set loss {before:.4f} -> {after:.4f}"
+    assert_file_lowers_the_fixed_loss(be, lora, imgs, 4, 2)
 
     # diffusers' own loader on a fresh pipeline: every key becomes a LoRA layer, and the output is the trained one
     from peft.utils import get_peft_model_state_dict
 
     pipe = tiny_zimage_pipeline()
-    ref = DiffusersZImageBackend(pipe)
     g = torch.Generator().manual_seed(1)
     x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.6])
-    with torch.no_grad():
-        cond = be.encode_prompts([PROMPT])
-        base = ref.predict(x, sigma, cond)
-        pipe.load_lora_weights(str(path))
-        theirs = ref.predict(x, sigma, cond)
-        ours = be.predict(x, sigma, cond)
+    assert_pipeline_reproduces(pipe, DiffusersZImageBackend(pipe), be, path, x, sigma, PROMPT)
     adapter = next(iter(pipe.transformer.peft_config))
     loaded = {"diffusion_model." + k.replace(f".{adapter}.", ".")
               for k in get_peft_model_state_dict(pipe.transformer, adapter_name=adapter)}
     assert loaded == keys, sorted(loaded ^ keys)[:5]
-    assert (ours - base).abs().max() > 1e-3, "training did not change the output"
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_text_encoder_leaves_once_prompts_are_cached_and_comes_back(tmp_path):
@@ -135,21 +121,4 @@ def test_text_encoder_leaves_once_prompts_are_cached_and_comes_back(tmp_path):
 
 
 def test_resume_continues_the_same_curve(tmp_path):
-    dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=4))
-    records = scan_folder(dcfg)
-    cfg = TrainConfig(rank=4, alpha=4, preset="all", steps=6, lr=2e-3, batch_size=2, seed=3, output_name="r")
-
-    def backend():
-        return DiffusersZImageBackend(tiny_zimage_pipeline())
-
-    full = Trainer(backend(), TrainData(records, dcfg), cfg).run()
-    out = tmp_path / "run"
-    first = Trainer(backend(), TrainData(records, dcfg), cfg, callbacks=StopAt(3),
-                    options=RunOptions(output_dir=out)).run()
-    assert first.stopped_early and first.steps_done == 3
-    second = Trainer(backend(), TrainData(records, dcfg), cfg,
-                     options=RunOptions(output_dir=out, resume_from=out / "r-state")).run()
-    assert second.losses[:3] == first.losses
-    torch.testing.assert_close(torch.tensor(second.losses), torch.tensor(full.losses), atol=1e-6, rtol=1e-5)
-    for k, m in full.lora.modules.items():
-        torch.testing.assert_close(second.lora.modules[k].delta(), m.delta(), atol=1e-6, rtol=1e-5, msg=k)
+    assert_resume_continues_the_same_curve(tmp_path, lambda: DiffusersZImageBackend(tiny_zimage_pipeline()))
