@@ -193,6 +193,38 @@ def train_on_fixed_set(backend, records, dcfg, cfg, caption: str, callbacks=None
                 trained_out=trained_out)
 
 
+def train_family_lora(models, photos: Path, *, name: str, steps: int, rank: int, alpha: float, lr: float,
+                      caption: str, callbacks=None, **options) -> dict:
+    """A DiT family's LoRA trained through the node's code path on every Linear of its blocks (preset "all") from
+    ``models`` = (MODEL, CLIP, VAE, file names or path) as a user's graph loads them, with a fixed set's loss
+    before and after (``train_on_fixed_set``). Adds the backend, whether the CLIP is still loaded after the run
+    (the text encoder should leave once the prompts are encoded), and the run's metadata on the LoRA."""
+    import comfy.model_management as mm
+
+    from lora_workbench.nodes.comfy.backend import comfy_backend
+    from lora_workbench.training.config import TrainConfig
+    from test_flux_nodes import make_dataset
+
+    model, clip, vae, files = models
+    records, dcfg = make_dataset(photos)
+    backend = comfy_backend(model, clip, vae, model_name=files["dit"] if isinstance(files, dict) else files.name)
+    cfg = TrainConfig(rank=rank, alpha=alpha, preset="all", steps=steps, lr=lr, seed=0, output_name=name, **options)
+    out = train_on_fixed_set(backend, records, dcfg, cfg, caption, callbacks)
+    out["clip_loaded"] = any(m.model is clip.patcher for m in mm.current_loaded_models)
+    out["result"].lora.metadata.update(out["trainer"].metadata(steps))
+    return dict(out, backend=backend)
+
+
+def save_trained(comfy_host, lora, folder: str) -> str:
+    """``lora`` saved as the nodes save it (fp32) in the host's loras/<folder>; the name LoraLoader lists."""
+    from lora_workbench.training.lora.files import save_lora
+
+    path = comfy_host.base_directory / "models" / "loras" / folder / "trained.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lora(path, lora, dtype="fp32", overwrite=True)
+    return f"{folder}/trained.safetensors"
+
+
 def comfy_denoised(model, x_t, sigma, cond):
     """What ComfyUI's ``apply_model`` samples with for a DiT backend's ``cond`` (``DiTCond``): the model's own
     ``extra_conds`` of the text states, pooled output and guidance, then ``denoised`` at ``sigma``."""

@@ -46,31 +46,17 @@ def kl(tiny_flux2_files):
 def trained(kl, tmp_path_factory):
     """A LoRA trained through the node's code path on every Linear of the blocks (preset "all"), with a fixed
     set's loss (fixed noise and sigmas) before and after."""
-    import comfy.model_management as mm
+    from comfy_harness import train_family_lora
 
-    from comfy_harness import train_on_fixed_set
-    from lora_workbench.nodes.comfy.backend import comfy_backend
-    from lora_workbench.training.config import TrainConfig
-    from test_flux_nodes import make_dataset
-
-    model, clip, vae, names = kl
-    records, dcfg = make_dataset(tmp_path_factory.mktemp("flux2_photos"))
-    backend = comfy_backend(model, clip, vae, model_name=names["dit"])
-    cfg = TrainConfig(rank=RANK, alpha=ALPHA, preset="all", steps=STEPS, lr=4e-3, seed=0, output_name="tiny_flux2")
-    out = train_on_fixed_set(backend, records, dcfg, cfg, f"{TRIGGER}, {CAPTION}")
-    out["clip_loaded"] = any(m.model is clip.patcher for m in mm.current_loaded_models)
-    out["result"].lora.metadata.update(out["trainer"].metadata(STEPS))
-    return dict(out, backend=backend)
+    return train_family_lora(kl, tmp_path_factory.mktemp("flux2_photos"), name="tiny_flux2", steps=STEPS, rank=RANK,
+                             alpha=ALPHA, lr=4e-3, caption=f"{TRIGGER}, {CAPTION}")
 
 
 @pytest.fixture(scope="module")
 def saved(comfy_host, trained) -> str:
-    from lora_workbench.training.lora.files import save_lora
+    from comfy_harness import save_trained
 
-    path = comfy_host.base_directory / "models" / "loras" / FOLDER / "trained.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_lora(path, trained["result"].lora, dtype="fp32", overwrite=True)
-    return f"{FOLDER}/trained.safetensors"
+    return save_trained(comfy_host, trained["result"].lora, FOLDER)
 
 
 def test_klein_trains_as_its_family(kl, trained):

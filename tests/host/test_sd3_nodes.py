@@ -77,14 +77,11 @@ def trained(sd3, tmp_path_factory):
 @pytest.fixture(scope="module")
 def saved(comfy_host, trained) -> str:
     """The trained LoRA saved as the nodes save it (fp32), as LoraLoader names it."""
-    from lora_workbench.training.lora.files import save_lora
+    from comfy_harness import save_trained
 
     lora = trained["result"].lora
     lora.metadata.update(trained["trainer"].metadata(STEPS))
-    path = comfy_host.base_directory / "models" / "loras" / FOLDER / "trained.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_lora(path, lora, dtype="fp32", overwrite=True)
-    return f"{FOLDER}/trained.safetensors"
+    return save_trained(comfy_host, lora, FOLDER)
 
 
 def test_tiny_checkpoint_trains_as_sd35_medium(sd3, trained):

@@ -41,31 +41,17 @@ def zi(tiny_zimage_files):
 def trained(zi, tmp_path_factory):
     """A LoRA trained through the node's code path on every Linear of the blocks (preset "all"), with a fixed
     set's loss (fixed noise and sigmas) before and after."""
-    import comfy.model_management as mm
+    from comfy_harness import train_family_lora
 
-    from comfy_harness import train_on_fixed_set
-    from lora_workbench.nodes.comfy.backend import comfy_backend
-    from lora_workbench.training.config import TrainConfig
-    from test_flux_nodes import make_dataset
-
-    model, clip, vae, names = zi
-    records, dcfg = make_dataset(tmp_path_factory.mktemp("zimage_photos"))
-    backend = comfy_backend(model, clip, vae, model_name=names["dit"])
-    cfg = TrainConfig(rank=RANK, alpha=ALPHA, preset="all", steps=STEPS, lr=4e-3, seed=0, output_name="tiny_zimage")
-    out = train_on_fixed_set(backend, records, dcfg, cfg, f"{TRIGGER}, {CAPTION}")
-    out["clip_loaded"] = any(m.model is clip.patcher for m in mm.current_loaded_models)
-    out["result"].lora.metadata.update(out["trainer"].metadata(STEPS))
-    return dict(out, backend=backend)
+    return train_family_lora(zi, tmp_path_factory.mktemp("zimage_photos"), name="tiny_zimage", steps=STEPS, rank=RANK,
+                             alpha=ALPHA, lr=4e-3, caption=f"{TRIGGER}, {CAPTION}")
 
 
 @pytest.fixture(scope="module")
 def saved(comfy_host, trained) -> str:
-    from lora_workbench.training.lora.files import save_lora
+    from comfy_harness import save_trained
 
-    path = comfy_host.base_directory / "models" / "loras" / FOLDER / "trained.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_lora(path, trained["result"].lora, dtype="fp32", overwrite=True)
-    return f"{FOLDER}/trained.safetensors"
+    return save_trained(comfy_host, trained["result"].lora, FOLDER)
 
 
 def test_zimage_trains_as_its_family(zi, trained):
