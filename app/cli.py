@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("images", help="folder of images with optional .txt captions (kohya N_name sub-folders ok)")
     tr.add_argument("--model", required=True,
                     help="base model: an SD1.x/SD2.x single-file checkpoint (.safetensors/.ckpt) or a diffusers folder "
-                         "(SD1.x/SD2.x, SDXL, Flux.1 dev/schnell, Chroma, SD3.5, Z-Image, FLUX.2 klein)")
+                         "(SD1.x/SD2.x, SDXL, Flux.1 dev/schnell, Chroma, SD3.5, Z-Image, FLUX.2 klein, Qwen-Image)")
     tr.add_argument("--tokenizer", default=None,
                     help="folder with the CLIP vocab.json + merges.txt, for a single-file --model "
                          "(default: ComfyUI's comfy/sd1_tokenizer or the Hugging Face cache)")

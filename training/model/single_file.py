@@ -381,9 +381,14 @@ def load_model(model: str | os.PathLike, device: str | torch.device = "cpu",
 
         if is_flux2_pipeline(model):
             return DiffusersFlux2Backend.from_pretrained(model, device, weight_dtype)
+        from .qwen_image import DiffusersQwenImageBackend, is_qwen_image_pipeline
+
+        if is_qwen_image_pipeline(model):
+            return DiffusersQwenImageBackend.from_pretrained(model, device, weight_dtype)
     if weight_dtype == FP8:
-        raise ModelLoadError(f"fp8 base weights are supported for Flux, Chroma, SD3, Z-Image and FLUX.2 klein "
-                             f"diffusers folders only, and {model} is not one; use --weight-dtype fp16, bf16 or fp32")
+        raise ModelLoadError(f"fp8 base weights are supported for Flux, Chroma, SD3, Z-Image, FLUX.2 klein and "
+                             f"Qwen-Image diffusers folders only, and {model} is not one; use --weight-dtype fp16, "
+                             "bf16 or fp32")
     if model.is_dir():
         return DiffusersBackend.from_pretrained(model, device, weight_dtype)
     return load_single_file(model, device, weight_dtype, tokenizer=tokenizer, config_dir=config_dir)
