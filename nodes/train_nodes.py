@@ -79,14 +79,21 @@ def _apply(model, clip, lora, dtype: str):
     return comfy.sd.load_lora_for_models(model, clip, lora_state_dict(lora, dtype), 1.0, 1.0)
 
 
-def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node_id, resume_from=None):
+def _names_taken(out_dir: Path, name: str) -> bool:
+    """Whether an earlier run wrote files a run named ``name`` would write beside its LoRA: step saves, the EMA's
+    (``<name>-ema``, ``<name>-ema-stepN``) or the best step's (``<name>-best``)."""
+    return bool(step_files(out_dir, name) or step_files(out_dir, ema_name(name))
+                or any((out_dir / f"{n}.safetensors").exists() for n in (ema_name(name), f"{name}-best")))
+
+
+def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node_id, resume_from=None,
+                 validation=None):
     from .comfy.backend import comfy_backend
 
     out_dir = Path(loras_dir()) / RUNS_SUBFOLDER
     final = Path(unique_path(lora_target_path(f"{RUNS_SUBFOLDER}/{cfg.output_name}")))
-    if resume_from is None and (step_files(out_dir, cfg.output_name) or step_files(out_dir, ema_name(cfg.output_name))
-                                or Path(lora_target_path(f"{RUNS_SUBFOLDER}/{ema_name(cfg.output_name)}")).exists()):
-        # A new run must not replace an earlier run's step saves (or its EMA files): give it its own name.
+    if resume_from is None and _names_taken(out_dir, cfg.output_name):
+        # A new run must not replace an earlier run's step saves, EMA or best files: give it its own name.
         cfg = dataclasses.replace(cfg, output_name=final.stem)
     # The graph's MODEL/CLIP, or private clones where this host cannot train them in place.
     backend = comfy_backend(*comfy_host.trainable(model, clip), vae, model_name=comfy_host.model_file_name(model))
@@ -100,7 +107,8 @@ def run_training(model, clip, vae, dataset, class_images, cfg: TrainConfig, node
         notice += distilled + " "
         log.warning(distilled)
     cls_recs = class_records(class_images, dataset.config)
-    data = TrainData(dataset.records, dataset.config, cls_recs, class_images.prompt if class_images else "")
+    data = TrainData(dataset.records, dataset.config, cls_recs, class_images.prompt if class_images else "",
+                     validation.records if validation is not None else None)
     trainer = Trainer(backend, data, cfg, ComfyCallbacks(node_id, cfg.steps, notice),
                       RunOptions(output_dir=out_dir, state_dir=states_dir(), resume_from=resume_from,
                                  overwrite=resume_from is not None))
@@ -194,6 +202,15 @@ class TrainLora(io.ComfyNode):
                                tooltip="Share of the images held out for a validation loss (never a folder's only "
                                        "image): measured with fixed noise about 20 times per run and drawn green "
                                        "on the chart; its lowest point is the step to keep. 0: off."),
+                Dataset.Input("validation_dataset", optional=True,
+                              tooltip="Validation images of their own (a second Load Image Dataset): their loss is "
+                                      "measured as for validation_split, and adds to it."),
+                io.Boolean.Input("keep_best", default=False, optional=True,
+                                 tooltip="With a validation set: also save <name>-best, the LoRA at the lowest "
+                                         "validation loss so far (replaced as the run finds a lower one)."),
+                io.Int.Input("validation_patience", default=0, min=0, max=1000, optional=True,
+                             tooltip="With a validation set: stop after this many validations in a row without a "
+                                     "new lowest loss (0: never stop early). The LoRA is saved as at the last step."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=0.0001,
                                optional=True,
                                tooltip="Also keep an exponential moving average of the LoRA weights (0.999 "
@@ -220,16 +237,18 @@ class TrainLora(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, steps, rank, alpha, target, learning_rate, lr_schedule,
                 warmup_steps, batch_size, seed, train_text_encoder, prior_loss_weight, precision,
                 gradient_checkpointing, save_every, preview_every, preview_prompt, output_name,
-                timestep_sampling="default", validation_split=0.0, ema_decay=0.0,
-                class_images=None) -> io.NodeOutput:
-        cfg = TrainConfig(validation_split=validation_split, validation_every=max(1, steps // 20), ema_decay=ema_decay,
+                timestep_sampling="default", validation_split=0.0, validation_dataset=None, keep_best=False,
+                validation_patience=0, ema_decay=0.0, class_images=None) -> io.NodeOutput:
+        cfg = TrainConfig(validation_split=validation_split, validation_every=max(1, steps // 20), keep_best=keep_best,
+                          validation_patience=validation_patience, ema_decay=ema_decay,
                           rank=rank, alpha=alpha, preset=target, steps=steps, lr=learning_rate,
                           lr_scheduler=lr_schedule, warmup_steps=min(warmup_steps, steps), batch_size=batch_size,
                           seed=seed, train_text_encoder=train_text_encoder, prior_loss_weight=prior_loss_weight,
                           mixed_precision=precision, gradient_checkpointing=gradient_checkpointing,
                           save_every=save_every, preview_every=preview_every, preview_prompt=preview_prompt,
                           output_name=output_name.strip() or "my_lora", timestep_sampling=timestep_sampling)
-        return run_training(model, clip, vae, dataset, class_images, cfg, cls.hidden.unique_id)
+        return run_training(model, clip, vae, dataset, class_images, cfg, cls.hidden.unique_id,
+                            validation=validation_dataset)
 
 
 class ResumeTraining(io.ComfyNode):
@@ -251,6 +270,8 @@ class ResumeTraining(io.ComfyNode):
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="Total steps (0: as saved; more "
                              "only with a constant learning rate)."),
                 ClassImages.Input("class_images", optional=True, tooltip="The same class images, if any."),
+                Dataset.Input("validation_dataset", optional=True,
+                              tooltip="The same validation images, if the run had its own."),
             ],
             outputs=OUTPUTS,
             hidden=[io.Hidden.unique_id],
@@ -266,12 +287,13 @@ class ResumeTraining(io.ComfyNode):
                 "or cancel or stop a Train LoRA run to save one")
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, state, steps, class_images=None) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, dataset, state, steps, class_images=None,
+                validation_dataset=None) -> io.NodeOutput:
         folder = states_dir() / state
         saved = load_state(folder)
         cfg = TrainConfig.from_dict({**saved.config, **({"steps": steps} if steps else {})})
         return run_training(model, clip, vae, dataset, class_images, cfg, cls.hidden.unique_id,
-                            resume_from=folder)
+                            resume_from=folder, validation=validation_dataset)
 
 
 def _state_names() -> list[str]:

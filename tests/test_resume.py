@@ -109,6 +109,26 @@ def test_resume_with_other_images_or_settings_is_refused_with_reasons(tmp_path, 
                 options=RunOptions(resume_from=tmp_path / "img")).run()
 
 
+def test_resume_without_the_runs_validation_images_is_refused(tmp_path, data):
+    """A run that measured a validation loss on its own images resumes only with the same ones: without them (or
+    with others) the validation curve and keep_best would silently change."""
+    dcfg, records = data
+    val_cfg = tiny_dataset_cfg(make_images(tmp_path / "val", n=2, seed=5))
+    validation = scan_folder(val_cfg)
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**BASE, "validation_every": 2})
+    Trainer(tiny_backend(), TrainData(records, dcfg, validation_records=validation), cfg, callbacks=StopAt(3),
+            options=RunOptions(output_dir=out)).run()
+    state = out / "r-state"
+    for other in (None, validation[:1]):
+        with pytest.raises(ResumeError, match="validation images changed"):
+            Trainer(tiny_backend(), TrainData(records, dcfg, validation_records=other), cfg,
+                    options=RunOptions(resume_from=state)).run()
+    resumed = Trainer(tiny_backend(), TrainData(records, dcfg, validation_records=validation), cfg,
+                      options=RunOptions(resume_from=state)).run()
+    assert resumed.steps_done == BASE["steps"] and resumed.validation
+
+
 def test_keep_last_keeps_the_k_most_recent_step_saves(tmp_path, data):
     dcfg, records = data
     out = tmp_path / "run"

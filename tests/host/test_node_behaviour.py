@@ -398,3 +398,67 @@ def test_ema_on_the_train_node_saves_the_average_of_its_steps_beside_the_lora(co
         assert module.up.abs().max() > 0, key
         assert (module.up.float() - expected).abs().max() <= 2e-3 * expected.abs().max() + 1e-6, key
         assert not torch.equal(module.up.float(), steps[-1].modules[key].up.float()), key
+
+
+def test_validation_dataset_keep_best_and_its_resume_on_the_train_node(comfy_host, run_prompt, tiny_sd15_checkpoint,
+                                                                        tmp_path, monkeypatch):
+    """A second Load Image Dataset as Train LoRA's validation_dataset: the node reports a validation loss at every
+    validation, keep_best writes <name>-best with the lowest one's step in lw_best_step, and the file's curve is the
+    one the node reported. Cancelled, the run resumes only with the same validation images."""
+    import comfy.model_management
+    import torch
+
+    from lora_workbench.training.lora.formats import load_lora
+
+    name, steps = "lw_val_node", 6
+    prompt = {"1": _checkpoint(tiny_sd15_checkpoint.name), "2": _dataset(_images(tmp_path / "train", n=2)),
+              "3": _dataset(_images(tmp_path / "held_out", n=2)),
+              "8": _train(name, steps, train_text_encoder=False, validation_dataset=["3", 0], keep_best=True,
+                          save_every=1),
+              "9": {"class_type": "LW_LossGraph", "inputs": {"loss": ["8", 3], "smoothing": 0.5, "width": 256,
+                                                              "height": 128}}}
+    run = run_prompt(prompt)
+    assert run.success, run.error()
+    reported = [(d["step"], d["loss"]) for d in run.events("lw.train.validation")]
+    assert [s for s, _ in reported] == list(range(1, steps + 1)), reported  # every steps // 20 = 1 step
+    best_step = min(reported, key=lambda v: v[1])[0]
+    runs = comfy_host.base_directory / "models" / "loras" / "lora_workbench"
+    best = load_lora(runs / f"{name}-best.safetensors")
+    assert int(best.metadata["lw_best_step"]) == best_step
+    # the step's save (the last step's is the LoRA itself)
+    at_best = load_lora(runs / (f"{name}-step{best_step:06d}.safetensors" if best_step < steps else f"{name}.safetensors"))
+    assert best.modules.keys() == at_best.modules.keys()
+    assert all(torch.equal(best.modules[k].up, at_best.modules[k].up) for k in best.modules)
+    final = load_lora(runs / f"{name}.safetensors")
+    curve = json.loads(final.metadata["lw_validation_loss"])
+    assert [(s, pytest.approx(v, rel=1e-6)) for s, v, *_ in curve] == reported
+
+    # Cancel during step 2, then Resume Training without the validation images: refused, naming the fix.
+    train_nodes = _our_module("LW_TrainLoRA")
+    on_step = train_nodes.ComfyCallbacks.on_step
+
+    def cancel_during(self, step, total, loss, lr):
+        if step == 2:
+            comfy.model_management.interrupt_current_processing(True)
+        return on_step(self, step, total, loss, lr)
+
+    monkeypatch.setattr(train_nodes.ComfyCallbacks, "on_step", cancel_during)
+    cancelled = run_prompt({**prompt, "8": _train(f"{name}_c", steps, train_text_encoder=False,
+                                                   validation_dataset=["3", 0])})
+    monkeypatch.undo()
+    assert not cancelled.success
+
+    def resume(**more):
+        return {k: v for k, v in prompt.items() if k != "8"} | {
+            "9": {"class_type": "LW_LossGraph", "inputs": {"loss": ["40", 3], "smoothing": 0.5, "width": 256,
+                                                           "height": 128}},
+            "40": {"class_type": "LW_ResumeTraining", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "state": f"{name}_c-state",
+                "steps": 0, **more}}}
+
+    refused = run_prompt(resume())
+    assert not refused.success
+    assert "validation images changed" in refused.error()["exception_message"], refused.error()
+    resumed = run_prompt(resume(validation_dataset=["3", 0]))
+    assert resumed.success, resumed.error()
+    assert _steps(resumed) == list(range(3, steps + 1))

@@ -145,10 +145,11 @@ class Checkpoints:
     def save_state(self, trainer: Trainer) -> Path:
         """Everything the run needs to continue the same curve from ``trainer.step``: ``<name>-state/``."""
         if self.dist.is_main:
-            fingerprint, class_fingerprint = trainer.fingerprints()
+            fingerprint, class_fingerprint, validation_fingerprint = trainer.fingerprints()
             state = TrainingState(
                 step=trainer.step, config=self.cfg.to_dict(), dataset_fingerprint=fingerprint,
-                class_fingerprint=class_fingerprint, losses=list(trainer.losses),
+                class_fingerprint=class_fingerprint, validation_fingerprint=validation_fingerprint,
+                losses=list(trainer.losses),
                 optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                 scaler=trainer.scaler.state_dict(), generator=trainer.gen_at_step,
                 lora=trainer.lora_weights(trainer.step), run_id=trainer.run_id,

@@ -55,6 +55,7 @@ class TrainingState:
     run_id: str | None = None  # the run that wrote it: its LoRA files carry the same ``lw_run_id``
     ema: list[torch.Tensor] | None = None  # the EMA of the LoRA's parameters (``ema.LoraEma``), when the run keeps one
     validation: list = field(default_factory=list)  # (step, loss[, EMA loss]) of each validation so far
+    validation_fingerprint: str | None = None  # the validation images (held out and separate), None without any
 
 
 def state_dir_for(output_dir: str | os.PathLike, name: str) -> Path:
@@ -75,7 +76,7 @@ def save_state(folder: Path, state: TrainingState) -> Path:
             "dataset_fingerprint": state.dataset_fingerprint, "class_fingerprint": state.class_fingerprint,
             "losses": state.losses, "optimizer": state.optimizer, "scheduler": state.scheduler,
             "scaler": state.scaler, "generator": state.generator, "run_id": state.run_id, "ema": state.ema,
-            "validation": state.validation,
+            "validation": state.validation, "validation_fingerprint": state.validation_fingerprint,
         }, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": state.step, "steps": state.config.get("steps"), "output_name": state.config.get("output_name"),
@@ -135,11 +136,12 @@ def load_state(folder: str | os.PathLike) -> TrainingState:
                          class_fingerprint=d["class_fingerprint"], losses=list(d["losses"]),
                          optimizer=d["optimizer"], scheduler=d["scheduler"], scaler=d["scaler"],
                          generator=d["generator"], lora=load_lora(folder / "lora.safetensors"),
-                         run_id=d.get("run_id"), ema=d.get("ema"), validation=d.get("validation") or [])
+                         run_id=d.get("run_id"), ema=d.get("ema"), validation=d.get("validation") or [],
+                         validation_fingerprint=d.get("validation_fingerprint"))
 
 
 def check_compatible(state: TrainingState, cfg: TrainConfig, dataset_fp: str, class_fp: str | None,
-                     where: Path) -> None:
+                     validation_fp: str | None, where: Path) -> None:
     """Raise ResumeError listing every difference that would break the continued curve."""
     problems = []
     saved = state.config
@@ -151,6 +153,10 @@ def check_compatible(state: TrainingState, cfg: TrainConfig, dataset_fp: str, cl
         problems.append("the training images or captions changed since the state was saved")
     if (state.class_fingerprint or None) != (class_fp or None):
         problems.append("the class (prior-preservation) images changed since the state was saved")
+    if (state.validation_fingerprint or None) != (validation_fp or None):
+        problems.append("the validation images changed since the state was saved (give the run the same validation "
+                        "folder or Train LoRA's validation_dataset, or none if it had none): the validation curve "
+                        "would not continue")
     if state.step >= cfg.steps:
         problems.append(f"the state is already at step {state.step} of {cfg.steps}; raise steps to train further "
                         "(with a constant learning rate) or start a new run")

@@ -92,7 +92,7 @@ class Trainer:
         self.targets: list[network.LoraTarget] = []
         self._estimate: tuple | None = None  # (memory estimate,) once computed
         self.prompts_precached = False  # set by run(): the captions and preview prompts were encoded up front
-        self._fingerprints: tuple[str, str | None] | None = None
+        self._fingerprints: tuple[str, str | None, str | None] | None = None
         self._extracted: tuple[int, LoraWeights] | None = None  # (step, LoRA read out at that step)
         self.started_at: float | None = None
         # Names this run's files (``lw_run_id``): a resume may replace its own files, never another run's.
@@ -474,11 +474,12 @@ class Trainer:
                                                [r.bucket for r in self.records], bool(self.class_records)),)
         return self._estimate[0]
 
-    def fingerprints(self) -> tuple[str, str | None]:
-        """The instance and class data fingerprints a state records and a resume checks."""
+    def fingerprints(self) -> tuple[str, str | None, str | None]:
+        """The instance, class and validation data fingerprints a state records and a resume checks."""
         if self._fingerprints is None:
             self._fingerprints = (dataset_fingerprint(self.records),
-                                  dataset_fingerprint(self.class_records) if self.class_records else None)
+                                  dataset_fingerprint(self.class_records) if self.class_records else None,
+                                  dataset_fingerprint(self.validation_records) if self.validation_records else None)
         return self._fingerprints
 
     # ---- output --------------------------------------------------------------------------------
