@@ -167,6 +167,26 @@ def test_block_weights_take_klein_9b_and_4b_lists():
         parse_block_weights("1,2,3", "flux2")
 
 
+def test_klein_4b_block_weights_on_a_9b_lora_are_refused():
+    """4B's 26 values on a LoRA with 9B's blocks would switch D05..D07 and S20..S23 off unseen: refused, naming
+    the 33-value list; on a 4B LoRA they apply."""
+    from lora_workbench.training.lora.block_weights import apply_block_weights
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights
+
+    def lora(double: int, single: int) -> LoraWeights:
+        names = [f"lora_unet_double_blocks_{i}_img_attn_qkv" for i in range(double)]
+        names += [f"lora_unet_single_blocks_{i}_linear1" for i in range(single)]
+        return LoraWeights({n: LoraModule(torch.ones(2, 4), torch.ones(6, 2), 2) for n in names}, {}, "flux2")
+
+    four = parse_block_weights(",".join(["0.5"] * 26), "flux2")
+    kept = apply_block_weights(lora(5, 20), four)
+    assert all(torch.equal(m.up, torch.full((6, 2), 0.5)) for m in kept.modules.values())
+    with pytest.raises(BlockWeightError, match=r"26 values.*block D05.*33 values \(BASE, D00..D07, S00..S23"):
+        apply_block_weights(lora(8, 24), four)
+    nine = apply_block_weights(lora(8, 24), ",".join(["1"] * 32 + ["0"]))
+    assert not nine.modules["lora_unet_single_blocks_23_linear1"].up.any()
+
+
 def test_distilled_klein_gets_the_train_on_base_notice():
     assert "klein Base" in distilled_notice("flux-2-klein-4b-fp8.safetensors")
     assert "klein Base" in distilled_notice("models/diffusion_models/FLUX.2-klein-9B.safetensors")

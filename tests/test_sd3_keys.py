@@ -132,6 +132,14 @@ def test_block_weights_name_joint_blocks_for_both_sizes():
     assert parse_block_weights("front", "sd3").values["J12"] == 1.0
     with pytest.raises(BlockWeightError, match="2 values; sd3 takes 39 values"):
         parse_block_weights("1,2", "sd3")
+    # medium's 25 on a large LoRA (blocks J24..J37) would switch those blocks off unseen
+    from lora_workbench.training.lora.block_weights import apply_block_weights
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights
+
+    big = LoraWeights({f"lora_unet_joint_blocks_{i}_x_block_attn_qkv": LoraModule(torch.ones(2, 4), torch.ones(6, 2), 2)
+                       for i in range(38)}, {}, "sd3")
+    with pytest.raises(BlockWeightError, match="block J24"):
+        apply_block_weights(big, medium)
 
 
 def test_turbo_models_get_the_train_on_base_notice(tmp_path, caplog):

@@ -147,7 +147,8 @@ def parse_spec(spec: str | None, model) -> BlockWeights | None:
     family, config_name = model_family(model)
     if family is None:
         raise BlockWeightError(
-            f"block weights {spec!r} need an SD1.x, SD2.x, SDXL, Flux.1 or Chroma model; this one is ComfyUI's "
+            f"block weights {spec!r} need a model of a family in the table (SD1.x, SD2.x, SDXL, Flux.1, Chroma, "
+            f"SD3.x, Z-Image, FLUX.2 klein, Qwen-Image); this one is ComfyUI's "
             f"{config_name}. Leave block_weights empty for it."
         )
     return parse_block_weights(spec, family)

@@ -186,3 +186,63 @@ def test_dit_matches_diffusers(flux2):
     assert a.shape == (2, 128, H, W) and a.std() > 0.5  # nothing is zeroed
     assert (a - other).abs().max() > 0.01
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_klein_9b_is_told_by_its_context_width_and_its_loras_load_with_33_block_weights(comfy_host, caplog):
+    """A DiT of klein 9B's shape (8 double + 24 single blocks, 12288-wide context: 3 tapped Qwen3-8B layers) at a
+    narrow width: ComfyUI loads it as FLUX.2 and we name it klein 9B; a LoRA on every block Linear in kohya's FLUX.2
+    keys loads in LoraLoader with every key patched; LoRA Stack takes klein 9B's 33 block weights (BASE, D00..D07,
+    S00..S23) and refuses 4B's 26, naming the 33. Qwen3-8B itself (8B parameters, ~17 GB to load here) has no tiny
+    set: the 9B path differs from 4B's by these sizes only."""
+    import logging
+
+    import comfy.supported_models
+    import nodes
+    import torch
+
+    if not hasattr(comfy.supported_models, "Flux2"):
+        pytest.skip(HOST_LIMIT)
+    from comfy_harness import release_models
+    from test_flux_use_nodes import apply_stack, stack_rows
+
+    from lora_workbench.nodes.comfy.families import family_variant
+    from lora_workbench.training.lora.block_weights import BlockWeightError, apply_block_weights, parse_block_weights
+    from lora_workbench.training.lora.files import LoraModule, LoraWeights, save_lora
+    from lora_workbench.training.lora.metadata import kohya_metadata
+
+    nine = tiny_flux2.KLEIN_9B
+    models = comfy_host.base_directory / "models"
+    dit = models / "diffusion_models" / "lw_tiny_flux-2-klein-base-9b.safetensors"
+    if not dit.exists():
+        tiny_flux2.write_sparse_safetensors(dit, tiny_flux2.flux2_dit_state_dict(
+            hidden=tiny_flux2.HEAD_DIM, depth=nine["depth"], depth_single=nine["depth_single_blocks"],
+            context_in_dim=nine["context_in_dim"]))
+    try:
+        with torch.inference_mode():
+            model = nodes.UNETLoader().load_unet(dit.name, "default")[0]
+        assert type(model.model.model_config).__name__ == "Flux2" and family_variant(model) == "klein-9b"
+        blocks = model.model.diffusion_model
+        g = torch.Generator().manual_seed(0)
+        modules = {}
+        for path, m in blocks.named_modules():
+            if isinstance(m, torch.nn.Linear) and path.startswith(("double_blocks.", "single_blocks.")):
+                modules["lora_unet_" + path.replace(".", "_")] = LoraModule(
+                    torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g) * 0.01, 2)
+        lora = LoraWeights(modules, kohya_metadata(arch="flux2", variant="klein-9b", network_dim=2, network_alpha=2),
+                           arch="flux2")
+        save_lora(models / "loras" / "lw_klein9b" / "random.safetensors", lora, dtype="fp32", overwrite=True)
+        name = "lw_klein9b/random.safetensors"
+        with caplog.at_level(logging.WARNING), torch.inference_mode():
+            patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
+        assert "lora key not loaded" not in caplog.text and len(patched.patches) == len(modules) == 8 * 8 + 24 * 2  # q k v, out, MLP in, out per stream
+        only_last = ",".join(["0"] * 32 + ["1"])  # S23 alone
+        m, _, _ = apply_stack(model, None, stack_rows([{"lora": name}]), only_last)
+        assert len(m.patches) == len(modules)
+        kept = apply_block_weights(lora, parse_block_weights(only_last, "flux2"))
+        assert {k for k, v in kept.modules.items() if v.up.abs().max() > 0} == {
+            "lora_unet_single_blocks_23_linear1", "lora_unet_single_blocks_23_linear2"}
+        with pytest.raises(BlockWeightError, match="33"):
+            apply_stack(model, None, stack_rows([{"lora": name}]), ",".join(["1"] * 26))
+    finally:
+        model = patched = m = None
+        release_models()

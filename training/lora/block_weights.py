@@ -174,6 +174,7 @@ QWEN_IMAGE_PRESETS: dict[str, tuple[float, ...]] = {
 # Block family of each arch: the UNet's layout, "flux" for the Flux.1-layout DiTs (Chroma has Flux's blocks),
 # "flux2" for FLUX.2, "sd3" for the MMDiT, "zimage" for Z-Image, "qwen_image" for Qwen-Image.
 _OWN_BLOCKS = ("sd3", "zimage", "flux2", "qwen_image")
+_SIZED = ("sd3", "flux2")  # families whose short and full lists are two model sizes (not LBW's zero-filled short form)
 _FAMILY = {a.name: (a.unet_layout if a.kind == "unet" else a.name if a.name in _OWN_BLOCKS else "flux")
            for a in ARCH_TABLE.values()}
 _FULL = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS, "sd3": SD3_BLOCKS, "zimage": ZIMAGE_BLOCKS,
@@ -207,6 +208,7 @@ class BlockWeights:
     arch: str
     values: dict[str, float]
     spec: str
+    named: tuple[str, ...] = ()  # the blocks the spec gave values for (a short list names fewer than ``values``)
 
     def weight_of(self, block: str) -> float:
         """The weight of ``block``; 1.0 for :data:`OTHER`, ``KeyError`` for a block not of this family."""
@@ -314,7 +316,7 @@ def parse_block_weights(spec: str | Sequence[float], arch: str) -> BlockWeights:
         raise BlockWeightError(f"block weights {spec!r} have {len(values)} values; {_usage(fam)}")
     full = dict.fromkeys(_FULL[fam], 0.0)
     full.update(zip(names, values))
-    return BlockWeights(fam, full, text)
+    return BlockWeights(fam, full, text, tuple(names))
 
 
 def apply_block_weights(lora: LoraWeights, weights: BlockWeights | str | Sequence[float]) -> LoraWeights:
@@ -331,7 +333,14 @@ def apply_block_weights(lora: LoraWeights, weights: BlockWeights | str | Sequenc
     arch = lora.arch if lora.arch != "unknown" else weights.arch
     modules = {}
     for name, m in lora.modules.items():
-        w = weights.weight_of(block_of(name, arch))
+        block = block_of(name, arch)
+        if weights.arch in _SIZED and weights.named and block not in weights.named and block != OTHER:
+            # SD3.x's and FLUX.2's two lists are two model sizes: the smaller one's on the larger model would
+            # silently switch its extra blocks off
+            raise BlockWeightError(f"block weights {weights.spec!r} give {len(weights.named)} values, the list of the "
+                                   f"smaller model, but this LoRA has block {block} ({name}); "
+                                   f"{_usage(weights.arch)}")
+        w = weights.weight_of(block)
         up = (m.up.float() * w).to(m.up.dtype)
         modules[name] = LoraModule(m.down, up, m.alpha, m.dora_scale)
     metadata = dict(lora.metadata)
