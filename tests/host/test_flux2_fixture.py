@@ -192,8 +192,8 @@ def test_klein_9b_is_told_by_its_context_width_and_its_loras_load_with_33_block_
     """A DiT of klein 9B's shape (8 double + 24 single blocks, 12288-wide context: 3 tapped Qwen3-8B layers) at a
     narrow width: ComfyUI loads it as FLUX.2 and we name it klein 9B; a LoRA on every block Linear in kohya's FLUX.2
     keys loads in LoraLoader with every key patched; LoRA Stack takes klein 9B's 33 block weights (BASE, D00..D07,
-    S00..S23) and refuses 4B's 26, naming the 33. Qwen3-8B itself (8B parameters, ~17 GB to load here) has no tiny
-    set: the 9B path differs from 4B's by these sizes only."""
+    S00..S23) and refuses 4B's 26, naming the 33. Qwen3-8B itself has no tiny set (it would load at about twice the
+    4B encoder's 8.9 GB peak): the 9B path differs from 4B's by these sizes only."""
     import logging
 
     import comfy.supported_models
