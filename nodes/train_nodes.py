@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from comfy_api.latest import io
 
-from ..training.config import PRESETS, SCHEDULERS, TIMESTEP_SAMPLINGS, TrainConfig
+from ..training.config import NETWORKS, PRESETS, SCHEDULERS, TIMESTEP_SAMPLINGS, TrainConfig
 from ..training.lora.files import lora_state_dict, save_lora
 from ..training.model.archs import distilled_notice
 from ..training.fsutil import unique_path
@@ -217,6 +217,12 @@ class TrainLora(io.ComfyNode):
                                        "typical; 0: off), saved beside the LoRA and each step save as "
                                        "<name>-ema: smoother than the last step's weights, often better on a "
                                        "small set. The outputs stay the trained weights."),
+                io.Combo.Input("network", options=list(NETWORKS), default="lora", optional=True,
+                               tooltip="What is trained. lora: a plain LoRA (kohya format). loha / lokr: LyCORIS "
+                                       "LoHa (Hadamard product of two low-rank pairs) or LoKr (Kronecker product), "
+                                       "saved in LyCORIS keys that ComfyUI, A1111/Forge and kohya load; alpha / rank "
+                                       "scales them as a LoRA (a LoKr with two full factors trains at scale 1, as "
+                                       "LyCORIS does)."),
                 ClassImages.Input("class_images", optional=True, tooltip="Prior-preservation images."),
             ],
             outputs=OUTPUTS,
@@ -238,9 +244,9 @@ class TrainLora(io.ComfyNode):
                 warmup_steps, batch_size, seed, train_text_encoder, prior_loss_weight, precision,
                 gradient_checkpointing, save_every, preview_every, preview_prompt, output_name,
                 timestep_sampling="default", validation_split=0.0, validation_dataset=None, keep_best=False,
-                validation_patience=0, ema_decay=0.0, class_images=None) -> io.NodeOutput:
+                validation_patience=0, ema_decay=0.0, network="lora", class_images=None) -> io.NodeOutput:
         cfg = TrainConfig(validation_split=validation_split, validation_every=max(1, steps // 20), keep_best=keep_best,
-                          validation_patience=validation_patience, ema_decay=ema_decay,
+                          validation_patience=validation_patience, ema_decay=ema_decay, network=network,
                           rank=rank, alpha=alpha, preset=target, steps=steps, lr=learning_rate,
                           lr_scheduler=lr_schedule, warmup_steps=min(warmup_steps, steps), batch_size=batch_size,
                           seed=seed, train_text_encoder=train_text_encoder, prior_loss_weight=prior_loss_weight,

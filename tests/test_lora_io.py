@@ -297,9 +297,11 @@ def test_unknown_keys_are_named():
           "model.diffusion_model.weird.weight": torch.randn(3)}
     with pytest.raises(LoraFormatError, match="model.diffusion_model.weird.weight"):
         load_lora(sd)
-    loha = {"lora_unet_x.hada_w1_a": torch.randn(2, 2)}
+    oft = {"lora_unet_x.oft_blocks": torch.randn(2, 2, 2)}  # LyCORIS kinds other than LoHa / LoKr: named
     with pytest.raises(LoraFormatError, match="LyCORIS"):
-        load_lora(loha)
+        load_lora(oft)
+    with pytest.raises(LoraFormatError, match=r"LyCORIS loha module .* missing \['hada_w1_b'"):
+        load_lora({"lora_unet_x.hada_w1_a": torch.randn(2, 2)})
     with pytest.raises(LoraFormatError, match="needs both down and up"):
         load_lora({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 4)})
 

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import LoraWorkbenchError
 
 PRESETS = ("attn", "attn_ff", "all")
+NETWORKS = ("lora", "loha", "lokr")  # plain LoRA (kohya), LyCORIS LoHa (Hadamard) and LoKr (Kronecker), via peft
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "bf16", "fp16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
@@ -30,7 +31,8 @@ TIMESTEP_SAMPLINGS = ("default", "uniform", "logit_normal", "shift", "flux_shift
 DDPM_TIMESTEP_SAMPLINGS = ("default", "uniform", "logit_normal")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # caption sidecars the dataset reads, in this order
 # The allowed values of each option that has a fixed set: validation below and the CLI's choices.
-CHOICES = {"preset": PRESETS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS, "save_dtype": SAVE_DTYPES,
+CHOICES = {"network": NETWORKS, "preset": PRESETS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
+           "save_dtype": SAVE_DTYPES,
            "loss_type": LOSSES, "huber_schedule": HUBER_SCHEDULES, "optimizer": OPTIMIZER_NAMES,
            "prediction_type": PREDICTIONS, "timestep_sampling": TIMESTEP_SAMPLINGS}
 
@@ -94,6 +96,7 @@ class TrainConfig:
     train_text_encoder: bool = False  # also train a LoRA on the CLIP text encoder(s)
     text_encoder_train_steps: int = 0  # freeze the text-encoder LoRA after N steps (0: train it throughout)
     use_dora: bool = False  # DoRA (weight-decomposed LoRA, peft use_dora)
+    network: str = "lora"  # lora, or LyCORIS loha (Hadamard product) / lokr (Kronecker product), in LyCORIS keys
 
     # --- optimisation -------------------------------------------------------------------------
     steps: int = 500  # optimizer steps
@@ -169,6 +172,13 @@ class TrainConfig:
                    "use a whole number >= 1, or None to follow rank")
         check.need(self.alpha > 0, "alpha", self.alpha, "use a positive number; alpha = rank gives scale 1")
         check.need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "use a probability in [0, 1)")
+        lycoris = self.network in NETWORKS and self.network != "lora"
+        check.need(not (lycoris and self.use_dora), "use_dora", self.use_dora,
+                   f"DoRA is a LoRA variant; network={self.network!r} cannot use it: turn use_dora off or use "
+                   "network='lora'")
+        check.need(not (lycoris and self.dropout), "dropout", self.dropout,
+                   f"LoRA dropout acts on LoRA's down projection, which network={self.network!r} has not: set "
+                   "dropout to 0 or use network='lora'")
         steps_ok = check.need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps,
                               "train for at least 1 step")
         check.need(self.batch_size >= 1, "batch_size", self.batch_size, "use 1 or more")

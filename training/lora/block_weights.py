@@ -55,7 +55,7 @@ from ..errors import LoraWorkbenchError
 from ..model import dit_keys as dk
 from ..model import keys as uk
 from ..model.archs import ARCH_TABLE, SD3_LARGE_DEPTH
-from .files import LoraModule, LoraWeights
+from .files import LoraModule, LoraWeights, LycorisModule
 
 OTHER = "OTHER"  # modules outside LBW's blocks: always weight 1
 
@@ -320,7 +320,8 @@ def parse_block_weights(spec: str | Sequence[float], arch: str) -> BlockWeights:
 
 
 def apply_block_weights(lora: LoraWeights, weights: BlockWeights | str | Sequence[float]) -> LoraWeights:
-    """A new LoRA whose modules' ``up`` are scaled by their block's weight (LBW scales ``up`` too).
+    """A new LoRA whose modules' ``up`` are scaled by their block's weight (LBW scales ``up`` too; a LoHa / LoKr
+    module its first factor, which scales its delta the same way).
 
     ``weights`` may be a spec, parsed for ``lora.arch``. The source LoRA is left untouched.
     """
@@ -341,6 +342,9 @@ def apply_block_weights(lora: LoraWeights, weights: BlockWeights | str | Sequenc
                                    f"smaller model, but this LoRA has block {block} ({name}); "
                                    f"{_usage(weights.arch)}")
         w = weights.weight_of(block)
+        if isinstance(m, LycorisModule):  # LoHa / LoKr: the delta is linear in its first factor
+            modules[name] = m.scaled(w)
+            continue
         up = (m.up.float() * w).to(m.up.dtype)
         modules[name] = LoraModule(m.down, up, m.alpha, m.dora_scale)
     metadata = dict(lora.metadata)

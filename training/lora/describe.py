@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..model.archs import ARCH_TABLE, arch_from_metadata
-from .files import LoraFormatError, legacy_hash, model_hash, read_lora_file
+from .files import LoraFormatError, legacy_hash, model_hash, network_of, read_lora_file
 from .formats import load_lora
 from .metadata import tag_counts
 
@@ -54,16 +54,18 @@ def describe_lora(path: str | os.PathLike) -> str:
     if lora is not None:
         mods = lora.modules.values()
         per = Counter(lora.component_of(n) for n in lora.modules)
-        dtypes = sorted({str(m.down.dtype).replace("torch.", "") for m in mods})
+        dtypes = sorted({str(m.dtype).replace("torch.", "") for m in mods})
         conv = sum(m.is_conv for m in mods)
         arch = lora.arch
         if arch not in ARCH_TABLE:  # keys of an unknown model: the file's own metadata may say
             arch = arch_from_metadata(meta) or arch
         lines += [
             _row("architecture", arch),
+            _row("network", {"loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"}.get(network_of(lora), network_of(lora))
+                 + (f", {meta['ss_network_module']}" if meta.get("ss_network_module") else "")),
             _row("modules", ", ".join(f"{c} {n}" for c, n in sorted(per.items())) + f" (total {len(lora.modules)})"),
             _row("ranks", _summary(m.rank for m in mods)),
-            _row("alphas", _summary(m.alpha for m in mods)),
+            _row("alphas", _summary(m.alpha for m in mods if m.alpha is not None)),
             _row("dtype", ", ".join(dtypes)),
             _row("conv layers", f"yes, {conv} modules" if conv else "no"),
         ]

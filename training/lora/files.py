@@ -1,7 +1,8 @@
 """LoRA files: one in-memory form in kohya naming, saving it, and the hashes other tools check.
 
 * :class:`LoraWeights` holds :class:`LoraModule` (down, up, alpha[, dora_scale]) keyed by kohya name
-  (``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``, ``lora_te2_*``; see ``model.keys``).
+  (``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``, ``lora_te2_*``; see ``model.keys``), or
+  :class:`LycorisModule` (LyCORIS LoHa / LoKr factors under their LyCORIS key names, and alpha).
 * :func:`save_lora` writes the kohya safetensors format that A1111, ComfyUI, Forge and Civitai read,
   with the ``sshs_*`` hashes kohya precomputes and ``modelspec.*`` keys.
 * :func:`read_lora_file` reads a file's tensors and metadata as they are; ``formats.load_lora`` turns
@@ -86,6 +87,11 @@ class LoraModule:
         return self.alpha / self.rank
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in."""
+        return self.down.dtype
+
+    @property
     def is_conv(self) -> bool:
         """A conv LoRA with a kernel larger than 1x1 (kohya's conv_dim / LoCon layers)."""
         return self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1)
@@ -99,11 +105,145 @@ class LoraModule:
         return torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down) * self.scale
 
 
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+ALGOS = {"loha": LOHA_KEYS, "lokr": LOKR_KEYS}
+
+
+def _cp(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
+    """LyCORIS's Tucker (CP) rebuild of a conv factor: ``t [r, r, kh, kw]``, ``wa [r, out]``, ``wb [r, in]``."""
+    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
+
+
+@dataclass
+class LycorisModule:
+    """One LyCORIS module as LyCORIS, kohya, ComfyUI and A1111/Forge store it: ``weights`` by key suffix.
+
+    LoHa (``hada_w1_a [out, r]``, ``hada_w1_b [r, in*kh*kw]``, ``hada_w2_a``, ``hada_w2_b``; Tucker convs add
+    ``hada_t1``/``hada_t2``): ``delta = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r``.
+    LoKr (``lokr_w1`` or ``lokr_w1_a @ lokr_w1_b``, ``lokr_w2`` or ``lokr_w2_a @ lokr_w2_b`` [or Tucker
+    ``lokr_t2``]): ``delta = kron(w1, w2) * alpha / r``, where ``r`` is the rank of a low-rank factor; a LoKr
+    with both factors full has no rank and every loader (ComfyUI, A1111, LyCORIS) applies scale 1.
+    ``shape`` is the base weight's shape when known (a trained module; a file does not record it): conv
+    factors are flat, so only the layer knows its kernel. ``dora_scale`` is always None (no DoRA here).
+    """
+
+    algo: str
+    weights: dict[str, Tensor]
+    alpha: float | None
+    shape: tuple[int, ...] | None = None
+    dora_scale = None  # the LoraModule attribute callers test; LyCORIS modules carry no DoRA magnitude
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise LoraFormatError(f"LyCORIS algo {self.algo!r} unknown; use one of {sorted(ALGOS)}")
+        extra = sorted(set(self.weights) - set(ALGOS[self.algo]))
+        w = self.weights
+        if self.algo == "loha":
+            need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+        else:
+            need = [k for k in ("lokr_w1", "lokr_w1_a") if k in w][:1] or ["lokr_w1 or lokr_w1_a/_b"]
+            need += [k for k in ("lokr_w2", "lokr_w2_a") if k in w][:1] or ["lokr_w2 or lokr_w2_a/_b"]
+            need += [k[:-1] + "b" for k in need if k.endswith("_a")]
+        missing = [k for k in need if k not in w]
+        if extra or missing:
+            raise LoraFormatError(f"LyCORIS {self.algo} module with {sorted(w)} is incomplete or mixed: "
+                                  f"{'missing ' + str(missing) if missing else ''}"
+                                  f"{'; not ' + self.algo + ' weights: ' + str(extra) if extra else ''}")
+        self.alpha = None if self.alpha is None else float(self.alpha)
+        self.shape = None if self.shape is None else tuple(int(d) for d in self.shape)
+
+    @property
+    def rank(self) -> int:
+        """The rank ``r`` the alpha divides by: LoHa's, or the rank of LoKr's low-rank factor; 0 for a LoKr with
+        both factors full (no rank: scale 1)."""
+        w = self.weights
+        if self.algo == "loha":
+            return int(w["hada_w1_b"].shape[0])
+        low = w.get("lokr_w2_b", w.get("lokr_w1_b"))
+        return 0 if low is None else int(low.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """The factor on the factors' product, as ComfyUI's, A1111's and LyCORIS's loaders compute it:
+        ``alpha / rank``; 1 without an alpha, or for a LoKr without a low-rank factor."""
+        return 1.0 if self.alpha is None or self.rank == 0 else self.alpha / self.rank
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the factors are stored in."""
+        return next(iter(self.weights.values())).dtype
+
+    @property
+    def is_conv(self) -> bool:
+        """A conv module with a kernel larger than 1x1 (known from ``shape``, or from a 4D factor)."""
+        if self.shape is not None:
+            return len(self.shape) == 4 and self.shape[2:] != (1, 1)
+        return any(t.dim() == 4 and tuple(t.shape[2:]) != (1, 1) for t in self.weights.values())
+
+    @property
+    def out_features(self) -> int:
+        w = self.weights
+        if self.algo == "loha":
+            return int(w["hada_w1_a"].shape[1 if "hada_t1" in w else 0])
+        w1 = w.get("lokr_w1", w.get("lokr_w1_a"))
+        w2 = w.get("lokr_w2", w.get("lokr_w2_a"))
+        return int(w1.shape[0]) * int(w2.shape[1 if "lokr_t2" in w else 0])
+
+    def delta(self, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] | None = None) -> Tensor:
+        """The weight change, exactly as peft's ``get_delta_weight`` and ComfyUI's loader compute it, reshaped
+        to ``shape`` (default: the module's own ``shape``; else the factors' natural shape, [out, in*kh*kw]
+        for a flat conv factor). Computed in ``dtype`` (fp32 by default: fp16 products lose small updates)."""
+        w = {k: v.to(dtype) for k, v in self.weights.items()}
+        if self.algo == "loha":
+            if "hada_t1" in w:
+                d = (_cp(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
+                     * _cp(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"]))
+            else:
+                d = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+        else:
+            w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+            if "lokr_w2" in w:
+                w2 = w["lokr_w2"]
+            elif "lokr_t2" in w:
+                w2 = _cp(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"])
+            else:
+                w2 = w["lokr_w2_a"] @ w["lokr_w2_b"]
+            if w2.dim() == 4:
+                w1 = w1[:, :, None, None]
+            d = torch.kron(w1, w2.contiguous())
+        d = d * self.scale
+        shape = shape or self.shape
+        return d if shape is None else d.reshape(shape)
+
+    def delta_2d(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """:meth:`delta` as a matrix ``[out, in*kh*kw]`` (what SVD merges and resizes factor)."""
+        d = self.delta(dtype)
+        return d.reshape(d.shape[0], -1)
+
+    def scaled(self, factor: float) -> LycorisModule:
+        """A copy whose delta is ``factor`` times this one's: the first factor scaled (the product is linear in it)."""
+        first = {"loha": "hada_w1_a"}.get(self.algo) or ("lokr_w1" if "lokr_w1" in self.weights else "lokr_w1_a")
+        weights = dict(self.weights)
+        weights[first] = (weights[first].float() * factor).to(weights[first].dtype)
+        return LycorisModule(self.algo, weights, self.alpha, self.shape)
+
+    def to(self, dtype: torch.dtype) -> LycorisModule:
+        return LycorisModule(self.algo, {k: v.to(dtype) for k, v in self.weights.items()}, self.alpha, self.shape)
+
+
+def network_of(lora: "LoraWeights") -> str:
+    """"lora", "loha" or "lokr": the LyCORIS algo of a LoRA's modules ("lora" when it has none; "mixed" when
+    several kinds are mixed)."""
+    kinds = {m.algo if isinstance(m, LycorisModule) else "lora" for m in lora.modules.values()}
+    return kinds.pop() if len(kinds) == 1 else ("lora" if not kinds else "mixed")
+
+
 @dataclass
 class LoraWeights:
     """A whole LoRA in kohya naming, with its safetensors metadata and base architecture."""
 
-    modules: dict[str, LoraModule]
+    modules: dict[str, LoraModule | LycorisModule]
     metadata: dict[str, str] = field(default_factory=dict)
     arch: str = UNKNOWN
 
@@ -127,7 +267,8 @@ class LoraWeights:
         """A copy with the weights in ``dtype`` ("fp16"/"bf16"/"fp32" or a torch dtype); alphas stay floats."""
         dt = torch_dtype(dtype)
         mods = {
-            n: LoraModule(m.down.to(dt), m.up.to(dt), m.alpha, None if m.dora_scale is None else m.dora_scale.to(dt))
+            n: m.to(dt) if isinstance(m, LycorisModule) else
+            LoraModule(m.down.to(dt), m.up.to(dt), m.alpha, None if m.dora_scale is None else m.dora_scale.to(dt))
             for n, m in self.modules.items()
         }
         return LoraWeights(mods, dict(self.metadata), self.arch)
@@ -137,7 +278,8 @@ class LoraWeights:
 
 def lora_state_dict(lora: LoraWeights, dtype: str | torch.dtype | None = None) -> dict[str, Tensor]:
     """The kohya state dict: ``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (fp32 scalar),
-    optional ``.dora_scale``; contiguous CPU tensors in ``dtype`` (default: as stored)."""
+    optional ``.dora_scale``; LyCORIS modules as LyCORIS writes them (``<name>.hada_w1_a`` ... or
+    ``<name>.lokr_w1`` ..., and ``.alpha``); contiguous CPU tensors in ``dtype`` (default: as stored)."""
     dt = None if dtype is None else torch_dtype(dtype)
 
     def ready(t: Tensor) -> Tensor:
@@ -145,6 +287,11 @@ def lora_state_dict(lora: LoraWeights, dtype: str | torch.dtype | None = None) -
 
     out: dict[str, Tensor] = {}
     for name, m in sorted(lora.modules.items()):
+        if isinstance(m, LycorisModule):
+            out.update({f"{name}.{key}": ready(t) for key, t in m.weights.items()})
+            if m.alpha is not None:
+                out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+            continue
         out[f"{name}.lora_down.weight"] = ready(m.down)
         out[f"{name}.lora_up.weight"] = ready(m.up)
         out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
@@ -212,6 +359,10 @@ def save_lora(path: str | os.PathLike, lora: LoraWeights, dtype: str | torch.dty
     metadata = {k: v for k, v in metadata_strings(lora.metadata).items() if k not in HASH_KEYS}
     if key_format(lora.arch) == "diffusers":
         from .diffusers_format import diffusers_state_dict
+
+        if network_of(lora) != "lora":
+            raise LoraFormatError(f"{lora.arch} LoRAs are written in diffusers' format, which has no LyCORIS "
+                                  f"({network_of(lora)}) keys; train a plain LoRA (network 'lora') for this model")
 
         tensors = diffusers_state_dict(lora, dtype)
         # the scale is folded into lora_B: every module is at alpha = rank now

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..model import dit_keys as dk
 from ..model import keys as uk
 from ..model.archs import ARCH_TABLE, DIT_ARCHS, UNKNOWN, arch_from_metadata
-from .files import LoraFormatError, LoraModule, LoraWeights, read_lora_file
+from .files import LOHA_KEYS, LOKR_KEYS, LoraFormatError, LoraModule, LoraWeights, LycorisModule, read_lora_file
 from .fuse import fuse_modules
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ _SUFFIXES = (
     ("_lora.down.weight", "down", "processor"), ("_lora.up.weight", "up", "processor"),
     (".lora_magnitude_vector.weight", "dora", ""), (".lora_magnitude_vector", "dora", ""),
     (".dora_scale", "dora", ""), (".alpha", "alpha", ""),
+    *((f".{k}", k, "") for k in (*LOHA_KEYS, *LOKR_KEYS)),  # LyCORIS LoHa / LoKr (kohya-LyCORIS, ComfyUI, A1111)
 )
-_LYCORIS = re.compile(r"\.(hada_|lokr_|lora_mid\.|oft_|a1\.weight$|[wb]_norm$|diff$|diff_b$)")
+# LyCORIS modules this loader does not read (LoCon Tucker, OFT/BOFT, GLoRA, IA3, full diff, norms).
+_LYCORIS = re.compile(r"\.(lora_mid\.|oft_|a1\.weight$|[wb]_norm$|diff$|diff_b$)")
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out",
                "time_embedding.", "add_embedding.")
 _COMFY_TE = {"clip_l": "te", "clip_h": "te", "clip_g": "te2"}
@@ -209,11 +211,19 @@ def _locate_dit(prefix: str, style: str, arch: str, resolver: uk.KohyaNameResolv
 
 
 def _down_in_dims(sd: Mapping[str, Tensor], needle) -> set[int]:
+    """The input widths of the modules whose underscored name ``needle`` accepts (LoRA downs; LoHa's
+    ``hada_w1_b``; LoKr's two factors' input widths multiplied)."""
     dims = set()
+    lokr: dict[str, dict[str, Tensor]] = {}
     for k, v in sd.items():
         split = _split_key(k)
-        if split and split[1] == "down" and needle(split[0].replace(".", "_")) and v.dim() >= 2:
+        if not split or not needle(split[0].replace(".", "_")) or v.dim() < 2:
+            continue
+        if split[1] in ("down", "hada_w1_b"):
             dims.add(int(v.shape[1]))
+        elif split[1] in ("lokr_w1", "lokr_w1_b", "lokr_w2", "lokr_w2_b"):
+            lokr.setdefault(split[0], {})[split[1][:7]] = v
+    dims |= {int(f["lokr_w1"].shape[1]) * int(f["lokr_w2"].shape[1]) for f in lokr.values() if len(f) == 2}
     return dims
 
 
@@ -333,7 +343,24 @@ def detect_arch(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | 
     return UNKNOWN
 
 
-def _fuse_pieces(pieces: dict[tuple[str, int], LoraModule], n_parts: dict[str, int],
+def _lycoris_piece(name: str, slot: dict[str, Tensor], algo: str, n_parts: int, swap) -> LycorisModule:
+    """A LoHa / LoKr module from its keys; LoraFormatError for one that needs joining or reordering (a diffusers
+    split of a fused layer: no LoHa / LoKr of the whole layer equals its parts) or that mixes in other keys."""
+    other = sorted(set(slot) - set(LOHA_KEYS if algo == "loha" else LOKR_KEYS) - {"alpha"})
+    if other:
+        raise LoraFormatError(f"module {name} mixes {algo} weights with {other}; a module is one kind")
+    if n_parts > 1 or swap:
+        raise LoraFormatError(f"module {name}: a {algo} on one diffusers part of a fused layer (or on diffusers' "
+                              f"norm_out) cannot be turned into the fused layer's module; only plain LoRAs are "
+                              "joined")
+    weights = {k: v for k, v in slot.items() if k != "alpha"}
+    try:
+        return LycorisModule(algo, weights, _alpha_value(slot["alpha"]) if "alpha" in slot else None)
+    except LoraFormatError as e:
+        raise LoraFormatError(f"module {name}: {e}") from e
+
+
+def _fuse_pieces(pieces: dict[tuple[str, int], LoraModule | LycorisModule], n_parts: dict[str, int],
                  arch: str) -> dict[str, LoraModule]:
     """One module per kohya name: diffusers parts of a fused BFL module fused into it (a part the file lacks
     adds zero rows, sized from the present parts: q, k, v = hidden, mlp = hidden * mlp_ratio)."""
@@ -463,7 +490,7 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
             swapped[name] = swap
         raw_prefix.setdefault((name, part), prefix)
     if unknown:
-        hint = " (LyCORIS LoHa/LoKr/Tucker/OFT weights are not plain LoRA)" if any(
+        hint = " (LyCORIS LoCon-Tucker/OFT/GLoRA/IA3/diff weights are not read; LoRA, LoHa and LoKr are)" if any(
             _LYCORIS.search(k) for k in unknown) else ""
         why = f" First problem: {reasons[0]}." if reasons else ""
         raise LoraFormatError(
@@ -472,9 +499,13 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], meta
             f"transformer.*.lora_A.weight) or ComfyUI (diffusion_model.*.lora_down.weight) keys.{why}"
         )
 
-    pieces: dict[tuple[str, int], LoraModule] = {}
+    pieces: dict[tuple[str, int], LoraModule | LycorisModule] = {}
     for name, part in sorted(parts):
         slot = parts[name, part]
+        algo = next((a for a, ks in (("loha", LOHA_KEYS), ("lokr", LOKR_KEYS)) if set(slot) & set(ks)), None)
+        if algo is not None:
+            pieces[name, part] = _lycoris_piece(name, slot, algo, n_parts[name], swapped.get(name, False))
+            continue
         if "down" not in slot or "up" not in slot:
             if set(slot) <= {"alpha"}:
                 log.warning("LoRA has an alpha for %s but no weights; ignored", name)

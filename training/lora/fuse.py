@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .files import LoraFormatError, LoraModule
+from .files import LoraFormatError, LoraModule, LycorisModule
 
 
 def fuse_modules(parts: Sequence[LoraModule | None], rows: Sequence[int] | None = None) -> LoraModule:
@@ -33,6 +33,9 @@ def fuse_modules(parts: Sequence[LoraModule | None], rows: Sequence[int] | None 
     if not present:
         raise LoraFormatError("fuse_modules needs at least one LoRA part; all parts are None")
     for i, p in present:
+        if isinstance(p, LycorisModule):
+            raise LoraFormatError(f"part {i} is a {p.algo}: a Hadamard / Kronecker product per part joins into no "
+                                  f"{p.algo} of the fused layer; only plain LoRA parts fuse")
         if p.down.dim() != 2:
             raise LoraFormatError(f"part {i} is a conv LoRA (down {tuple(p.down.shape)}); only Linear LoRAs fuse")
         if p.dora_scale is not None:

@@ -15,6 +15,10 @@ balanced factors keep both halves in fp16's range when the file is saved in fp16
 
 Conv modules (``down [r, in, k, k]``) are decomposed flattened to ``[out, in*k*k]``; the new down is
 reshaped back to ``[r, in, k, k]`` and up is ``[out, r, 1, 1]``.
+
+LyCORIS LoHa / LoKr modules have no low-rank factors: their exact delta (``LycorisModule.delta``) is formed and
+decomposed with a full SVD. An SVD merge or a resize therefore turns them into plain LoRA modules at the asked
+rank (the report's kept energy says what that costs); a concat merge, which must be exact, refuses them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from ..errors import LoraWorkbenchError
 from ..model.archs import ARCH_TABLE
-from .files import HASH_KEYS, LoraModule, LoraWeights
+from .files import HASH_KEYS, LoraModule, LoraWeights, LycorisModule, network_of
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +131,32 @@ def _factors(m: LoraModule, name: str) -> tuple[Tensor, Tensor]:
     return m.up.float().reshape(m.up.shape[0], -1) * m.scale, m.down.float().reshape(m.rank, -1)
 
 
-def _stacked(loras, labels, name: str, device) -> tuple[Tensor, Tensor, tuple[int, ...], int] | None:
+def _shape_of(m: LoraModule | LycorisModule) -> tuple[tuple[int], tuple[int, ...]]:
+    """((out,), down's shape tail): ``(in,)`` or ``(in, kh, kw)``; a LyCORIS module read from a file does not
+    know its conv kernel and gives ``(in*kh*kw,)``."""
+    if isinstance(m, LycorisModule):
+        if m.shape is not None:
+            return (m.shape[0],), tuple(m.shape[1:])
+        d = m.delta_2d()
+        return (int(d.shape[0]),), (int(d.shape[1]),)
+    return tuple(m.up.shape[:1]), tuple(m.down.shape[1:])
+
+
+def _stacked(loras, labels, name: str, device) -> tuple[Tensor, Tensor | None, tuple[int, ...], int] | None:
     """All sources' factors for ``name``, weighted and concatenated: up [out, R], down [R, in*k*k],
-    the down shape tail, and R (None if no source with a non-zero weight has the module)."""
-    ups, downs, ref = [], [], None
+    the down shape tail, and R (None if no source with a non-zero weight has the module). When a source is
+    a LyCORIS module, the weighted deltas summed instead: (delta [out, in*k*k], None, tail, rank of the sum's
+    bound)."""
+    ups, downs, dense, ref = [], [], [], None
     for (lw, w), label in zip(loras, labels):
         m = lw.modules.get(name)
         if m is None or float(w) == 0.0:
             continue
-        shape = (tuple(m.up.shape[:1]), tuple(m.down.shape[1:]))
+        shape = _shape_of(m)
+        if (ref is not None and shape != ref[0] and shape[0] == ref[0][0]
+                and math.prod(shape[1]) == math.prod(ref[0][1])):
+            shape = max(shape, ref[0], key=lambda s: len(s[1]))  # a flat LyCORIS conv and a LoRA of its kernel
+            ref = (shape, ref[1])
         if ref is None:
             ref = (shape, label)
         elif shape != ref[0]:
@@ -149,11 +170,17 @@ def _stacked(loras, labels, name: str, device) -> tuple[Tensor, Tensor, tuple[in
                 f"module {name}: {ref[1]} changes a {list(out0 + tail0)} weight but {label} a {list(out1 + tail1)} "
                 "one; these LoRAs were made for different models"
             )
+        if isinstance(m, LycorisModule):
+            dense.append(m.delta_2d().to(device) * float(w))
+            continue
         up, down = _factors(m, name)
         ups.append(up.to(device) * float(w))
         downs.append(down.to(device))
     if ref is None:
         return None
+    if dense:
+        total = sum(dense) + (torch.cat(ups, 1) @ torch.cat(downs, 0) if ups else 0)
+        return total, None, ref[0][1], min(total.shape)
     up, down = torch.cat(ups, 1), torch.cat(downs, 0)
     return up, down, ref[0][1], int(down.shape[0])
 
@@ -170,6 +197,14 @@ def lowrank_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     qd, rd = torch.linalg.qr(down.T)  # [in, k2], [k2, r]
     uc, s, vhc = torch.linalg.svd(ru @ rd.T, full_matrices=False)
     return qu @ uc, s, vhc @ qd.T
+
+
+def _svd(up: Tensor, down: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lowrank_svd` of ``up @ down``, or the full thin SVD of ``up`` itself when ``down`` is None (a dense
+    delta, e.g. a LoHa's)."""
+    if down is None:
+        return torch.linalg.svd(up.float(), full_matrices=False)
+    return lowrank_svd(up, down)
 
 
 def _module_from_svd(u: Tensor, s: Tensor, vh: Tensor, r: int, tail: tuple[int, ...], alpha: float,
@@ -209,14 +244,19 @@ def _rank_metadata(modules: dict[str, LoraModule], dynamic: bool = False, args_j
         out["ss_network_dim"], out["ss_network_alpha"] = str(top.rank), f"{top.alpha:g}"
     if conv:
         top = max(conv, key=lambda m: m.rank)
-        try:
-            args = json.loads(args_json) if args_json else {}
-        except json.JSONDecodeError:
-            args = {}
-        args = args if isinstance(args, dict) else {}
+        args = _json_dict(args_json)
         args.update(conv_dim="Dynamic" if dynamic else top.rank, conv_alpha="Dynamic" if dynamic else top.alpha)
         out["ss_network_args"] = json.dumps(args)
     return out
+
+
+def _json_dict(text: str | None) -> dict:
+    """A JSON object from metadata ({} when absent, not JSON or not an object)."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _merged_metadata(loras, labels, method: str, modules: dict[str, LoraModule], extra: dict) -> dict[str, str]:
@@ -248,6 +288,11 @@ def concat_merge(loras: Sequence[tuple[LoraWeights, float]], names: Sequence[str
     and DoRA modules.
     """
     labels = _check_sources(loras, names)
+    for (lw, _), label in zip(loras, labels):
+        if network_of(lw) != "lora":
+            raise MergeError(f"{label} is a {network_of(lw)} (LyCORIS): a concat merge stacks LoRA factors and "
+                             "no stack of them is a Hadamard or Kronecker product; use the SVD merge (svd_merge, "
+                             "mode 'svd'), which merges the exact deltas to a rank you choose")
     modules = {}
     for name in _module_names(loras):
         stacked = _stacked(loras, labels, name, "cpu")
@@ -286,7 +331,7 @@ def svd_merge(loras: Sequence[tuple[LoraWeights, float]], rank: int, conv_rank: 
         stacked = _stacked(loras, labels, name, device)
         if stacked is not None:
             up, down, tail, total_rank = stacked
-            u, s, vh = lowrank_svd(up, down)
+            u, s, vh = _svd(up, down)
             target = conv_rank if len(tail) == 3 and tail[1:] != (1, 1) else rank
             r = min(target, int(s.shape[0]))
             energy, kept = _energies(s, r)
@@ -331,7 +376,9 @@ def resize_lora(lora: LoraWeights, rank: int, method: str = "fixed", value: floa
     "ratio": per module the singular values ``>= S_max / value`` (kohya's ``sv_ratio``), at most ``rank``.
 
     Each module keeps its ``alpha / rank`` scale (alpha is rescaled with the rank, as kohya does) and its
-    DoRA magnitude. Returns the new LoRA (fp32, CPU) and a report of ranks and kept energy per module.
+    DoRA magnitude. A LoHa / LoKr module becomes a plain LoRA module (scale 1) from the SVD of its exact delta,
+    and the metadata then names a LoRA (``lw_resize`` records the source's network). Returns the new LoRA
+    (fp32, CPU) and a report of ranks and kept energy per module.
     """
     rank = _check_rank(rank, "rank")
     if method not in METHODS:
@@ -346,8 +393,20 @@ def resize_lora(lora: LoraWeights, rank: int, method: str = "fixed", value: floa
     device = torch.device(device or "cpu")
     log.info("resizing LoRA (%d modules): %s, rank %d%s", len(lora.modules), method, rank,
                 "" if value is None else f", value {value:g}")
+    source_network = network_of(lora)
+    if source_network != "lora":
+        log.info("resizing a %s: its modules become plain LoRA modules (SVD of each exact delta)", source_network)
     modules, report = {}, {}
     for i, (name, m) in enumerate(sorted(lora.modules.items())):
+        if isinstance(m, LycorisModule):
+            u, s, vh = _svd(m.delta_2d().to(device), None)
+            r = _new_rank(s, method, rank, value)
+            energy, kept = _energies(s, r)
+            modules[name] = _module_from_svd(u, s, vh, r, _shape_of(m)[1], float(r))
+            report[name] = ModuleRank(min(m.delta_2d().shape), r, energy, kept)
+            if progress is not None:
+                progress(i + 1, len(lora.modules))
+            continue
         up = m.up.float().reshape(m.up.shape[0], -1).to(device)
         down = m.down.float().reshape(m.rank, -1).to(device)
         u, s, vh = lowrank_svd(up, down)
@@ -360,12 +419,22 @@ def resize_lora(lora: LoraWeights, rank: int, method: str = "fixed", value: floa
             progress(i + 1, len(lora.modules))
     rep = RankReport(method, report)
     md = {k: v for k, v in lora.metadata.items() if k not in HASH_KEYS}
-    md.update(_rank_metadata(modules, method != "fixed", lora.metadata.get("ss_network_args")))
+    args_json = lora.metadata.get("ss_network_args")
+    if source_network != "lora":  # now a plain LoRA: kohya's LoRA module, and no LyCORIS algo in its args
+        family = ARCH_TABLE.get(lora.arch)
+        md["ss_network_module"] = family.network_module if family else "networks.lora"
+        args = _json_dict(args_json)
+        args.pop("algo", None)
+        args.pop("factor", None)
+        args_json = json.dumps(args)
+        md["ss_network_args"] = args_json
+    md.update(_rank_metadata(modules, method != "fixed", args_json))
     md["lw_resized_from"] = json.dumps({
         "title": lora.metadata.get("modelspec.title") or lora.metadata.get("ss_output_name"),
         "hash": lora.metadata.get("sshs_model_hash") or lora.metadata.get("modelspec.hash_sha256"),
         "ranks": sorted({mm.rank for mm in lora.modules.values()}),
     })
-    md["lw_resize"] = json.dumps({"method": method, "rank": rank, "value": value, "kept_energy": rep.kept_energy})
+    md["lw_resize"] = json.dumps({"method": method, "rank": rank, "value": value, "kept_energy": rep.kept_energy,
+                                  **({"from_network": source_network} if source_network != "lora" else {})})
     log.info("resize done: %s", rep.summary())
     return LoraWeights(modules, md, lora.arch), rep

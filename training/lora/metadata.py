@@ -180,13 +180,18 @@ def training_metadata(cfg: "TrainConfig", dcfg: "DatasetConfig", records: Sequen
     epochs = math.ceil(steps_done * cfg.batch_size * cfg.grad_accum / samples_per_epoch) if steps_done else 0
     conv = cfg.preset == "all"
     te_lr = (cfg.lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr) if cfg.train_text_encoder else None
+    # LoHa / LoKr: what kohya's train_network.py writes with LyCORIS's network module (--network_module
+    # lycoris.kohya --network_args algo=...); LoKr's factor -1 is peft's (and LyCORIS's) default.
+    lycoris = cfg.network != "lora"
+    algo = {"algo": cfg.network, **({"factor": -1} if cfg.network == "lokr" else {})} if lycoris else {}
     md = kohya_metadata(
         arch=arch,
         network_dim=cfg.rank,
         network_alpha=cfg.alpha,
         conv_dim=cfg.effective_conv_rank if conv else None,
         conv_alpha=cfg.effective_conv_alpha if conv else None,
-        network_args={"preset": cfg.preset, **({"dropout": cfg.dropout} if cfg.dropout else {})},
+        network_module="lycoris.kohya" if lycoris else None,
+        network_args={**algo, "preset": cfg.preset, **({"dropout": cfg.dropout} if cfg.dropout else {})},
         output_name=cfg.output_name,
         title=cfg.output_name,
         tag_frequency=tag_frequency(records, dcfg),

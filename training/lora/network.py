@@ -4,6 +4,13 @@ The backend says which modules exist and what kohya calls them; this module pick
 preset names, injects peft LoRA layers (fp32 weights whatever the base dtype), reads them out as
 a ``LoraWeights`` in kohya naming, loads them back, and removes them again so a cached base
 model is left exactly as it was.
+
+``network`` "loha" / "lokr" injects peft's LyCORIS layers (``LoHaConfig`` / ``LoKrConfig``) instead, read out
+as ``LycorisModule`` under LyCORIS's own key names (peft names its parameters the same way). Both start at the
+base model: peft zero-inits ``hada_w2_b`` (LoHa) and ``lokr_w1`` (LoKr). A LoKr layer whose two Kronecker
+factors are both full (no rank, e.g. a small layer or a large rank) trains at scale 1, as LyCORIS trains it:
+every loader (ComfyUI, A1111/Forge, LyCORIS) applies alpha / rank only to a low-rank factor, so a file then
+gives exactly the trained delta.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .files import LoraModule, LoraWeights
+from .files import ALGOS, LoraModule, LoraWeights, LycorisModule
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +83,14 @@ def inject(
     use_dora: bool = False,
     seed: int | None = None,
     devices: dict[str, torch.device] | None = None,
+    network: str = "lora",
 ) -> list[nn.Parameter]:
-    """Add LoRA layers on ``targets``; return the trainable parameters (fp32, up weights zero)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """Add LoRA layers (``network`` "lora"; "loha" / "lokr": LyCORIS layers) on ``targets``; return the
+    trainable parameters (fp32; the delta is zero until they train)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
+    if network not in ("lora", *ALGOS):
+        raise ValueError(f"network {network!r} unknown; use lora, loha or lokr")
     if seed is not None:
         # LoRA A init draws from the global RNG: fix it so a seed repeats a run exactly.
         torch.manual_seed(seed)
@@ -90,17 +101,36 @@ def inject(
         root = roots[comp]
         for p in root.parameters():
             p.requires_grad_(False)
-        cfg = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            target_modules=paths,
-            lora_dropout=dropout,
-            init_lora_weights=True,  # kaiming-uniform down, zero up: training starts at the base model
-            use_dora=use_dora,
-            rank_pattern={f"^{p}$": conv_rank for p in conv_paths} if conv_rank else {},
-            alpha_pattern={f"^{p}$": conv_alpha for p in conv_paths} if conv_alpha else {},
-        )
+        patterns = dict(rank_pattern={f"^{p}$": conv_rank for p in conv_paths} if conv_rank else {},
+                        alpha_pattern={f"^{p}$": conv_alpha for p in conv_paths} if conv_alpha else {})
+        if network == "lora":
+            cfg = LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                target_modules=paths,
+                lora_dropout=dropout,
+                init_lora_weights=True,  # kaiming-uniform down, zero up: training starts at the base model
+                use_dora=use_dora,
+                **patterns,
+            )
+        else:
+            # peft's defaults are LyCORIS's file layout: flat conv factors (no Tucker), LoKr's factor -1 (near the
+            # square root) with only w2 decomposed; init_weights: one zero factor, so the delta starts at 0.
+            config_class = LoHaConfig if network == "loha" else LoKrConfig
+            cfg = config_class(r=rank, alpha=alpha, target_modules=paths, init_weights=True, **patterns)
         inject_adapter_in_model(cfg, root, adapter_name=ADAPTER)
+        if network == "lokr":
+            full = [path for path, layer in _lycoris_layers(root)
+                    if ADAPTER in layer.lokr_w1 and ADAPTER in layer.lokr_w2]
+            for path in full:
+                # No low-rank factor: loaders apply scale 1 (see the module note), so train at scale 1.
+                layer = root.get_submodule(path)
+                layer.alpha[ADAPTER] = float(layer.r[ADAPTER])
+                layer.set_scale(ADAPTER, 1.0)
+            if full and alpha != rank:
+                log.info("LoKr: %d of the %s layers have two full Kronecker factors (rank %d is at least half their "
+                         "factors' size): they train at scale 1, as LyCORIS trains them, not alpha / rank",
+                         len(full), comp, rank)
         for name, p in root.named_parameters():
             if f".{ADAPTER}." in name or name.endswith(f".{ADAPTER}"):
                 # LoRA weights train in fp32 even on a fp16/bf16 base: tiny updates survive.
@@ -121,12 +151,48 @@ def _lora_layers(root: nn.Module):
             yield path, m
 
 
+def _lycoris_layers(root: nn.Module):
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    for path, m in root.named_modules():
+        if isinstance(m, LycorisLayer) and ADAPTER in m._available_adapters:
+            yield path, m
+
+
+def _algo(layer) -> str:
+    from peft.tuners.loha import LoHaLayer
+
+    return "loha" if isinstance(layer, LoHaLayer) else "lokr"
+
+
+def _lycoris_module(layer) -> LycorisModule:
+    """A peft LoHa / LoKr layer's weights under LyCORIS's key names (peft uses the same names), fp32 CPU copies."""
+    algo = _algo(layer)
+    weights = {k: getattr(layer, k)[ADAPTER].detach().float().cpu().clone()
+               for k in ALGOS[algo] if ADAPTER in getattr(layer, k)}
+    module = LycorisModule(algo, weights, None, tuple(layer.get_base_layer().weight.shape))
+    scaling = float(layer.scaling[ADAPTER])
+    if module.rank:
+        module.alpha = scaling * module.rank
+    else:
+        # a LoKr without a low-rank factor: loaders apply scale 1, so any other scale goes into w1 (inject
+        # trains these at scale 1, so this only acts on layers another tool set up)
+        module.alpha = float(layer.r[ADAPTER])
+        if scaling != 1.0:
+            weights["lokr_w1"] = weights["lokr_w1"] * scaling
+    return module
+
+
 def extract(roots: dict[str, nn.Module], targets: list[LoraTarget], metadata: dict | None = None,
             arch: str = "unknown") -> LoraWeights:
     """Read the trained LoRA out of the injected model into kohya naming (detached fp32 copies)."""
     by_path = {(t.component, t.path): t for t in targets}
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraModule | LycorisModule] = {}
     for comp, root in roots.items():
+        for path, layer in _lycoris_layers(root):
+            t = by_path.get((comp, path))
+            if t is not None:
+                modules[t.kohya_name] = _lycoris_module(layer)
         for path, layer in _lora_layers(root):
             t = by_path.get((comp, path))
             if t is None:
@@ -154,11 +220,18 @@ def load_into(roots: dict[str, nn.Module], targets: list[LoraTarget], lora: Lora
                          "it was made with other target layers (preset) than this run")
     for comp, root in roots.items():
         state: dict[str, torch.Tensor] = {}  # peft's key names: <module path>.lora_A.weight ...
+        for path, layer in _lycoris_layers(root):
+            t = by_path.get((comp, path))
+            if t is not None:
+                state.update(_lycoris_state(path, layer, lora.modules[t.kohya_name], t.kohya_name))
         for path, layer in _lora_layers(root):
             t = by_path.get((comp, path))
             if t is None:
                 continue
             m = lora.modules[t.kohya_name]
+            if not isinstance(m, LoraModule):
+                raise ValueError(f"{t.kohya_name}: the saved module is a {m.algo}, the layer a LoRA; resume with "
+                                 f"network={m.algo!r}")
             a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
             if a.shape != m.down.shape or b.shape != m.up.shape:
                 raise ValueError(f"{t.kohya_name}: LoRA shapes {tuple(m.down.shape)}/{tuple(m.up.shape)} do "
@@ -177,6 +250,27 @@ def load_into(roots: dict[str, nn.Module], targets: list[LoraTarget], lora: Lora
             if result.unexpected_keys:
                 raise RuntimeError(f"peft did not place {len(result.unexpected_keys)} LoRA weights, e.g. "
                                    f"{result.unexpected_keys[:3]}; its state-dict key names changed")
+
+
+def _lycoris_state(path: str, layer, m, name: str) -> dict[str, torch.Tensor]:
+    """peft's state-dict entries (``<path>.hada_w1_a`` ...) of LyCORIS module ``m`` for ``layer``; the layer's scale
+    follows the module's alpha, as for LoRA."""
+    algo = _algo(layer)
+    if not isinstance(m, LycorisModule) or m.algo != algo:
+        raise ValueError(f"{name}: the saved module is a {getattr(m, 'algo', 'lora')}, the layer a {algo}; resume "
+                         f"with network={getattr(m, 'algo', 'lora')!r}")
+    own = {k: getattr(layer, k)[ADAPTER] for k in ALGOS[algo] if ADAPTER in getattr(layer, k)}
+    if set(own) != set(m.weights) or any(own[k].shape != m.weights[k].shape for k in own):
+        raise ValueError(f"{name}: {algo} factors {_shapes(m.weights)} do not fit the layer's {_shapes(own)}; "
+                         "ranks differ")
+    alpha = m.scale * m.rank  # the alpha a file without one means (scale 1)
+    if m.rank and layer.alpha[ADAPTER] != alpha:
+        layer.set_scale(ADAPTER, alpha / layer.alpha[ADAPTER])
+    return {f"{path}.{k}": v for k, v in m.weights.items()}
+
+
+def _shapes(weights: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(weights.items()))
 
 
 def eval_lora_dropout(roots: dict[str, nn.Module]) -> None:
@@ -199,10 +293,11 @@ def remove(roots: dict[str, nn.Module]) -> int:
     Returns how many LoRA wrappers were removed."""
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     n = 0
     for root in roots.values():
-        n += sum(isinstance(m, LoraLayer) for m in root.modules())
+        n += sum(isinstance(m, (LoraLayer, LycorisLayer)) for m in root.modules())
         recurse_remove_peft_layers(root)
         for attr in ("peft_config", "_hf_peft_config_loaded"):
             if attr in root.__dict__:

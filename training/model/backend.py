@@ -123,6 +123,11 @@ class Backend(ABC):
         """The inverse of :meth:`finalize_lora`, for a resume; this default is ``lora``."""
         return lora
 
+    def joins_split_layers(self) -> bool:
+        """Whether :meth:`finalize_lora` joins layers trained apart into one module of the file (only a LoRA
+        joins exactly; a trainer refuses LoHa / LoKr then); this default is False."""
+        return False
+
     def cat_cond(self, conds: list[Any]) -> Any:
         """Several batches' conditioning (from :meth:`encode_prompts`) as one; this default is ``torch.cat``."""
         return torch.cat(conds)

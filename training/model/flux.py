@@ -295,6 +295,10 @@ class DiffusersFluxBackend(Backend):
                 mods[name] = fuse_modules([mods.pop(p) for p, _ in parts])
         return dataclasses.replace(lora, modules=mods)
 
+    def joins_split_layers(self) -> bool:
+        """True once the targets include parts of a fused layer (q / k / v of ``qkv``), which the file joins."""
+        return bool(self._parts)
+
     def split_lora(self, lora: LoraWeights) -> LoraWeights:
         """The inverse of :meth:`finalize_lora` (for a resume): fused modules back into the trained parts."""
         mods = dict(lora.modules)

@@ -105,6 +105,7 @@ class DiffusersPipelineDiT(Backend):
     # (they read only ``self._parts``).
     finalize_lora = DiffusersFluxBackend.finalize_lora
     split_lora = DiffusersFluxBackend.split_lora
+    joins_split_layers = DiffusersFluxBackend.joins_split_layers
 
     def alphas_cumprod(self) -> torch.Tensor:
         raise NotImplementedError(f"{self.LABEL} is a flow-matching model: it has no alphas_cumprod")

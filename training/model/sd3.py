@@ -150,6 +150,10 @@ class DiffusersSD3Backend(Backend):
         mods = {k: _swap_halves(m) if "." not in k and self._pre_only(k, m) else m for k, m in mods.items()}
         return dataclasses.replace(lora, modules=mods)
 
+    def joins_split_layers(self) -> bool:
+        """True once the targets include parts of a fused MMDiT layer (q / k / v), which the file joins."""
+        return bool(self._parts)
+
     def split_lora(self, lora: LoraWeights) -> LoraWeights:
         """The inverse of :meth:`finalize_lora`, for a resume."""
         mods = {k: _swap_halves(m) if self._pre_only(k, m) else m for k, m in lora.modules.items()}

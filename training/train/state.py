@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 # Options that define the network or the data order: a resumed run must use the same values.
-MUST_MATCH = ("rank", "alpha", "preset", "conv_rank", "conv_alpha", "train_text_encoder", "use_dora",
+MUST_MATCH = ("network", "rank", "alpha", "preset", "conv_rank", "conv_alpha", "train_text_encoder", "use_dora",
               "batch_size", "grad_accum", "seed", "optimizer", "prior_loss_weight", "ema_decay", "ema_start_step",
               "ema_every", "validation_split")
 # Options the schedule depends on: changing them would not continue the same curve.

@@ -162,6 +162,7 @@ class Trainer:
         if not self.lora_targets():
             raise TrainingError(f"preset {cfg.preset!r} found no layers to train in this model")
         self.check_objective()
+        self.check_network()
         if self.validation_records:
             self.validator = Validator(self, self.validation_records)
         release = self._plan_text_encoder_release()
@@ -190,7 +191,7 @@ class Trainer:
         params = network.inject(roots, self.targets, cfg.rank, cfg.alpha,
                                 conv_rank=cfg.effective_conv_rank, conv_alpha=cfg.effective_conv_alpha,
                                 dropout=cfg.dropout, use_dora=cfg.use_dora, seed=cfg.seed,
-                                devices=be.compute_devices())
+                                devices=be.compute_devices(), network=cfg.network)
         try:
             if state is not None:
                 network.load_into(roots, self.targets, be.split_lora(state.lora))
@@ -441,6 +442,26 @@ class Trainer:
         elif sampling not in ("uniform", "logit_normal"):
             raise ConfigError(f"timestep_sampling={sampling!r} is for flow-matching models, and this model predicts "
                               f"{prediction!r} with a DDPM schedule; use default, uniform or logit_normal")
+
+    def check_network(self) -> None:
+        """Raise ``ConfigError`` when this backend cannot save a LoHa / LoKr exactly (checked at run start, before
+        anything trains): one that trains a fused layer's parts apart and joins them afterwards (the CLI's
+        diffusers Flux, SD3, Z-Image, FLUX.2 backends: a joined Hadamard or Kronecker product is no LoHa / LoKr),
+        or whose files are in diffusers' format (no LyCORIS keys)."""
+        from ..lora.files import key_format
+
+        network, be = self.cfg.network, self.backend
+        if network == "lora":
+            return
+        if be.joins_split_layers():
+            raise ConfigError(f"network={network!r} cannot be trained on this {be.arch} model from diffusers' "
+                              "files: it trains the parts of fused layers (q / k / v) apart and joins them for the "
+                              f"file, and a {network} of parts joins into no {network} of the fused layer. Use "
+                              f"network='lora', or train the {network} in ComfyUI (Train LoRA), which trains the "
+                              "fused layers themselves")
+        if key_format(be.arch) == "diffusers":
+            raise ConfigError(f"network={network!r}: {be.arch} LoRAs are saved in diffusers' format, which has no "
+                              "LyCORIS keys; use network='lora' for this model")
 
     def _plan_text_encoder_release(self) -> list[str] | None:
         """The prompts to encode before the text encoders can leave (the captions and the preview's), or None
