@@ -187,7 +187,11 @@ class ComfyModels(Backend):
         return images.reshape(-1, *images.shape[-3:]).float().clamp(0.0, 1.0).cpu()
 
     # ---- host glue ---------------------------------------------------------------------------
-    releases_text_encoders = True
+    @property
+    def releases_text_encoders(self) -> bool:
+        """Whether the CLIP can leave once the captions are encoded: not when this ComfyUI could not load it again
+        (``host.reloads_after_unload``); the memory estimate then counts it as resident."""
+        return comfy_host.reloads_after_unload(self.clip.patcher)
 
     def release_text_encoders(self) -> bool:
         """The CLIP unloaded through ComfyUI's model management (``free_memory`` with every other loaded model
@@ -198,12 +202,13 @@ class ComfyModels(Backend):
         if not loaded:
             return False
         if not comfy_host.reloads_after_unload(patcher):
-            log.info("the text encoder stays loaded: this ComfyUI cannot load its quantized weights again after "
-                     "an unload (a later CLIPTextEncode would fail)")
+            log.info("the text encoder stays loaded: its quantized weights left inference mode, and this ComfyUI "
+                     "could not load them again after an unload (a later CLIPTextEncode would fail)")
             return False
         others = [m for m in mm.current_loaded_models if m.model is not patcher]
-        for device in {m.device for m in loaded}:
-            mm.free_memory(1e30, device, keep_loaded=others)
+        with torch.inference_mode():  # as ComfyUI's own nodes manage models (host.reloads_after_unload)
+            for device in {m.device for m in loaded}:
+                mm.free_memory(1e30, device, keep_loaded=others)
         self.text_encoders_resident = False
         return not any(m.model is patcher for m in mm.current_loaded_models)
 
@@ -217,8 +222,12 @@ class ComfyModels(Backend):
         and train/eval modes as they were. Weights keep their values (tensors made under inference
         mode are replaced by equal normal ones, see ``leave_inference_mode``).
         """
-        with torch.inference_mode(False), torch.enable_grad(), comfy_host.in_training():
+        # Loaded in inference mode, as ComfyUI's own nodes load models: a quantized (scaled-fp8) CLIP loaded or
+        # unloaded outside it would get normal weights that ComfyUI's next load in a node cannot take
+        # (host.reloads_after_unload). Leaving inference mode afterwards swaps what we train (leave_inference_mode).
+        with torch.inference_mode():
             mm.load_models_gpu([self.model, self.clip.patcher, self.vae.patcher], memory_required=memory_required)
+        with torch.inference_mode(False), torch.enable_grad(), comfy_host.in_training():
             roots = self.roots()
             swapped = sum(leave_inference_mode(r) for r in roots.values())
             log.debug("moved %d inference-mode tensors out of inference mode", swapped)

@@ -18,7 +18,7 @@ Nothing else in the pack asks which ComfyUI it runs on.
 | ``comfy.model_management.in_training``: DiT kernels keep gradients only while it is set | after 0.3.64 | ``in_training`` |
 | dynamic patchers cannot be trained in place: the host's trainer works on a non-dynamic clone | with dynamic VRAM | ``trainable`` |
 | a loaded MODEL remembers its file (``ModelPatcher.cached_patcher_init``); before, a MODEL has no file name | with dynamic VRAM | ``model_file_name`` |
-| scaled-fp8 / mixed-precision weights are ``comfy.quant_ops.QuantizedTensor``s; a model of them that was unloaded fails to load again under inference mode ("Cannot set version_counter for inference tensor", seen on 0.33.0's CPU path) | after 0.3.64 | ``reloads_after_unload`` |
+| scaled-fp8 / mixed-precision weights are ``comfy.quant_ops.QuantizedTensor``s, wrapped in a new Parameter at every ``.to()``: one that left inference mode cannot be wrapped again in it ("Cannot set version_counter for inference tensor"), so models are loaded and unloaded in inference mode | after 0.3.64 | ``reloads_after_unload`` |
 """
 
 from __future__ import annotations
@@ -219,16 +219,25 @@ def in_training() -> Iterator[None]:
 
 
 def reloads_after_unload(patcher) -> bool:
-    """Whether a model ComfyUI unloads can be loaded again by a later node (which runs under inference mode). Not
-    for one holding ComfyUI's quantized weights (``comfy.quant_ops.QuantizedTensor``: Qwen-Image's scaled-fp8
-    Qwen2.5-VL): its ``_quantized_apply`` wraps them in new Parameters, which an inference tensor refuses. Such a
-    text encoder is kept loaded rather than released after the captions are encoded."""
+    """Whether ComfyUI can unload this model and load it again in a later node (which runs in inference mode).
+
+    Not when it holds a quantized weight (``comfy.quant_ops.QuantizedTensor``: a scaled-fp8 Qwen2.5-VL, Comfy-Org's
+    ``*_fp8_scaled`` files) that is no longer an inference tensor. ``comfy.ops._quantized_apply`` (0.33.0
+    ``comfy/ops.py:1093``) wraps each such weight in a new Parameter at every ``.to()``: outside inference mode it
+    first clones one made in inference mode into a normal tensor (line 1102; the whole 7 GB of fp8 matrices on a
+    CPU), and in inference mode torch's ``Parameter.__new__`` detaches a normal one that ``.to()`` returned
+    unchanged (no device change: ``--cpu``, an offload device that is the load device) into an inference tensor
+    and fails ("Cannot set version_counter for inference tensor", line 1104). ComfyUI's nodes all run in inference
+    mode, so the weights only leave it when a model is loaded or unloaded outside it: we never do
+    (``ComfyModels.training_context`` loads, ``release_text_encoders`` unloads in inference mode), and this tells
+    a model that something else moved that way. 0.3.64 has no quantized ops."""
     try:
         from comfy.quant_ops import QuantizedTensor
     except ImportError:  # 0.3.64: no quantized ops
         return True
     model = getattr(patcher, "model", None)
-    return model is None or not any(isinstance(p, QuantizedTensor) for p in model.parameters())
+    return model is None or not any(isinstance(p, QuantizedTensor) and not p.is_inference()
+                                    for p in model.parameters())
 
 
 def encode_token_weights(clip, tokens):

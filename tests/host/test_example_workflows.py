@@ -82,10 +82,10 @@ def example_loras(comfy_host, tiny_sd15_checkpoint) -> list[str]:
 
 
 # examples named *_<family> load a tiny set through UNETLoader & co. (flux2 before flux: "_flux" is in its name)
-DIT_FAMILIES = ("flux2", "flux", "chroma", "zimage")
+DIT_FAMILIES = ("flux2", "flux", "chroma", "zimage", "qwen_image")
 # family -> its ss_base_model_version
 BASE_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma", "sd3": "sd3",
-                 "zimage": "zimage", "flux2": "flux2"}
+                 "zimage": "zimage", "flux2": "flux2", "qwen_image": "qwen_image"}
 # examples named *_<family> whose checkpoint is one all-in-one file -> the fixture of its tiny checkpoint
 CHECKPOINT_FIXTURES = {"sdxl": "tiny_sdxl_checkpoint", "sd3": "tiny_sd3_checkpoint"}
 
@@ -106,7 +106,7 @@ def _dit_files(name: str, request) -> dict | None:
     family = _family(name)
     if family not in DIT_FAMILIES:
         return None
-    if family in ("zimage", "flux2"):
+    if family in ("zimage", "flux2", "qwen_image"):
         return request.getfixturevalue(f"tiny_{family}_files")
     return request.getfixturevalue("tiny_dit_files")(family)
 
