@@ -4,6 +4,7 @@ patched model computes what the engine's peft layers computed (the tiny SD1.5-de
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ def test_lycoris_file_loads_in_lora_loader_and_reproduces_the_engine(comfy_host,
     import comfy.cli_args
     import comfy.lora
     import comfy.model_management as mm
+    import comfy.sd
     import comfy.utils
     import nodes
 
@@ -89,4 +91,22 @@ def test_lycoris_file_loads_in_lora_loader_and_reproduces_the_engine(comfy_host,
     comfy_te = comfy_cond(clip_l, PROBE_PROMPT)
     assert (engine_cond - base_cond).abs().max() > 1e-2, "the text-encoder LoHa/LoKr changed nothing"
     assert torch.allclose(comfy_te, engine_cond, rtol=TOL, atol=TOL), (comfy_te - engine_cond).abs().max()
+
+    # LoRA Stack and Merge LoRAs into Checkpoint give the same UNet. (Block weights need a UNet of a known layout,
+    # which this tiny one is not; tests/test_lycoris.py checks that they scale the delta.)
+    from test_flux_use_nodes import apply_stack, stack_rows
+
+    from lora_workbench.nodes.merge_nodes import MergeLorasToCheckpoint
+
+    stack = stack_rows([{"lora": path.name}])
+    stacked, _, _ = apply_stack(model, clip, stack)
+    stack_out = comfy_raw_output(stacked, x0, noise, t, engine_cond.repeat(len(t), 1, 1))
+    assert torch.allclose(stack_out, engine_out, rtol=TOL, atol=TOL), (stack_out - engine_out).abs().max()
+    with torch.inference_mode():
+        merged_path = MergeLorasToCheckpoint.execute(model, clip, vae, f"lw_{algo}_merged", "fp32",
+                                                     lora_stack=stack).result[0]
+        merged = comfy.sd.load_checkpoint_guess_config(merged_path, output_vae=False, output_clip=False)[0]
+    merged_out = comfy_raw_output(merged, x0, noise, t, engine_cond.repeat(len(t), 1, 1))
+    os.unlink(merged_path)
+    assert torch.allclose(merged_out, engine_out, rtol=TOL, atol=TOL), (merged_out - engine_out).abs().max()
     mm.unload_all_models()
