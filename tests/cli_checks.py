@@ -78,3 +78,17 @@ def assert_resume_continues_the_same_curve(tmp_path, backend, steps: int = 6, st
     assert second.lora.modules.keys() == full.lora.modules.keys()
     for k, m in full.lora.modules.items():
         torch.testing.assert_close(second.lora.modules[k].delta(), m.delta(), atol=1e-6, rtol=1e-5, msg=k)
+
+
+def assert_text_encoder_leaves_and_comes_back(backend, images, prompt: str) -> None:
+    """A short run releases ``backend``'s text encoder once the prompts are cached (``pipe.text_encoder`` is None),
+    and a later encode reloads it from the model folder with the same result (``feats``: one tensor per prompt)."""
+    dcfg = tiny_dataset_cfg(images)
+    with torch.no_grad():
+        before = backend.encode_prompts([prompt])
+    cfg = TrainConfig(rank=4, alpha=4, preset="attn", steps=2, lr=1e-3, batch_size=2, seed=3, output_name="t")
+    result = Trainer(backend, TrainData(scan_folder(dcfg), dcfg), cfg).run()
+    assert result.steps_done == 2 and backend.pipe.text_encoder is None
+    with torch.no_grad():
+        again = backend.encode_prompts([prompt])  # reloaded from the folder
+    torch.testing.assert_close(again.feats[0], before.feats[0])

@@ -12,17 +12,14 @@ import safetensors
 import torch
 
 from cli_checks import (assert_file_lowers_the_fixed_loss, assert_pipeline_reproduces,
-                        assert_resume_continues_the_same_curve)
+                        assert_resume_continues_the_same_curve, assert_text_encoder_leaves_and_comes_back)
 from fixtures.tiny_qwen_image_pipeline import LATENT_CHANNELS, save_tiny_qwen_image_pipeline, tiny_qwen_image_pipeline
-from helpers import make_images, tiny_dataset_cfg
+from helpers import make_images
 from lora_workbench.app.cli import main
-from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.lora import network
 from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.qwen_image import DiffusersQwenImageBackend
 from lora_workbench.training.model.single_file import load_model
-from lora_workbench.training.train.trainer import TrainData, Trainer
 from test_flux_cli import SMALL
 
 PROMPT = "a photo of sks ball"
@@ -141,16 +138,7 @@ def test_preview_with_the_lora_is_the_pipelines_image(trained):
 
 def test_text_encoder_leaves_once_prompts_are_cached_and_comes_back(trained):
     folder, imgs, _ = trained
-    dcfg = tiny_dataset_cfg(imgs)
-    be = DiffusersQwenImageBackend.from_pretrained(folder)
-    with torch.no_grad():
-        before = be.encode_prompts([PROMPT])
-    cfg = TrainConfig(rank=4, alpha=4, preset="attn", steps=2, lr=1e-3, batch_size=2, seed=3, output_name="t")
-    result = Trainer(be, TrainData(scan_folder(dcfg), dcfg), cfg).run()
-    assert result.steps_done == 2 and be.pipe.text_encoder is None
-    with torch.no_grad():
-        again = be.encode_prompts([PROMPT])  # reloaded from the folder
-    torch.testing.assert_close(again.feats[0], before.feats[0])
+    assert_text_encoder_leaves_and_comes_back(DiffusersQwenImageBackend.from_pretrained(folder), imgs, PROMPT)
 
 
 def test_resume_continues_the_same_curve(tmp_path):

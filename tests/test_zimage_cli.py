@@ -11,15 +11,12 @@ import torch
 
 from fixtures.tiny_zimage_pipeline import save_tiny_zimage_pipeline, tiny_zimage_pipeline
 from cli_checks import (assert_file_lowers_the_fixed_loss, assert_pipeline_reproduces,
-                        assert_resume_continues_the_same_curve)
-from helpers import make_images, tiny_dataset_cfg
+                        assert_resume_continues_the_same_curve, assert_text_encoder_leaves_and_comes_back)
+from helpers import make_images
 from lora_workbench.app.cli import main
-from lora_workbench.training.config import TrainConfig
-from lora_workbench.training.data.dataset import scan_folder
 from lora_workbench.training.lora.formats import load_lora
 from lora_workbench.training.model.single_file import load_model
 from lora_workbench.training.model.zimage import DiffusersZImageBackend
-from lora_workbench.training.train.trainer import TrainData, Trainer
 from test_flux_cli import SMALL
 
 PROMPT = "a photo of sks ball"
@@ -108,16 +105,8 @@ def test_cli_trains_a_zimage_folder_loss_falls_and_diffusers_reproduces_it(tmp_p
 
 def test_text_encoder_leaves_once_prompts_are_cached_and_comes_back(tmp_path):
     folder = save_tiny_zimage_pipeline(tmp_path / "tiny-z-image")
-    dcfg = tiny_dataset_cfg(make_images(tmp_path / "img", n=2))
-    be = DiffusersZImageBackend.from_pretrained(folder)
-    with torch.no_grad():
-        before = be.encode_prompts([PROMPT])
-    cfg = TrainConfig(rank=4, alpha=4, preset="attn", steps=2, lr=1e-3, batch_size=2, seed=3, output_name="t")
-    result = Trainer(be, TrainData(scan_folder(dcfg), dcfg), cfg).run()
-    assert result.steps_done == 2 and be.pipe.text_encoder is None
-    with torch.no_grad():
-        again = be.encode_prompts([PROMPT])  # reloaded from the folder
-    torch.testing.assert_close(again.feats[0], before.feats[0])
+    assert_text_encoder_leaves_and_comes_back(DiffusersZImageBackend.from_pretrained(folder),
+                                              make_images(tmp_path / "img", n=2), PROMPT)
 
 
 def test_resume_continues_the_same_curve(tmp_path):

@@ -260,6 +260,20 @@ def loraloader_output(model, clip, vae, lora_name: str, x_t, sigma, cond):
         return m, c, be.predict(x_t, sigma, cond).float()
 
 
+def assert_loraloader_reproduces(trained: dict, models, saved: str, caplog) -> None:
+    """ComfyUI's LoraLoader given the ``saved`` file of a ``train_family_lora`` run loads every key, and the patched
+    MODEL computes the trained model's output on the fixed set to 1e-5. ``models``: (MODEL, CLIP, VAE, ...)."""
+    import logging
+
+    import torch
+
+    model, clip, vae = models[:3]
+    with caplog.at_level(logging.WARNING):
+        m, c, patched = loraloader_output(model, clip, vae, saved, trained["x_t"], trained["sigma"], trained["cond"])
+    assert_every_lora_key_loaded(caplog.text, m, c, trained["result"].lora)
+    assert torch.allclose(patched, trained["trained_out"], atol=1e-5), (patched - trained["trained_out"]).abs().max()
+
+
 def load_tiny_dit(family: str, files: dict):
     """(MODEL, CLIP, VAE) of a tiny DiT set loaded as a user's graph loads it: UNETLoader, DualCLIPLoader (flux)
     or CLIPLoader (chroma), VAELoader."""

@@ -14,13 +14,11 @@ copy the encoder: one host-limit skip.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
 
-from comfy_harness import assert_every_lora_key_loaded
 
 CAPTION = "a photo of a red ball"
 TRIGGER = "sks"  # make_dataset's trigger
@@ -46,31 +44,17 @@ def kl(tiny_qwen_image_files):
 def trained(kl, tmp_path_factory):
     """A LoRA trained through the node's code path on every Linear of the blocks (preset "all"), with a fixed
     set's loss (fixed noise and sigmas) before and after."""
-    import comfy.model_management as mm
+    from comfy_harness import train_family_lora
 
-    from comfy_harness import train_on_fixed_set
-    from lora_workbench.nodes.comfy.backend import comfy_backend
-    from lora_workbench.training.config import TrainConfig
-    from test_flux_nodes import make_dataset
-
-    model, clip, vae, names = kl
-    records, dcfg = make_dataset(tmp_path_factory.mktemp("qwen_image_photos"))
-    backend = comfy_backend(model, clip, vae, model_name=names["dit"])
-    cfg = TrainConfig(rank=RANK, alpha=ALPHA, preset="all", steps=STEPS, lr=4e-3, seed=0, output_name="tiny_qwen_image")
-    out = train_on_fixed_set(backend, records, dcfg, cfg, f"{TRIGGER}, {CAPTION}")
-    out["clip_loaded"] = any(m.model is clip.patcher for m in mm.current_loaded_models)
-    out["result"].lora.metadata.update(out["trainer"].metadata(STEPS))
-    return dict(out, backend=backend)
+    return train_family_lora(kl, tmp_path_factory.mktemp("qwen_image_photos"), name="tiny_qwen_image", steps=STEPS,
+                             rank=RANK, alpha=ALPHA, lr=4e-3, caption=f"{TRIGGER}, {CAPTION}")
 
 
 @pytest.fixture(scope="module")
 def saved(comfy_host, trained) -> str:
-    from lora_workbench.training.lora.files import save_lora
+    from comfy_harness import save_trained
 
-    path = comfy_host.base_directory / "models" / "loras" / FOLDER / "trained.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_lora(path, trained["result"].lora, dtype="fp32", overwrite=True)
-    return f"{FOLDER}/trained.safetensors"
+    return save_trained(comfy_host, trained["result"].lora, FOLDER)
 
 
 def test_qwen_image_trains_as_its_family(kl, trained):
@@ -116,13 +100,9 @@ def test_file_is_ai_toolkit_format_and_names_qwen_image(comfy_host, saved):
 
 
 def test_loraloader_loads_every_key_and_matches_the_trained_model(trained, kl, saved, caplog):
-    from comfy_harness import loraloader_output
+    from comfy_harness import assert_loraloader_reproduces
 
-    model, clip, vae, _ = kl
-    with caplog.at_level(logging.WARNING):
-        m, c, patched = loraloader_output(model, clip, vae, saved, trained["x_t"], trained["sigma"], trained["cond"])
-    assert_every_lora_key_loaded(caplog.text, m, c, trained["result"].lora)
-    assert torch.allclose(patched, trained["trained_out"], atol=1e-5), (patched - trained["trained_out"]).abs().max()
+    assert_loraloader_reproduces(trained, kl, saved, caplog)
 
 
 def test_diffusers_pipeline_loads_the_file_and_reproduces_the_trained_model(trained, kl, comfy_host, saved):
