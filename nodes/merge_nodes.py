@@ -5,7 +5,8 @@ ComfyUI's CheckpointSave writes one (``comfy_extras.nodes_model_merging.save_che
 ``comfy.sd.save_checkpoint``), plus a dtype choice, an atomic write and our metadata.
 
 Merged checkpoints go to ``models/checkpoints`` (not ``output/checkpoints`` as CheckpointSave does), so
-they appear in Load Checkpoint at once, as Save LoRA's files appear in the LoRA loaders.
+they appear in Load Checkpoint at once, as Save LoRA's files appear in the LoRA loaders. Without CLIP and VAE
+the file holds the diffusion model alone, as ComfyUI's ModelSave writes it, in ``models/diffusion_models``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..training.model.archs import ARCH_TABLE, modelspec_architecture
 from .comfy import host as comfy_host
 from .comfy.families import family_variant, model_family
 from .comfy.loras import APPLIED_KEY, NONE, apply_loras, load_lora_file, lora_names, lora_path, stack_uses
-from .comfy.paths import checkpoint_target_path
+from .comfy.paths import checkpoint_target_path, diffusion_model_target_path
 from .types import Lora, LoraStack
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,23 @@ def _family_metadata(model, family: str | None, sd: dict) -> dict[str, str]:
     return out
 
 
+def _text_encoder_parts(uses) -> list[str]:
+    """The LoRAs among ``uses`` (LoraUse or applied-LoRA records) that would change the text encoder: a
+    non-zero clip strength and text-encoder modules in the file."""
+    found = []
+    for use in uses:
+        name = use["name"] if isinstance(use, dict) else use.name
+        strength = use["clip_strength"] if isinstance(use, dict) else use.clip_strength
+        if not strength:
+            continue
+        f = load_lora_file(lora_path(name))
+        lw = load_lora(f.state_dict, f.metadata)
+        te = [n for n in lw.modules if lw.component_of(n) in ("te", "te1", "te2")]
+        if te:
+            found.append(f"{name!r} ({len(te)} text-encoder modules at clip strength {strength:g})")
+    return found
+
+
 class MergeLorasToCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -130,36 +148,59 @@ class MergeLorasToCheckpoint(io.ComfyNode):
             category="LoRA Workbench/merge",
             description="Saves the MODEL, CLIP and VAE as one checkpoint with the LoRAs baked into the weights: "
                         "connect the outputs of Apply LoRA Stack (or any LoRA loader), or the base model plus a "
-                        "LoRA stack. Written to models/checkpoints so Load Checkpoint lists it at once; the file "
-                        "names the merged LoRAs and strengths in its metadata and never replaces an existing one.",
+                        "LoRA stack. Written to models/checkpoints so Load Checkpoint lists it at once. Leave clip "
+                        "and vae unconnected to save the diffusion model alone (Flux, Z-Image, Qwen-Image ... whose "
+                        "text encoders load on their own) to models/diffusion_models, for Load Diffusion Model. "
+                        "The file names the merged LoRAs and strengths in its metadata and never replaces an "
+                        "existing one.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model, with LoRAs applied or not."),
-                io.Clip.Input("clip", tooltip="The text encoder, with LoRAs applied or not."),
-                io.Vae.Input("vae", tooltip="The VAE to store in the checkpoint."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The text encoder, with LoRAs applied or not. Unconnected (with vae): only "
+                                      "the diffusion model is saved, to models/diffusion_models."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The VAE to store in the checkpoint; connect it with clip, or neither."),
                 LoraStack.Input("lora_stack", optional=True,
                                 tooltip="Optional LoRAs to apply before saving (after any already applied)."),
                 io.String.Input("filename", default="lora_workbench/merged",
-                                tooltip="Name under models/checkpoints; sub-folders allowed. A counter is added "
-                                        "when the file exists."),
+                                tooltip="Name under models/checkpoints (models/diffusion_models without clip and "
+                                        "vae); sub-folders allowed. A counter is added when the file exists."),
                 io.Combo.Input("dtype", options=list(SAVE_DTYPES), default="fp16",
                                tooltip="fp16 is what most checkpoints use; bf16 keeps range; fp32 is exact and "
                                        "twice the size."),
             ],
-            outputs=[io.String.Output(display_name="path", tooltip="Where the checkpoint was written.")],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, filename, dtype, lora_stack=None) -> io.NodeOutput:
+    def execute(cls, model, clip=None, vae=None, filename="lora_workbench/merged", dtype="fp16",
+                lora_stack=None) -> io.NodeOutput:
         import comfy.utils
         import folder_paths
 
-        target = unique_path(checkpoint_target_path(filename))  # checked before any work
-        if lora_stack:
-            model, clip, _ = apply_loras(model, clip, stack_uses(lora_stack))
+        if (clip is None) != (vae is None):
+            given, missing = ("clip", "vae") if vae is None else ("vae", "clip")
+            raise ValueError(f"{given} is connected but {missing} is not: connect both for a checkpoint "
+                             "(models/checkpoints), or neither to save the diffusion model alone "
+                             "(models/diffusion_models)")
+        model_only = clip is None
+        folder = "diffusion_models" if model_only else "checkpoints"
+        target = unique_path((diffusion_model_target_path if model_only else checkpoint_target_path)(filename))
+        uses = stack_uses(lora_stack) if lora_stack else []
+        if model_only:  # checked before any work: a text-encoder change would be left out of the file
+            lost = _text_encoder_parts([*(model.get_attachment(APPLIED_KEY) or ()), *uses])
+            if lost:
+                raise ValueError(
+                    f"clip is not connected, so only the diffusion model is saved, but {', '.join(lost)} also "
+                    "change the text encoder. Connect clip and vae to save a checkpoint with it, or set those "
+                    "clip strengths to 0 to merge the diffusion-model part alone")
+        if uses:
+            model, clip, _ = apply_loras(model, clip, uses)
         merged = list(model.get_attachment(APPLIED_KEY) or ())
         family, config_name = model_family(model)
-        log.info("merging %d LoRAs into a checkpoint at %s (%s)", len(merged), target, dtype)
+        log.info("merging %d LoRAs into %s at %s (%s)", len(merged),
+                 "a diffusion model" if model_only else "a checkpoint", target, dtype)
         sd = _cast(checkpoint_state_dict(model, clip, vae), torch_dtype(dtype))
         metadata = {"lw_merged_loras": json.dumps(merged), "lw_base_model": config_name, "modelspec.title": target.stem}
         metadata.update(_family_metadata(model, family, sd))
@@ -168,10 +209,13 @@ class MergeLorasToCheckpoint(io.ComfyNode):
             verify_checkpoint(tmp, model, sd.keys())  # a wrong file is an error and never takes the name
 
         atomic_write(target, write_and_check)
-        rel = os.path.relpath(target, folder_paths.get_folder_paths("checkpoints")[0])
-        log.info("saved checkpoint %s", target)
+        roots = [os.path.realpath(r) for r in folder_paths.get_folder_paths(folder)]
+        root = next((r for r in roots if os.path.commonpath([r, str(target)]) == r), roots[0])
+        rel = os.path.relpath(target, root)
+        log.info("saved %s %s", "diffusion model" if model_only else "checkpoint", target)
         names = ", ".join(f"{m['name']} ({m['model_strength']:g}/{m['clip_strength']:g})" for m in merged)
-        text = f"saved {rel} ({dtype}) with {names or 'no recorded LoRAs'}"
+        loader = "Load Diffusion Model" if model_only else "Load Checkpoint"
+        text = f"saved {folder}/{rel} ({dtype}) with {names or 'no recorded LoRAs'}; {loader} lists it"
         return io.NodeOutput(str(target), ui=ui.PreviewText(text))
 
 

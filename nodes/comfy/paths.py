@@ -14,12 +14,13 @@ def loras_dir() -> str:
     return folder_paths.get_folder_paths("loras")[0]
 
 
-def model_file_path(folder_name: str, name: str) -> str:
-    """models/<folder>/<name>.safetensors (ComfyUI's first folder of that kind); sub-folders allowed,
-    escaping the folder is not."""
+def model_file_path(folder_name: str, name: str, prefer: str | None = None) -> str:
+    """models/<folder>/<name>.safetensors (ComfyUI's first folder of that kind, or the first whose own name is
+    ``prefer``); sub-folders allowed, escaping the folder is not."""
     import folder_paths
 
-    root = os.path.realpath(folder_paths.get_folder_paths(folder_name)[0])
+    roots = folder_paths.get_folder_paths(folder_name)
+    root = os.path.realpath(next((r for r in roots if os.path.basename(os.path.normpath(r)) == prefer), roots[0]))
     name = name.strip().replace("\\", "/")
     if not name or name.endswith("/"):
         raise ValueError(f"file name {name!r} is empty; type a name such as 'my_file' or 'folder/my_file'")
@@ -30,6 +31,12 @@ def model_file_path(folder_name: str, name: str) -> str:
         raise ValueError(f"file name {name!r} leaves the {folder_name} folder {root}; use a plain name or a "
                          "sub-folder")
     return path
+
+
+def diffusion_model_target_path(name: str) -> str:
+    """models/diffusion_models/<name>.safetensors, which Load Diffusion Model lists (ComfyUI keeps the legacy
+    models/unet first in that list)."""
+    return model_file_path("diffusion_models", name, prefer="diffusion_models")
 
 
 def lora_target_path(name: str) -> str:

@@ -216,6 +216,41 @@ def test_merged_checkpoint_reloads_and_samples_the_stacked_image(comfy_host, run
         assert f.get_tensor(key).dtype == torch.bfloat16
 
 
+def test_merge_without_clip_and_vae_saves_the_diffusion_model_that_load_diffusion_model_reloads(
+        comfy_host, run_prompt, loras, tiny_sd15_checkpoint):
+    import safetensors
+
+    ckpt = tiny_sd15_checkpoint.name
+    merge = {"class_type": "LW_MergeLorasToCheckpoint", "inputs": {
+        "model": ["ckpt", 0], "lora_stack": ["s", 0], "filename": f"{FOLDER}/unet_only", "dtype": "fp32"}}
+    folder = comfy_host.base_directory / "models" / "diffusion_models" / FOLDER
+    # a's text-encoder half (clip strength 0.6) would not be in the file: refused before anything is written.
+    graph = {**_ckpt(ckpt), **_base(), "s": _stack([{"lora": loras["a"], "model_strength": 0.8, "clip_strength": 0.6}])}
+    message = _error(run_prompt, {**graph, "merge": merge})
+    assert loras["a"] in message and "clip strength 0.6" in message and "Connect clip and vae" in message, message
+    assert not folder.exists() or not list(folder.iterdir())
+    # One of the two connected is a mistake, named with the fix.
+    message = _error(run_prompt, {**graph, "merge": {**merge, "inputs": {**merge["inputs"], "clip": ["ckpt", 1]}}})
+    assert "clip is connected but vae is not" in message and "neither" in message, message
+
+    # At clip strength 0 the UNet part is all there is: Load Diffusion Model lists the file and samples as the
+    # stack applied to the checkpoint's model.
+    graph["s"] = _stack([{"lora": loras["a"], "model_strength": 0.8, "clip_strength": 0.0}])
+    run = _run(run_prompt, {**graph, "ap": _apply(("s", 0)), **_sample("unet_lora", ("ap", 0), ("ckpt", 1)),
+                            "merge": merge})
+    stacked = _latent(comfy_host, run, "unet_lora")
+    path = folder / "unet_only.safetensors"
+    assert run.outputs["merge"]["text"][0].startswith(f"saved diffusion_models/{FOLDER}/unet_only.safetensors")
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"model"}, "only the diffusion model is in the file"
+    reload = {**_ckpt(ckpt), **_base(),
+              "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": f"{FOLDER}/unet_only.safetensors",
+                                                              "weight_dtype": "default"}},
+              **_sample("unet_reloaded", ("unet", 0), ("ckpt", 1))}
+    run = _run(run_prompt, reload)
+    assert torch.equal(_latent(comfy_host, run, "unet_reloaded"), stacked)
+
+
 def test_sdxl_lora_on_an_sd15_model_is_a_clear_error(run_prompt, loras, tiny_sd15_checkpoint):
     prompt = {**_ckpt(tiny_sd15_checkpoint.name), **_base(), "s": _stack([{"lora": loras["xl"]}]),
               "ap": _apply(("s", 0)), **_sample("xl", ("ap", 0), ("ap", 1))}
