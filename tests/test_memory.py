@@ -120,6 +120,30 @@ def test_estimate_is_within_a_quarter_of_the_allocator_peak(tmp_path, which):
     assert 0.75 <= (estimate.total - estimate.weights) / run <= 1.25
 
 
+@pytest.mark.parametrize("network,dora", [("lora", False), ("lora", True), ("loha", False), ("lokr", False)])
+def test_trainable_parameter_count_is_what_peft_injects(tmp_path, network, dora):
+    # The estimate's LoRA, gradient and optimizer terms scale with this count: a LoHa has twice a LoRA's
+    # factors, a LoKr far fewer (its full w1 and, at rank 16 here, full w2 on the narrow layers).
+    from lora_workbench.training.lora import network as N
+
+    backend = scaled_sd15(tmp_path)
+    targets = backend.lora_targets("all", True)
+    assert any(t.is_conv for t in targets) and any(t.component == "te" for t in targets)
+    counts = {}
+    for rank, conv_rank in ((2, 1), (16, 8)):
+        expected = M.lora_param_count(backend.roots(), targets, rank, conv_rank, network, dora)
+        params = N.inject(backend.roots(), targets, rank, rank, conv_rank=conv_rank, conv_alpha=conv_rank,
+                          use_dora=dora, network=network)
+        counts[rank] = sum(p.numel() for p in params)
+        N.remove(backend.roots())
+        assert expected == counts[rank], (network, rank)
+    plain = M.lora_param_count(backend.roots(), targets, 16, 8)
+    if network == "lora":
+        assert (counts[16] > plain) if dora else (counts[16] == plain)
+    else:
+        assert counts[16] == 2 * plain if network == "loha" else counts[16] < plain
+
+
 def test_options_move_the_estimate_the_way_they_move_memory():
     base = dict(resolution=1024, weight_dtype="fp16", lora_params=23_000_000)
     plain = M.estimate_memory(M.SDXL, **base)

@@ -497,16 +497,37 @@ def _estimate_dit(shape: ModelShape, resolution, batch_size, weight_dtype, activ
 
 
 def lora_param_count(roots: dict[str, nn.Module], targets: Iterable[LoraTarget], rank: int,
-                     conv_rank: int | None = None) -> int:
-    """Trainable parameters of LoRA layers on ``targets`` (``network.LoraTarget``) of ``roots``."""
+                     conv_rank: int | None = None, network: str = "lora", dora: bool = False) -> int:
+    """Trainable parameters of the ``network`` ("lora", "loha", "lokr") layers on ``targets``
+    (``network.LoraTarget``) of ``roots``, as peft makes them with ``network.inject``'s settings; ``dora``
+    adds DoRA's magnitude vector (one value per output)."""
     total = 0
     for t in targets:
         weight = roots[t.component].get_submodule(t.path).weight
         r = (conv_rank or rank) if t.is_conv else rank
         out_f, in_f = weight.shape[0], weight.shape[1]
         kernel = weight[0, 0].numel() if weight.dim() == 4 else 1
-        total += r * in_f * kernel + out_f * r
+        if network == "lora":
+            total += r * in_f * kernel + out_f * r + (out_f if dora else 0)
+        elif network == "loha":  # two Hadamard-multiplied pairs, flat conv factors (no Tucker)
+            total += 2 * (r * in_f * kernel + out_f * r)
+        elif network == "lokr":
+            total += _lokr_params(out_f, in_f, kernel, r, conv=weight.dim() == 4)
+        else:
+            raise ValueError(f"network {network!r} unknown; use lora, loha or lokr")
     return total
+
+
+def _lokr_params(out_f: int, in_f: int, kernel: int, r: int, conv: bool) -> int:
+    """peft's LoKr layer with ``network.inject``'s config (factor -1, w1 full, w2 low-rank unless r reaches half
+    its factors): w1 (a x c) plus w2 (b x d x kernel) or its rank-r pair."""
+    from peft.tuners.lokr.layer import factorization
+
+    a, b = factorization(out_f, -1)
+    c, d = factorization(in_f, -1)
+    full_w2 = r >= max(b, d) / 2  # peft: Linear "not r < max/2", Conv2d "r >= max/2", the same test
+    w2 = b * d * kernel if full_w2 else b * r + r * d * kernel
+    return a * c + w2
 
 
 def _count(module) -> int:
@@ -603,7 +624,8 @@ def estimate_for_run(backend: Backend, cfg: TrainConfig, targets: Sequence[LoraT
         shape, resolution=largest, batch_size=cfg.batch_size, weight_dtype=weight, activation_dtype=activation,
         preset=cfg.preset, gradient_checkpointing=cfg.gradient_checkpointing,
         train_text_encoder=cfg.train_text_encoder, optimizer=cfg.optimizer,
-        lora_params=lora_param_count(backend.roots(), targets, cfg.rank, cfg.effective_conv_rank),
+        lora_params=lora_param_count(backend.roots(), targets, cfg.rank, cfg.effective_conv_rank, cfg.network,
+                                     cfg.use_dora),
         prior_preservation=prior_preservation, gpu=backend.device.type == "cuda",
         text_encoders_resident=te_resident)
 
