@@ -251,3 +251,15 @@ def test_cli_trains_a_lokr_and_inspect_names_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out / "lora.safetensors")]) == 0
     assert "LoKr (LyCORIS), lycoris.kohya" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_a_lycoris_file_with_dora_is_refused_by_name_with_where_it_still_works(tmp_path, algo):
+    from lora_workbench.training.lora.formats import LoraFormatError
+
+    path = save_lora(tmp_path / "dora.safetensors", _trained(algo), dtype="fp32")
+    sd, metadata = read_lora_file(path)
+    name = next(k.rsplit(".", 1)[0] for k in sd if k.endswith(".alpha"))
+    sd[f"{name}.dora_scale"] = torch.ones(4, 1)  # LyCORIS's wd_on_output magnitude
+    with pytest.raises(LoraFormatError, match=rf"module {name} is a {algo} with DoRA.*LoraLoader .* apply the file"):
+        load_lora(sd, metadata)

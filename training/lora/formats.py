@@ -347,6 +347,10 @@ def _lycoris_piece(name: str, slot: dict[str, Tensor], algo: str, n_parts: int, 
     """A LoHa / LoKr module from its keys; LoraFormatError for one that needs joining or reordering (a diffusers
     split of a fused layer: no LoHa / LoKr of the whole layer equals its parts) or that mixes in other keys."""
     other = sorted(set(slot) - set(LOHA_KEYS if algo == "loha" else LOKR_KEYS) - {"alpha"})
+    if other == ["dora"]:
+        raise LoraFormatError(f"module {name} is a {algo} with DoRA's weight decomposition (dora_scale, LyCORIS's "
+                              "wd_on_output), which this reader does not take: merge or resize it with LyCORIS's "
+                              "tools. ComfyUI's LoraLoader (and Apply LoRA Stack) apply the file as it is")
     if other:
         raise LoraFormatError(f"module {name} mixes {algo} weights with {other}; a module is one kind")
     if n_parts > 1 or swap:
