@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -122,9 +123,18 @@ def _family_metadata(model, family: str | None, sd: dict) -> dict[str, str]:
     return out
 
 
+# Where a LoRA file's text-encoder keys start, in the formats ComfyUI's LoraLoader reads (comfy.lora's key map):
+# kohya lora_te / lora_te1..3 (OneTrainer too), Stable Cascade's lora_prior_te, diffusers text_encoder(_2),
+# the generic text_encoders.
+_TE_KEY_PREFIXES = ("lora_te", "lora_prior_te", "text_encoder")
+_MODULE_SUFFIX = re.compile(r"\.(lora_(down|up|A|B|mid)|alpha|dora_scale|hada_\w+|lokr_\w+|diff(_b)?|w_norm|b_norm)"
+                            r"(\.weight)?$")
+
+
 def _text_encoder_parts(uses) -> list[str]:
     """The LoRAs among ``uses`` (LoraUse or applied-LoRA records) that would change the text encoder: a
-    non-zero clip strength and text-encoder modules in the file."""
+    non-zero clip strength and text-encoder keys in the file (read from the key names, so any file ComfyUI
+    applies is checked, whether or not our own parser reads its format)."""
     found = []
     for use in uses:
         name = use["name"] if isinstance(use, dict) else use.name
@@ -132,8 +142,7 @@ def _text_encoder_parts(uses) -> list[str]:
         if not strength:
             continue
         f = load_lora_file(lora_path(name))
-        lw = load_lora(f.state_dict, f.metadata)
-        te = [n for n in lw.modules if lw.component_of(n) in ("te", "te1", "te2")]
+        te = {_MODULE_SUFFIX.sub("", k) for k in f.state_dict if k.startswith(_TE_KEY_PREFIXES)}
         if te:
             found.append(f"{name!r} ({len(te)} text-encoder modules at clip strength {strength:g})")
     return found

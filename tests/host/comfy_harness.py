@@ -301,6 +301,15 @@ def release_models() -> None:
     mm.soft_empty_cache()
 
 
+def set_folder(tmp_path_factory, name: str) -> Path:
+    """The session's one folder for the tiny model set ``name``: the conftest fixtures and the modules that load
+    a set themselves build into it (each file written once, an existing one kept) rather than each writing a
+    copy of its GB-sized files (CI's host parts have about 12 GB of disk)."""
+    folder = tmp_path_factory.getbasetemp() / "sets" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def check_stack_grid_and_merges(comfy_host, model, clip, vae, saved: str, folder: str, sample, *, caption: str,
                                 trigger: str, rank: int, seed: int, blocks_error: str, config_name: str,
                                 caplog) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import InvalidRequirement, Requirement
 
-from comfy_harness import REPO_ROOT, boot_in_process
+from comfy_harness import REPO_ROOT, boot_in_process, set_folder
 
 HOST_DIR = Path(__file__).resolve().parent
 if str(HOST_DIR.parent) not in sys.path:  # tests/, for the fixtures package shared with the engine tests
@@ -176,7 +176,7 @@ def tiny_sd3_checkpoint(comfy_host, tmp_path_factory) -> Path:
     CLIP-G, no T5) linked into the host's models/checkpoints; both hosts load it."""
     from fixtures import tiny_sd3
 
-    path = tiny_sd3.build_sd3_checkpoint(tmp_path_factory.mktemp("tiny_sd3"), "medium",
+    path = tiny_sd3.build_sd3_checkpoint(set_folder(tmp_path_factory, "tiny_sd3"), "medium",
                                          vae_decoder_ch=tiny_sd3.host_vae_decoder_ch())
     target = comfy_host.base_directory / "models" / "checkpoints" / path.name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def tiny_zimage_files(comfy_host, tmp_path_factory) -> dict:
 
     if not hasattr(comfy.supported_models, "ZImage"):
         pytest.skip(HOST_LIMIT_ZIMAGE)
-    paths = tiny_zimage.build_zimage_set(tmp_path_factory.mktemp("tiny_zimage"))
+    paths = tiny_zimage.build_zimage_set(set_folder(tmp_path_factory, "tiny_zimage"))
     return tiny_zimage.link_zimage_set(paths, comfy_host.base_directory / "models")
 
 
@@ -219,7 +219,7 @@ def tiny_flux2_files(comfy_host, tmp_path_factory) -> dict:
 
     if not hasattr(comfy.supported_models, "Flux2"):
         pytest.skip(HOST_LIMIT_FLUX2)
-    paths = tiny_flux2.build_flux2_set(tmp_path_factory.mktemp("tiny_flux2"))
+    paths = tiny_flux2.build_flux2_set(set_folder(tmp_path_factory, "tiny_flux2"))
     return tiny_flux2.link_flux2_set(paths, comfy_host.base_directory / "models")
 
 
@@ -237,7 +237,7 @@ def tiny_qwen_image_files(comfy_host, tmp_path_factory) -> dict:
 
     if not _host_maps_quantized_te():
         pytest.skip(HOST_LIMIT_QWEN_IMAGE)
-    paths = tiny_qwen_image.build_qwen_image_set(tmp_path_factory.mktemp("tiny_qwen_image"))
+    paths = tiny_qwen_image.build_qwen_image_set(set_folder(tmp_path_factory, "tiny_qwen_image"))
     return tiny_qwen_image.link_qwen_image_set(paths, comfy_host.base_directory / "models")
 
 
@@ -266,7 +266,7 @@ def tiny_dit_files(comfy_host, tmp_path_factory):
     if _host_pins_flux_width():
         pytest.skip(HOST_LIMIT_DITS)
     restore = _memoize_t5()
-    build = tmp_path_factory.mktemp("tiny_dit")
+    build = set_folder(tmp_path_factory, "tiny_dit")
     models = comfy_host.base_directory / "models"
     folders = {"dit": "diffusion_models", "clip_l": "text_encoders", "t5xxl": "text_encoders", "vae": "vae"}
     made: dict[str, dict[str, str]] = {}

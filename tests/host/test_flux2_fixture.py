@@ -24,6 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared fixtures folder
 
+from comfy_harness import set_folder  # noqa: E402
 from fixtures import tiny_flux2  # noqa: E402  (imports no ComfyUI at module level)
 
 PROMPTS = ("a photo of a cat", "an oil painting of a lighthouse at night")
@@ -59,7 +60,7 @@ def flux2(comfy_host, tmp_path_factory):
     if not hasattr(comfy.supported_models, "Flux2"):
         yield None
         return
-    paths = tiny_flux2.build_flux2_set(tmp_path_factory.mktemp("tiny_flux2"))
+    paths = tiny_flux2.build_flux2_set(set_folder(tmp_path_factory, "tiny_flux2"))
     names = tiny_flux2.link_flux2_set(paths, comfy_host.base_directory / "models")
     model, clip, vae = tiny_flux2.load_tiny_flux2(names)
     llama = clip.cond_stage_model.qwen3_4b.transformer.model

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared fixtures folder
 
+from comfy_harness import set_folder  # noqa: E402
 from fixtures import tiny_sd3  # noqa: E402  (imports no ComfyUI at module level)
 
 B, H, W, L = 2, 8, 12, 7  # batch, latent height / width (not square: a transposed patchify shows), text tokens
@@ -22,7 +23,7 @@ def checkpoints(comfy_host, tmp_path_factory):
     loaded once per module (CLIP-G alone is 695M parameters in RAM, so each file loads once)."""
     import comfy.sd
 
-    folder = tmp_path_factory.mktemp("tiny_sd3")
+    folder = set_folder(tmp_path_factory, "tiny_sd3")
     loaded = {}
 
     def load(variant):

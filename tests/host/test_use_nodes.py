@@ -228,6 +228,11 @@ def test_merge_without_clip_and_vae_saves_the_diffusion_model_that_load_diffusio
     graph = {**_ckpt(ckpt), **_base(), "s": _stack([{"lora": loras["a"], "model_strength": 0.8, "clip_strength": 0.6}])}
     message = _error(run_prompt, {**graph, "merge": merge})
     assert loras["a"] in message and "clip strength 0.6" in message and "Connect clip and vae" in message, message
+    # The same LoRA applied upstream (Apply LoRA Stack) rather than stacked here: the model records it.
+    upstream = {k: v for k, v in merge["inputs"].items() if k != "lora_stack"}
+    message = _error(run_prompt, {**graph, "ap": _apply(("s", 0)),
+                                  "merge": {**merge, "inputs": {**upstream, "model": ["ap", 0]}}})
+    assert loras["a"] in message and "clip strength 0.6" in message, message
     assert not folder.exists() or not list(folder.iterdir())
     # One of the two connected is a mistake, named with the fix.
     message = _error(run_prompt, {**graph, "merge": {**merge, "inputs": {**merge["inputs"], "clip": ["ckpt", 1]}}})

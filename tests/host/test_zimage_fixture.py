@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared fixtures folder
 
+from comfy_harness import set_folder  # noqa: E402
 from fixtures import tiny_zimage  # noqa: E402  (imports no ComfyUI at module level)
 
 PROMPTS = ("a photo of a cat", "an oil painting of a lighthouse at night")
@@ -38,7 +39,7 @@ def zimage(comfy_host, tmp_path_factory):
     if not hasattr(comfy.supported_models, "ZImage"):
         yield None
         return
-    paths = tiny_zimage.build_zimage_set(tmp_path_factory.mktemp("tiny_zimage"))
+    paths = tiny_zimage.build_zimage_set(set_folder(tmp_path_factory, "tiny_zimage"))
     names = tiny_zimage.link_zimage_set(paths, comfy_host.base_directory / "models")
     model, clip, vae = tiny_zimage.load_tiny_zimage(names)
     llama = clip.cond_stage_model.qwen3_4b.transformer.model
