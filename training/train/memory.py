@@ -512,13 +512,13 @@ def lora_param_count(roots: dict[str, nn.Module], targets: Iterable[LoraTarget],
         elif network == "loha":  # two Hadamard-multiplied pairs, flat conv factors (no Tucker)
             total += 2 * (r * in_f * kernel + out_f * r)
         elif network == "lokr":
-            total += _lokr_params(out_f, in_f, kernel, r, conv=weight.dim() == 4)
+            total += _lokr_params(out_f, in_f, kernel, r)
         else:
             raise ValueError(f"network {network!r} unknown; use lora, loha or lokr")
     return total
 
 
-def _lokr_params(out_f: int, in_f: int, kernel: int, r: int, conv: bool) -> int:
+def _lokr_params(out_f: int, in_f: int, kernel: int, r: int) -> int:
     """peft's LoKr layer with ``network.inject``'s config (factor -1, w1 full, w2 low-rank unless r reaches half
     its factors): w1 (a x c) plus w2 (b x d x kernel) or its rank-r pair."""
     from peft.tuners.lokr.layer import factorization
